@@ -1,0 +1,5 @@
+"""``python -m mpo`` (what ``accelerate launch -m mpo ...`` runs)."""
+
+from mpo.cli import app
+
+app()

@@ -1,0 +1,140 @@
+"""The one place where a conversation becomes model inputs.
+
+Rollout (prompt alone), reward scoring (prompt + response) and training (prompt + chosen /
+rejected) all encode through :class:`ChatEncoder`, so the prompt tokens are the same in all three.
+
+How a conversation is encoded:
+
+- The prompt is the chat template rendered with ``add_generation_prompt=True`` (for Qwen: the
+  default system turn, the user turn, then ``<|im_start|>assistant\\n``) and tokenized by the
+  processor, which expands each ``<|image_pad|>`` into one token per merged image patch and returns
+  ``pixel_values`` / ``image_grid_thw``.
+- A response is tokenized on its own, followed by the template's end-of-turn suffix (for Qwen
+  ``<|im_end|>\\n``), and appended to the prompt ids. ``response_start`` is the index of its first
+  token. The suffix is read off the template itself (render a turn around a sentinel), so the full
+  sequence is the template's rendering of ``[user, assistant]`` with ``add_generation_prompt=False``,
+  whose last token is what the Skywork-VL reward model scores.
+- Tokenizing the response apart from the prompt is what keeps the prompt tokens identical across
+  uses. It differs from tokenizing the whole rendered text only where BPE would merge across the
+  boundary (a response that starts with a newline after ``assistant\\n``); that edge is accepted.
+
+Messages are Hugging Face chat messages; each ``{"type": "image"}`` content part takes the next of
+``images`` (PIL images, or paths opened here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SENTINEL = "\u2063MPO-RESPONSE\u2063"
+
+
+@dataclass
+class PromptEncoding:
+    input_ids: list[int]
+    vision: dict[str, Any]  # pixel_values, image_grid_thw (absent for text-only prompts)
+
+
+@dataclass
+class ResponseEncoding:
+    input_ids: list[int]  # prompt + response + end-of-turn suffix
+    response_start: int
+    vision: dict[str, Any]
+
+
+@dataclass
+class PairEncoding:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response tokens only (with suffix)
+    rejected_ids: list[int]
+    vision: dict[str, Any]
+
+
+class ChatError(ValueError):
+    """A conversation that cannot be encoded (image count mismatch, bad template)."""
+
+
+def count_image_parts(messages: Sequence[dict]) -> int:
+    count = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
+    return count
+
+
+class ChatEncoder:
+    """Encode conversations for one processor (a Qwen2.5-VL processor or a plain tokenizer)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.suffix = self._response_suffix()
+
+    def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _response_suffix(self) -> str:
+        probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+        prompt = self._render(probe, True)
+        full = self._render(probe + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False)
+        head, _, suffix = full.partition(_SENTINEL)
+        if head != prompt:
+            raise ChatError(
+                "chat template: the prompt rendered with add_generation_prompt=True is not a prefix of the "
+                f"rendered conversation ({prompt[-40:]!r} vs {head[-40:]!r})"
+            )
+        return suffix
+
+    def render_prompt(self, messages: Sequence[dict]) -> str:
+        """The prompt text with unexpanded image placeholders (what vLLM takes)."""
+        return self._render(messages, True)
+
+    def encode_prompt(self, messages: Sequence[dict], images: Sequence[Any] = ()) -> PromptEncoding:
+        expected = count_image_parts(messages)
+        if expected != len(images):
+            raise ChatError(f"conversation has {expected} image part(s) but {len(images)} image(s) were given")
+        text = self.render_prompt(messages)
+        if images:
+            pil = [_as_image(image) for image in images]
+            batch = self.processor(text=[text], images=pil, return_tensors="pt")
+            vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+        else:
+            batch = self.tokenizer([text], add_special_tokens=False)
+            vision = {}
+        return PromptEncoding(input_ids=[int(i) for i in batch["input_ids"][0]], vision=vision)
+
+    def response_ids(self, response: str) -> list[int]:
+        """Token ids of a response followed by the end-of-turn suffix."""
+        return list(self.tokenizer(response + self.suffix, add_special_tokens=False)["input_ids"])
+
+    def encode_response(
+        self, messages: Sequence[dict], images: Sequence[Any], response: str
+    ) -> ResponseEncoding:
+        prompt = self.encode_prompt(messages, images)
+        ids = prompt.input_ids + self.response_ids(response)
+        return ResponseEncoding(input_ids=ids, response_start=len(prompt.input_ids), vision=prompt.vision)
+
+    def encode_pair(
+        self, messages: Sequence[dict], images: Sequence[Any], chosen: str, rejected: str
+    ) -> PairEncoding:
+        prompt = self.encode_prompt(messages, images)
+        return PairEncoding(
+            prompt_ids=prompt.input_ids,
+            chosen_ids=self.response_ids(chosen),
+            rejected_ids=self.response_ids(rejected),
+            vision=prompt.vision,
+        )
+
+
+def _as_image(image: Any):
+    if isinstance(image, (str, Path)):
+        from mpo.data import open_image
+
+        return open_image(image)
+    return image

@@ -1,0 +1,75 @@
+"""The ``mpo`` command. Thin: parse, call into the package, print. Heavy imports live inside the
+commands so that ``mpo --help`` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Mixed Preference Optimization of vision-language policies, driven by a multimodal reward model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+tiny_app = typer.Typer(help="Build tiny random Qwen2.5-VL models offline (tests, demo, benchmarks).", no_args_is_help=True)
+app.add_typer(tiny_app, name="tiny")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, e.g. loss.beta=0.2 train.lora.r=8")]
+Seed = Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")]
+VllmCompatible = Annotated[bool, typer.Option("--vllm-compatible", help="head_dim 64 (vLLM kernels need >= 64).")]
+RealVocab = Annotated[bool, typer.Option("--real-vocab", help="Use the real Qwen2.5 vocabulary (151,665 tokens).")]
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@tiny_app.command("policy")
+def tiny_policy(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
+    """Build a tiny Qwen2.5-VL policy (model + processor) into OUT_DIR."""
+    from mpo.tiny import save_policy
+
+    path = save_policy(out_dir, seed, vllm_compatible=vllm_compatible, real_vocab=real_vocab)
+    typer.echo(f"tiny policy written to {path}")
+
+
+@tiny_app.command("reward")
+def tiny_reward(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
+    """Build a tiny reward model (backbone + value_head.safetensors, Skywork layout) into OUT_DIR."""
+    from mpo.tiny import save_reward_model
+
+    path = save_reward_model(out_dir, seed, vllm_compatible=vllm_compatible, real_vocab=real_vocab)
+    typer.echo(f"tiny reward model written to {path}")
+
+
+@app.command("config")
+def show_config(
+    recipe: Annotated[Path | None, typer.Argument(help="A YAML recipe; omit for the defaults.")] = None,
+    overrides: Overrides = None,
+):
+    """Print a recipe resolved with its overrides (what every command would run with)."""
+    from mpo.config import ConfigError, load_recipe, to_yaml
+
+    try:
+        typer.echo(to_yaml(load_recipe(recipe, overrides or [])), nl=False)
+    except ConfigError as err:
+        fail(str(err))
+
+
+@app.command("demo")
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="Run folder for the demo.")] = Path("runs/demo"),
+    seed: Seed = 0,
+):
+    """The whole loop on CPU on tiny models it builds itself."""
+    from mpo.demo import run_demo
+
+    run_demo(out_dir, seed)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

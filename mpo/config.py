@@ -1,0 +1,249 @@
+"""Recipes: strict, typed configuration loaded from YAML plus ``a.b=value`` overrides.
+
+YAML is read with ``yaml.safe_load``; overrides are parsed and merged by OmegaConf (so values are
+typed as YAML types them and ``${a.b}`` interpolations resolve); the merged tree is validated by
+pydantic models that forbid unknown keys. Every problem becomes one line naming the key, what was
+given and, for choices and unknown keys, what is valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mpo.records import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not resolve; one line per problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/mpo"
+    seed: int = 0
+    report_to: Literal["none", "wandb"] = "none"
+    wandb_project: str = "mpo"
+    wandb_group: str | None = None
+
+
+class ModelConfig(Section):
+    policy: str | None = None
+    reward_model: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Visual-token budget per image, in pixels (one visual token covers 28x28 after merging).
+    min_pixels: int = Field(256 * 28 * 28, gt=0)
+    max_pixels: int = Field(1280 * 28 * 28, gt=0)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _pixels_ordered(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class DataConfig(Section):
+    prompts: str | None = None
+    preferences: str | None = None
+    image_root: str | None = None
+    on_bad_image: Literal["error", "skip"] = "error"
+
+
+class RolloutConfig(Section):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_samples: int = Field(8, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    weight_refresh: Literal["reload", "restart"] = "reload"
+
+
+class PairsConfig(Section):
+    strategy: Literal["best_vs_worst", "top_k", "rule_first"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0)
+    max_pairs_per_prompt: int = Field(1, ge=1)
+    # Drop a pair whose chosen response is more than this many times longer than the rejected one.
+    max_length_ratio: float | None = Field(None, gt=0)
+
+
+class LossConfig(Section):
+    # [preference (DPO sigmoid), quality (BCO pair), generation (SFT)]; MPO paper: 0.8 / 0.2 / 1.0.
+    weights: list[float] = Field(default_factory=lambda: [0.8, 0.2, 1.0])
+    beta: float = Field(0.1, gt=0)
+    bco_delta: Literal["none", "cumulative", "ema"] = "cumulative"
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, weights: list[float]) -> list[float]:
+        if len(weights) != 3:
+            raise ValueError(f"needs 3 weights [preference, quality, generation], got {len(weights)}")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"weights must be >= 0, got {weights}")
+        if not any(w > 0 for w in weights):
+            raise ValueError("at least one weight must be > 0")
+        return weights
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(5e-6, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    max_length: int = Field(6144, ge=16)
+    on_too_long: Literal["truncate", "skip", "error"] = "truncate"
+    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list)
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+    reference: Literal["precomputed", "live"] = "precomputed"
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(500, ge=1)
+
+
+class IterateConfig(Section):
+    rounds: int = Field(3, ge=1)
+    reference: Literal["per_round", "fixed"] = "per_round"
+
+
+class RewardStageConfig(Section):
+    name: str
+    data: list[str]
+    learning_rate: float = Field(1e-5, gt=0)
+    num_epochs: float = Field(2.0, gt=0)
+
+
+class RewardTrainConfig(Section):
+    init_from: str | None = None
+    stages: list[RewardStageConfig] = Field(default_factory=list)
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=lambda: ["vision"])
+    max_length: int = Field(4096, ge=16)
+
+
+class Recipe(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
+    reward_train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``path`` (for listing valid keys)."""
+    model: Any = Recipe
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "<recipe>"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        valid = ", ".join(owner.model_fields) if owner else "?"
+        return f"{key}: unknown key; valid keys here: {valid}"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{key}: {message}{shown}"
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["a.b=1", "c=[x, y]"]`` into a nested dict, values typed as YAML types them."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
+
+
+def resolve(data: dict, overrides: list[str] = (), source: str = "<recipe>") -> Recipe:
+    """Merge overrides into a recipe tree, resolve interpolations and validate."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(list(overrides))))
+        tree = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError("\n".join(f"{source}: {_describe(e)}" for e in err.errors())) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return resolve(data, overrides, source)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def save_resolved(recipe: Recipe, run_dir: str | Path) -> Path:
+    """Write the resolved recipe as ``config.yaml`` in the run folder (atomically)."""
+    path = Path(run_dir) / "config.yaml"
+    atomic_write_text(path, to_yaml(recipe))
+    return path

@@ -1,0 +1,197 @@
+"""Typed records that flow between the stages of a round, and their JSONL files.
+
+Every stage reads the previous stage's file and writes its own. Writes go to a temporary file in
+the same folder and are renamed into place, so a file that exists is a finished file: a run killed
+mid-write leaves only a ``.tmp`` behind, never a truncated JSONL.
+
+Reading checks each line against the record's fields (required fields present, no unknown fields,
+types as declared) and fails with ``file:line: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class RecordError(ValueError):
+    """A JSONL line that does not hold a valid record; the message names file and line."""
+
+
+@dataclass
+class Prompt:
+    """A conversation to roll out: chat messages whose ``{"type": "image"}`` parts take ``images``
+    in order. ``answer`` is the ground truth used by rule checks, when there is one."""
+
+    prompt_id: str
+    messages: list[dict]
+    images: list[str] = field(default_factory=list)
+    answer: str | None = None
+
+
+@dataclass
+class Rollout:
+    """One sampled response to a prompt."""
+
+    prompt_id: str
+    sample_idx: int
+    response: str
+    num_tokens: int
+    finish_reason: str
+    policy: str
+
+
+@dataclass
+class ScoredRollout(Rollout):
+    """A rollout with the reward model's score and any rule-based scores (name -> value)."""
+
+    reward: float = 0.0
+    rule_scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreferencePair:
+    """A chosen/rejected pair for one conversation; rewards are absent for offline sets."""
+
+    prompt_id: str
+    messages: list[dict]
+    images: list[str]
+    chosen: str
+    rejected: str
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+
+
+R = TypeVar("R")
+
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS_CACHE:
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINTS_CACHE[cls]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """True if a JSON-decoded value fits a (simple) type hint."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        _, item = typing.get_args(hint) or (str, Any)
+        return isinstance(value, dict) and all(_matches(v, item) for v in value.values())
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def from_dict(cls: type[R], data: Any, where: str = "") -> R:
+    """Build a record from a decoded JSON object, checking fields and types.
+
+    ``where`` prefixes error messages (``file:line``)."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise RecordError(f"{prefix}expected a JSON object for {cls.__name__}, got {type(data).__name__}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecordError(
+            f"{prefix}unknown field {unknown[0]!r} for {cls.__name__}; fields are {', '.join(fields)}"
+        )
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in data:
+            if required:
+                raise RecordError(f"{prefix}missing field {name!r} for {cls.__name__}")
+            continue
+        if not _matches(data[name], hints[name]):
+            raise RecordError(
+                f"{prefix}field {name!r}: expected {_type_name(hints[name])}, "
+                f"got {type(data[name]).__name__} {json.dumps(data[name])[:60]}"
+            )
+    return cls(**data)
+
+
+def to_dict(record: Any) -> dict:
+    return dataclasses.asdict(record)
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, decoded_object)`` for each non-blank line; bad JSON names file:line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_jsonl(path: str | os.PathLike, cls: type[R]) -> list[R]:
+    """Read every record of a JSONL file, validating each line."""
+    return [from_dict(cls, obj, f"{path}:{number}") for number, obj in iter_jsonl(path)]
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Write records (dataclasses or dicts) atomically; returns how many were written."""
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for record in records:
+            obj = to_dict(record) if dataclasses.is_dataclass(record) else record
+            count += 1
+            yield json.dumps(obj, ensure_ascii=False) + "\n"
+
+    atomic_write_text(path, lines())
+    return count
+
+
+def atomic_write_text(path: str | os.PathLike, chunks: Iterable[str] | str) -> None:
+    """Write text to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if isinstance(chunks, str):
+                handle.write(chunks)
+            else:
+                for chunk in chunks:
+                    handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write one JSON document atomically (manifests, stats, resolved configs)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
