@@ -54,8 +54,12 @@ def show_config(
     """Print a recipe resolved with its overrides (what every command would run with)."""
     from mpo.config import ConfigError, load_recipe, to_yaml
 
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe.name and not recipe.exists():  # only overrides were given
+        overrides.insert(0, str(recipe))
+        recipe = None
     try:
-        typer.echo(to_yaml(load_recipe(recipe, overrides or [])), nl=False)
+        typer.echo(to_yaml(load_recipe(recipe, overrides)), nl=False)
     except ConfigError as err:
         fail(str(err))
 
