@@ -85,6 +85,9 @@ class LossConfig(Section):
     beta: float = Field(0.1, gt=0)
     bco_delta: Literal["none", "cumulative", "ema"] = "cumulative"
     ema_decay: float = Field(0.99, gt=0, lt=1)
+    # SFT term: "sequence" = mean over examples of each chosen response's token-mean NLL (the MPO
+    # paper's L_g); "token" = one token-mean over all chosen tokens of a micro-batch (TRL 1.16).
+    sft_reduction: Literal["sequence", "token"] = "sequence"
 
     @field_validator("weights")
     @classmethod

@@ -1,7 +1,7 @@
 """The MPO loss as pure tensor functions: DPO sigmoid, BCO pair, SFT, their weighted sum, and δ.
 
-Notation (MPO, arXiv 2411.10442, Sec. 3.2): a *log-ratio* is the sum of the policy's token log-probs
-over the response tokens minus the same sum under the reference policy; the implicit reward is
+Notation (MPO, arXiv 2411.10442): a *log-ratio* is the sum of the policy's token log-probs over the
+response tokens minus the same sum under the reference policy; the implicit reward is
 ``r = β · logratio``. Mixed Preference Optimization minimises ``w_p·L_p + w_q·L_q + w_g·L_g``
 (published weights 0.8 / 0.2 / 1.0, β = 0.1). Each loss function returns one value per example and
 leaves the reduction to the caller; :func:`mpo_loss` does the reduction and the weighting. Nothing
@@ -9,9 +9,9 @@ here touches a model, a trainer or an optimizer.
 
 δ, the reward shift of the BCO quality loss
 -------------------------------------------
-BCO (arXiv 2404.04656, Eq. 7) subtracts δ, a moving average of past rewards, so that "good" means
-"better than the policy has recently been". Implementations disagree, so :class:`DeltaTracker`
-makes the choice explicit:
+BCO (arXiv 2404.04656, the binary-classifier loss with a reward shift) subtracts δ, a moving average
+of past rewards, so that "good" means "better than the policy has recently been". Implementations
+disagree, so :class:`DeltaTracker` makes the choice explicit:
 
 * InternVL / TRL <= 0.28 / ms-swift: δ is the cumulative mean of per-*micro-batch* means of
   ``[r_c; r_r]``, updated inside the loss *before* it is used (the current micro-batch counts), also
@@ -42,8 +42,10 @@ DeltaMode = Literal["none", "cumulative", "ema"]
 SftReduction = Literal["sequence", "token"]
 
 
-def dpo_sigmoid(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
-    """Preference loss ``L_p = -log σ(β·(lc - lr))``: DPO (arXiv 2305.18290, Eq. 7), MPO Eq. 2.
+def dpo_sigmoid(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Preference loss ``L_p = -log σ(β·(lc - lr))``: DPO (arXiv 2305.18290, Eq. 7); MPO's L_p.
 
     Args: ``chosen_logratios`` [B], ``rejected_logratios`` [B] (summed policy minus reference log-probs).
     Returns: [B], one loss per pair.
@@ -57,7 +59,7 @@ def bco_pair(
     beta: float,
     delta: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
-    """Quality loss ``L_q = -log σ(r_c - δ) - log σ(-(r_r - δ))``: BCO (arXiv 2404.04656, Eq. 7), MPO Eq. 4.
+    """Quality loss ``L_q = -log σ(r_c - δ) - log σ(-(r_r - δ))``: BCO (arXiv 2404.04656); MPO's L_q.
 
     Args: ``chosen_logratios`` [B], ``rejected_logratios`` [B]; ``delta`` a float or 0-dim tensor
     (treated as a constant: a tensor is detached). δ = 0 is TRL 1.16's ``bco_pair``.
@@ -69,9 +71,13 @@ def bco_pair(
     return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
 
 
-def _masked_nll_sums(token_logps: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_nll_sums(
+    token_logps: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     if token_logps.shape != response_mask.shape:
-        raise ValueError(f"token_logps {tuple(token_logps.shape)} and mask {tuple(response_mask.shape)} differ")
+        raise ValueError(
+            f"token_logps {tuple(token_logps.shape)} and mask {tuple(response_mask.shape)} differ"
+        )
     mask = response_mask.bool()
     # torch.where rather than a product, so -inf log-probs at padded positions cannot turn into nan.
     nll = -torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
@@ -79,7 +85,7 @@ def _masked_nll_sums(token_logps: torch.Tensor, response_mask: torch.Tensor) -> 
 
 
 def sft_nll(token_logps: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Generation loss ``L_g = -ℓθ(y_c) / |y_c|`` per example: MPO Eq. 5 (token-mean NLL of the chosen response).
+    """Generation loss ``L_g = -ℓθ(y_c) / |y_c|`` per example: MPO's L_g (token-mean NLL of y_c).
 
     Args: ``token_logps`` [B, T], the policy's log-prob of each target token; ``response_mask`` [B, T],
     true/1 on the chosen response's tokens. Only the mask decides which tokens count: this function
@@ -109,7 +115,7 @@ def sft_nll_token_mean(token_logps: torch.Tensor, response_mask: torch.Tensor) -
 
 @dataclass(frozen=True)
 class MPOLoss:
-    """:func:`mpo_loss`'s result. Scalars are 0-dim tensors; ``total`` carries the gradient.
+    """:func:`mpo_loss`'s result. Scalars are 0-dim tensors (not detached); backpropagate ``total``.
 
     Rewards are ``β·logratio``, not scaled by the loss weights (TRL 0.21 logged them multiplied by
     the weights' sum); ``margins = chosen_rewards - rejected_rewards``; ``accuracies`` is 1.0 where the
@@ -141,7 +147,7 @@ def mpo_loss(
     delta: float | torch.Tensor = 0.0,
     sft_reduction: SftReduction = "sequence",
 ) -> MPOLoss:
-    """MPO (arXiv 2411.10442, Eq. 1): ``w_p·mean(L_p) + w_q·mean(L_q) + w_g·L_g``.
+    """MPO objective L (arXiv 2411.10442): ``w_p·mean(L_p) + w_q·mean(L_q) + w_g·L_g``.
 
     Args: ``policy_*_logps`` and ``ref_*_logps`` [B], response log-probs summed over tokens (normally
     ``policy_chosen_logps == sft-masked sum of chosen_token_logps``); ``chosen_token_logps`` and
@@ -156,9 +162,13 @@ def mpo_loss(
         raise ValueError(f"weights must be (preference, quality, generation), got {weights!r}")
     if sft_reduction not in ("sequence", "token"):
         raise ValueError(f"sft_reduction must be 'sequence' or 'token', got {sft_reduction!r}")
-    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    shapes = {
+        t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    }
     if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
-        raise ValueError(f"the four summed log-prob tensors must all be [B], got shapes {sorted(map(tuple, shapes))}")
+        raise ValueError(
+            f"the four summed log-prob tensors must all be [B], got shapes {sorted(map(tuple, shapes))}"
+        )
     if chosen_token_logps.shape[0] != policy_chosen_logps.shape[0]:
         raise ValueError("chosen_token_logps and the summed log-probs disagree on the batch size")
 
@@ -195,12 +205,16 @@ def window_sum_across_ranks(reward_sum: torch.Tensor, count: torch.Tensor | int)
     window), ``count`` the number of those rewards. Returns plain ``(sum, count)`` for
     :meth:`DeltaTracker.update`. Every rank must call it (it is a collective when distributed).
     """
-    packed = torch.stack([reward_sum.detach().to(torch.float64).reshape(()),
-                          torch.as_tensor(count, dtype=torch.float64, device=reward_sum.device).reshape(())])
+    packed = torch.stack(
+        [
+            reward_sum.detach().to(torch.float64).reshape(()),
+            torch.as_tensor(count, dtype=torch.float64, device=reward_sum.device).reshape(()),
+        ]
+    )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
     total, n = packed.tolist()
-    return total, int(round(n))
+    return total, round(n)
 
 
 class DeltaTracker:
@@ -216,7 +230,9 @@ class DeltaTracker:
         if mode not in self.MODES:
             raise ValueError(f"DeltaTracker mode must be one of {self.MODES}, got {mode!r}")
         if not (isinstance(ema_decay, (int, float)) and 0.0 < ema_decay < 1.0):
-            raise ValueError(f"DeltaTracker ema_decay must be a number strictly between 0 and 1, got {ema_decay!r}")
+            raise ValueError(
+                f"DeltaTracker ema_decay must be a number strictly between 0 and 1, got {ema_decay!r}"
+            )
         self.mode = mode
         self.ema_decay = float(ema_decay)
         self._value = 0.0
@@ -233,14 +249,18 @@ class DeltaTracker:
         return self._num_windows
 
     def update(self, reward_sum: float, count: int) -> float:
-        """Fold in one finished accumulation window (sum and count of its rewards, all ranks); returns new δ."""
+        """Fold in one finished accumulation window (its rewards' sum and count, all ranks); returns new δ."""
         if self.mode == "none":
             return self._value
         if count <= 0:
-            raise ValueError(f"DeltaTracker.update needs at least one reward in the window, got count={count}")
+            raise ValueError(
+                f"DeltaTracker.update needs at least one reward in the window, got count={count}"
+            )
         window_mean = float(reward_sum) / int(count)
         if not math.isfinite(window_mean):
-            raise ValueError(f"DeltaTracker.update got a non-finite window mean ({window_mean}); rewards diverged")
+            raise ValueError(
+                f"DeltaTracker.update got a non-finite window mean ({window_mean}); rewards diverged"
+            )
         self._num_windows += 1
         if self.mode == "cumulative":
             self._window_mean_sum += window_mean
@@ -253,8 +273,13 @@ class DeltaTracker:
 
     def state_dict(self) -> dict:
         """Plain, JSON-serialisable state for a checkpoint."""
-        return {"mode": self.mode, "ema_decay": self.ema_decay, "value": self._value,
-                "num_windows": self._num_windows, "window_mean_sum": self._window_mean_sum}
+        return {
+            "mode": self.mode,
+            "ema_decay": self.ema_decay,
+            "value": self._value,
+            "num_windows": self._num_windows,
+            "window_mean_sum": self._window_mean_sum,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; the mode and decay must match this tracker's."""
@@ -262,9 +287,11 @@ class DeltaTracker:
         if set(state) != expected:
             raise ValueError(f"DeltaTracker state needs keys {sorted(expected)}, got {sorted(state)}")
         if state["mode"] != self.mode or float(state["ema_decay"]) != self.ema_decay:
-            raise ValueError(f"DeltaTracker state was saved with mode={state['mode']!r}, "
-                             f"ema_decay={state['ema_decay']}; this tracker has mode={self.mode!r}, "
-                             f"ema_decay={self.ema_decay}")
+            raise ValueError(
+                f"DeltaTracker state was saved with mode={state['mode']!r}, "
+                f"ema_decay={state['ema_decay']}; this tracker has mode={self.mode!r}, "
+                f"ema_decay={self.ema_decay}"
+            )
         self._value = float(state["value"])
         self._num_windows = int(state["num_windows"])
         self._window_mean_sum = float(state["window_mean_sum"])

@@ -31,7 +31,7 @@ def test_yaml_plus_overrides_and_interpolation(tmp_path):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["loss.wieghts=[1,1,1]"], "loss.wieghts: unknown key; valid keys here: weights, beta, bco_delta, ema_decay"),
+        (["loss.wieghts=[1,1,1]"], "loss.wieghts: unknown key; valid keys here: weights, beta, bco_delta, ema_decay, sft_reduction"),
         (["colour=red"], "colour: unknown key; valid keys here: run, model, data"),
         (["loss.weights=[-0.1,0.2,1.0]"], "loss.weights: weights must be >= 0"),
         (["loss.weights=[0,0,0]"], "loss.weights: at least one weight must be > 0"),
