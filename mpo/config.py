@@ -77,6 +77,12 @@ class PairsConfig(Section):
     max_pairs_per_prompt: int = Field(1, ge=1)
     # Drop a pair whose chosen response is more than this many times longer than the rejected one.
     max_length_ratio: float | None = Field(None, gt=0)
+    # rule_first only: also require chosen_reward - rejected_reward >= min_margin (and > 0) across
+    # correctness classes (off: correctness alone decides the direction).
+    rule_apply_margin: bool = False
+    # rule_first only: a prompt with no correct or no incorrect sample (or no ground truth) gets
+    # "none" (no pair) or "reward" (top_k-style reward-only pairs under min_margin).
+    rule_fallback: Literal["none", "reward"] = "none"
 
 
 class LossConfig(Section):
@@ -134,19 +140,51 @@ class IterateConfig(Section):
 
 
 class RewardStageConfig(Section):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: list[str]
+    # Which pairs of the data this stage trains on: those with images, those without, or all.
+    modality: Literal["all", "multimodal", "text"] = "all"
     learning_rate: float = Field(1e-5, gt=0)
     num_epochs: float = Field(2.0, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _not_final(cls, name: str) -> str:
+        if name == "final":
+            raise ValueError("'final' is reserved for the last stage's copy")
+        return name
+
 
 class RewardTrainConfig(Section):
+    # Start of the first stage: a reward model folder, or a plain Qwen2.5-VL one (fresh value head).
     init_from: str | None = None
     stages: list[RewardStageConfig] = Field(default_factory=list)
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=lambda: ["vision"])
     max_length: int = Field(4096, ge=16)
+    on_too_long: Literal["skip", "error"] = "skip"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    max_steps: int = -1  # per stage; -1: run the stage's epochs
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(500, ge=0)  # resumable checkpoints inside a stage; 0: none
+    num_workers: int = Field(0, ge=0)
+    # Training pairs (a seeded sample) scored before and after each stage for its summary; -1: all.
+    summary_pairs: int = Field(1000, ge=-1)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[RewardStageConfig]) -> list[RewardStageConfig]:
+        names = [stage.name for stage in stages]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(repeated)}")
+        return stages
 
 
 class Recipe(Section):
