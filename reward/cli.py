@@ -1,0 +1,257 @@
+"""``mpo reward ...``: score responses with a reward model, evaluate it on benchmarks, train it.
+
+Import-light on purpose (``mpo --help`` loads this module): torch and transformers are imported
+inside the commands. Errors print one red line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Reward model: score responses, evaluate on benchmarks, train.", no_args_is_help=True)
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class TooLong(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class Benchmark(str, Enum):
+    vl_rewardbench = "vl-rewardbench"
+    rewardbench = "rewardbench"
+    pairs = "pairs"
+
+
+Model = Annotated[
+    Path, typer.Option("--model", help="Reward model folder (backbone + value_head.safetensors).")
+]
+BatchTokens = Annotated[
+    int, typer.Option("--batch-tokens", min=1, help="Padded tokens per batch (rows x longest).")
+]
+MaxBatchSize = Annotated[int, typer.Option("--max-batch-size", min=1, help="Rows per batch at most.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16 on CUDA, float32 on CPU.")]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present).")
+]
+MinPixels = Annotated[
+    int | None, typer.Option("--min-pixels", min=1, help="Per-image pixel floor (processor).")
+]
+MaxPixels = Annotated[
+    int | None, typer.Option("--max-pixels", min=1, help="Per-image pixel cap (processor).")
+]
+MaxLength = Annotated[
+    int | None,
+    typer.Option(
+        "--max-length",
+        min=1,
+        help="Tokens per item at most, image tokens included (default: the model's limit).",
+    ),
+]
+OnTooLong = Annotated[
+    TooLong,
+    typer.Option(
+        "--on-too-long", help="error: stop, naming the row; skip: leave such rows out and count them."
+    ),
+]
+AllowEmpty = Annotated[bool, typer.Option("--allow-empty", help="Score empty responses instead of failing.")]
+
+
+def _fail(message: str) -> None:
+    from mpo.cli import fail
+
+    fail(message)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """The errors a bad input or model folder raises; they become one red line."""
+    from mpo.chat import ChatError
+    from mpo.data import DataError
+    from mpo.records import RecordError
+    from reward.benchmarks import BenchmarkError
+    from reward.scorer import ScoreError
+
+    return ScoreError, DataError, RecordError, ChatError, BenchmarkError, OSError
+
+
+def _scorer_options(
+    dtype: Dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, **more
+) -> dict:
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is Dtype.auto:
+        dtype = Dtype.bfloat16 if device.startswith("cuda") else Dtype.float32
+    return {
+        "dtype": dtype.value,
+        "device": device,
+        "token_budget": batch_tokens,
+        "max_batch_size": max_batch_size,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        **more,
+    }
+
+
+def read_items(path: Path) -> tuple[list[dict], list[dict]]:
+    """Rows of a scoring input file and their items (``where`` = ``file:line``; relative image paths
+    resolved against the file's folder). Rows need ``messages`` and ``response``; ``images`` is optional."""
+    from mpo.records import RecordError, iter_jsonl
+    from reward.scorer import ScoreError
+
+    if not path.is_file():
+        raise ScoreError(f"input not found: {path}")
+    rows, items = [], []
+    for line, row in iter_jsonl(path):
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for name in ("messages", "response"):
+            if name not in row:
+                raise RecordError(f"{where}: missing field {name!r} (rows need messages, images, response)")
+        images = row.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise RecordError(f"{where}: field 'images': expected a list of paths")
+        resolved = [i if Path(i).is_absolute() else str(path.parent / i) for i in images]
+        rows.append(row)
+        items.append(
+            {"messages": row["messages"], "images": resolved, "response": row["response"], "where": where}
+        )
+    return rows, items
+
+
+@app.command("score")
+def score(
+    model: Model,
+    input: Annotated[Path, typer.Option("--input", help="JSONL rows with messages, images, response.")],
+    output: Annotated[Path, typer.Option("--output", help="JSONL: the same rows plus 'reward'.")],
+    batch_tokens: BatchTokens = 8192,
+    max_batch_size: MaxBatchSize = 64,
+    dtype: DtypeOpt = Dtype.auto,
+    device: Device = None,
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    max_length: MaxLength = None,
+    on_too_long: OnTooLong = TooLong.error,
+    allow_empty: AllowEmpty = False,
+):
+    """Score every row of INPUT and write the rows with their 'reward' to OUTPUT (atomically)."""
+    import time
+
+    try:
+        from mpo.records import write_jsonl
+        from reward.scorer import Scorer
+
+        rows, items = read_items(input)
+        options = _scorer_options(
+            dtype,
+            device,
+            batch_tokens,
+            max_batch_size,
+            min_pixels,
+            max_pixels,
+            max_length=max_length,
+            on_too_long=on_too_long.value,
+            allow_empty=allow_empty,
+        )
+        scorer = Scorer(model, **options)
+        start = time.perf_counter()
+        result = scorer.score_all(items)
+        seconds = time.perf_counter() - start
+        scored = [{**row, "reward": value} for row, value in zip(rows, result.scores) if value is not None]
+        write_jsonl(output, scored)
+    except _errors() as err:
+        _fail(str(err))
+    if result.skipped:
+        typer.secho(
+            f"skipped {len(result.skipped)} of {len(rows)} rows longer than max_length "
+            f"{scorer.limit} tokens (left out of {output}):",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        for skip in result.skipped[:10]:
+            typer.secho(f"  {skip.where}: {skip.num_tokens} tokens", fg=typer.colors.YELLOW, err=True)
+        if len(result.skipped) > 10:
+            typer.secho(f"  ... and {len(result.skipped) - 10} more", fg=typer.colors.YELLOW, err=True)
+    typer.echo(
+        f"scored {len(scored)} rows -> {output} ({options['dtype']} on {options['device']}, "
+        f"{len(scored) / max(seconds, 1e-9):.1f} rows/s)"
+    )
+
+
+@app.command("eval")
+def evaluate(
+    model: Model,
+    benchmark: Annotated[Benchmark, typer.Option("--benchmark", help="Which scoring rules to apply.")],
+    data: Annotated[Path, typer.Option("--data", help="Benchmark file (.jsonl or .parquet).")],
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--image-root", help="Folder relative image paths start from (default: the data file's)."
+        ),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the results as JSON here.")] = None,
+    batch_tokens: BatchTokens = 8192,
+    max_batch_size: MaxBatchSize = 64,
+    dtype: DtypeOpt = Dtype.auto,
+    device: Device = None,
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    max_length: MaxLength = None,
+):
+    """Evaluate a reward model on VL-RewardBench, RewardBench or a file of preference pairs."""
+    try:
+        from reward.benchmarks import format_table
+        from reward.evaluate import evaluate_model
+
+        options = _scorer_options(
+            dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, max_length=max_length
+        )
+        results = evaluate_model(
+            model, benchmark.value, data, image_root=image_root, output=output, **options
+        )
+    except _errors() as err:
+        _fail(str(err))
+    typer.echo(format_table(results))
+    if output is not None:
+        typer.echo(f"results written to {output}")
+
+
+@app.command("train")
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe with a reward_train section.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Recipe overrides, e.g. reward_train.max_steps=10")
+    ] = None,
+):
+    """Train a reward model with the Bradley-Terry loss, stage by stage (Skywork-VL Reward recipe)."""
+    from mpo.config import ConfigError, load_recipe, save_resolved, to_yaml
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    typer.echo(to_yaml(resolved), nl=False)
+    from accelerate import PartialState
+
+    from reward.collate import PairDataError
+    from reward.train import format_summary, run_stages
+
+    if PartialState().is_main_process:
+        typer.echo(f"resolved config written to {save_resolved(resolved, resolved.run.output_dir)}")
+    try:
+        summaries = run_stages(resolved)
+    except (PairDataError, FileNotFoundError, *_errors()) as err:
+        _fail(str(err))
+    typer.echo(format_summary(summaries))
+    typer.echo(f"final reward model: {Path(resolved.run.output_dir) / 'final'}")

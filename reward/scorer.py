@@ -1,0 +1,393 @@
+"""Batched, in-process scoring of (conversation, response) items with a reward model.
+
+An item is ``{"messages", "images", "response"}`` (plus an optional ``"where"``, e.g. ``file:line``,
+used in error messages): HF chat messages whose ``{"type": "image"}`` parts take ``images`` in
+order (paths, PIL images, or ``{"bytes", "path"}`` structs), and the assistant response to score.
+
+How a call runs:
+
+1. Every item is checked before anything heavy happens: messages a list of objects, response a
+   string, not empty (unless ``allow_empty``), every image path readable (``mpo.data.check_image``).
+   A bad item is an error naming it.
+2. The model and processor are loaded once (on the first call), then each item is encoded through
+   :class:`mpo.chat.ChatEncoder`. Items that share a prompt (same messages and images: the samples
+   of one rollout prompt, the two responses of a benchmark row) share one prompt encoding, so each
+   image is decoded and preprocessed once, and within a batch run through the vision tower once.
+3. Items longer than ``max_length`` tokens (image tokens included; default: the model's
+   ``max_position_embeddings``) follow ``on_too_long``: ``"error"`` (default) stops with the item
+   named; ``"skip"`` makes :meth:`Scorer.score_all` leave it unscored and list it in
+   :attr:`ScoreResult.skipped` (the caller reports and counts them). :meth:`Scorer.score` owes one
+   score per item, so there a too-long item is always an error. Nothing is truncated: cutting a
+   conversation changes what is being judged, and image tokens cannot be cut.
+4. Items are sorted by length (longest first) and cut into batches of at most ``max_batch_size``
+   rows whose padded size (rows x longest row) stays within ``token_budget``; an item longer than the
+   budget gets a batch of its own. Rows are padded on the right (default), so every real token keeps
+   exactly the inputs and positions it has unpadded; the model reads the score at the last real
+   token, found from the mask, so ``padding_side="left"`` gives the same scores (rotary attention
+   only sees relative positions; the multimodal positions are computed from the mask).
+5. Scores come back in input order. A non-finite score is an error naming the item.
+
+Scores do not depend on batch size, padding or order beyond float rounding (about 1e-6 in fp32).
+
+The multimodal rotary positions of Qwen2.5-VL need ``mm_token_type_ids`` (0 text, 1 image,
+2 video); without it transformers falls back to 1-D positions for image tokens, which is not what
+the published model computes. The scorer derives it from the token ids for every batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ON_TOO_LONG = ("error", "skip")
+
+
+class ScoreError(ValueError):
+    """An item that cannot be scored; the message names it."""
+
+
+@dataclass
+class Skipped:
+    index: int
+    where: str
+    num_tokens: int
+
+
+@dataclass
+class ScoreResult:
+    """``scores[i]`` is item i's score, or None if it was skipped (then it is in ``skipped``)."""
+
+    scores: list[float | None]
+    skipped: list[Skipped] = field(default_factory=list)
+    num_tokens: int = 0  # real (unpadded) tokens scored
+    num_batches: int = 0
+
+
+def where_of(item: dict, index: int) -> str:
+    return str(item.get("where") or f"item {index}")
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
+    """Group indices into batches, longest first: rows x longest row <= ``token_budget`` (a longer
+    single item gets a batch of its own) and at most ``max_batch_size`` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and (
+            len(current) >= max_batch_size or (len(current) + 1) * lengths[current[0]] > token_budget
+        ):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def check_item(item: Any, index: int, allow_empty: bool = False, checked: set | None = None) -> None:
+    """Shape and content checks that need no model; images are verified on disk (each path once
+    when a ``checked`` set is shared between calls)."""
+    from mpo.data import DataError, check_image
+
+    where = where_of(item, index) if isinstance(item, dict) else f"item {index}"
+    if not isinstance(item, dict):
+        raise ScoreError(f"{where}: expected an object with messages, images, response")
+    messages = item.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ScoreError(f"{where}: field 'messages': expected a non-empty list of objects")
+    response = item.get("response")
+    if not isinstance(response, str):
+        raise ScoreError(f"{where}: field 'response': expected a string, got {type(response).__name__}")
+    if not allow_empty and not response.strip():
+        raise ScoreError(f"{where}: empty response (pass allow_empty to score it anyway)")
+    images = item.get("images") or []
+    if not isinstance(images, list):
+        raise ScoreError(f"{where}: field 'images': expected a list, got {type(images).__name__}")
+    for image in images:
+        if isinstance(image, (str, Path)) and (checked is None or str(image) not in checked):
+            try:
+                check_image(image)
+            except DataError as err:
+                raise ScoreError(f"{where}: field 'images': {err}") from None
+            if checked is not None:
+                checked.add(str(image))
+
+
+def _pil(image: Any, where: str):
+    """A path, a PIL image or an HF ``{"bytes", "path"}`` struct as an RGB PIL image."""
+    from PIL import Image
+
+    from mpo.data import DataError, open_image
+
+    if isinstance(image, (str, Path)):
+        try:
+            return open_image(image)
+        except DataError as err:
+            raise ScoreError(f"{where}: {err}") from None
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        try:
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                return opened.convert("RGB")
+        except OSError as err:
+            raise ScoreError(f"{where}: embedded image {image.get('path')!r} unreadable ({err})") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise ScoreError(
+        f"{where}: image: expected a path, a PIL image or {{bytes, path}}, got {type(image).__name__}"
+    )
+
+
+def _image_key(image: Any) -> Any:
+    if isinstance(image, (str, Path)):
+        return ("path", str(image))
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        return ("bytes", hashlib.sha256(image["bytes"]).digest())
+    return ("object", id(image))
+
+
+@dataclass
+class _Encoded:
+    input_ids: list[int]
+    vision: dict[str, torch.Tensor]
+
+
+class Scorer:
+    """Score items with a Skywork-layout reward model folder; ``scorer.score`` fits
+    ``reward.benchmarks.evaluate``'s ``score_fn``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        device: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        token_budget: int = 8192,
+        max_batch_size: int = 64,
+        max_length: int | None = None,
+        on_too_long: str = "error",
+        allow_empty: bool = False,
+        progress: bool = True,
+        padding_side: str = "right",
+    ):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ScoreError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if padding_side not in ("right", "left"):
+            raise ScoreError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if on_too_long not in ON_TOO_LONG:
+            raise ScoreError(f"on_too_long must be one of {', '.join(ON_TOO_LONG)}, got {on_too_long!r}")
+        if token_budget < 1 or max_batch_size < 1 or (max_length is not None and max_length < 1):
+            raise ScoreError("token_budget, max_batch_size and max_length must be >= 1")
+        if model_dir is not None:
+            from reward.model import VALUE_HEAD_FILE
+
+            model_dir = Path(model_dir)
+            if not (model_dir / VALUE_HEAD_FILE).is_file():
+                what = (
+                    "not found"
+                    if not model_dir.exists()
+                    else f"has no {VALUE_HEAD_FILE} (not a reward model)"
+                )
+                raise ScoreError(f"reward model folder {model_dir}: {what}")
+        self.model_dir = model_dir
+        self.dtype, self.attn_implementation = dtype, attn_implementation
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.token_budget, self.max_batch_size = token_budget, max_batch_size
+        self.max_length, self.on_too_long = max_length, on_too_long
+        self.allow_empty, self.progress = allow_empty, progress
+        self.padding_side = padding_side
+        self.model = None
+        self.processor = None
+        self.encoder = None
+
+    @classmethod
+    def from_model(cls, model, processor, **options) -> Scorer:
+        """A scorer around an already built :class:`reward.model.RewardModel` and its processor."""
+        options.setdefault("device", str(next(model.parameters()).device))
+        scorer = cls(None, **options)
+        scorer._attach(model.eval(), processor)
+        return scorer
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> Scorer:
+        """Load model and processor (once)."""
+        if self.model is not None:
+            return self
+        from transformers import AutoProcessor
+
+        from reward.model import RewardModel
+
+        processor = AutoProcessor.from_pretrained(self.model_dir)
+        if self.min_pixels or self.max_pixels:
+            # transformers 5 takes the bounds as size={shortest_edge, longest_edge} (in pixels); the
+            # card's min_pixels=/max_pixels= keywords still load but warn on every processor call.
+            size = processor.image_processor.size
+            bounds = {
+                "shortest_edge": self.min_pixels or size.shortest_edge,
+                "longest_edge": self.max_pixels or size.longest_edge,
+            }
+            if bounds["shortest_edge"] > bounds["longest_edge"]:
+                raise ScoreError(
+                    f"min_pixels {bounds['shortest_edge']} exceeds max_pixels {bounds['longest_edge']}"
+                )
+            processor = AutoProcessor.from_pretrained(self.model_dir, size=bounds)
+        model = RewardModel.from_pretrained(
+            self.model_dir, dtype=self.dtype, attn_implementation=self.attn_implementation, device=self.device
+        )
+        self._attach(model, processor)
+        return self
+
+    def _attach(self, model, processor) -> None:
+        from mpo.chat import ChatEncoder
+
+        self.model, self.processor = model, processor
+        self.encoder = ChatEncoder(processor)
+        config = model.config
+        self.limit = self.max_length or config.text_config.max_position_embeddings
+        self.pad_id = self.encoder.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.encoder.tokenizer.eos_token_id or 0
+        self.image_token_id = config.image_token_id
+        self.video_token_id = config.video_token_id
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, items: Sequence[dict]) -> list[_Encoded]:
+        """Encode every item; items with the same messages and images share one prompt encoding."""
+        from tqdm import tqdm
+
+        from mpo.chat import ChatError
+
+        prompts: dict[Any, Any] = {}
+        out = []
+        for index, item in enumerate(tqdm(items, desc="encoding", unit="item", disable=not self.progress)):
+            where = where_of(item, index)
+            images = item.get("images") or []
+            key = (json.dumps(item["messages"], sort_keys=True, default=str), tuple(map(_image_key, images)))
+            try:
+                if key not in prompts:
+                    prompts[key] = self.encoder.encode_prompt(
+                        item["messages"], [_pil(i, where) for i in images]
+                    )
+                prompt = prompts[key]
+                ids = prompt.input_ids + self.encoder.response_ids(item["response"])
+            except ChatError as err:
+                raise ScoreError(f"{where}: {err}") from None
+            out.append(_Encoded(ids, prompt.vision))
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    def score_all(self, items: Sequence[dict]) -> ScoreResult:
+        """Score ``items``; too-long items are skipped or raise, per ``on_too_long``."""
+        return self._run(items, skip=self.on_too_long == "skip")
+
+    def score(self, items: Sequence[dict]) -> list[float]:
+        """One finite score per item, in order (the ``score_fn`` of ``reward.benchmarks``). A too-long
+        item is an error here whatever ``on_too_long`` says: the caller needs every score."""
+        return [float(s) for s in self._run(items, skip=False).scores]
+
+    def _run(self, items: Sequence[dict], skip: bool) -> ScoreResult:
+        items = list(items)
+        if not items:
+            return ScoreResult(scores=[])
+        checked: set[str] = set()
+        for index, item in enumerate(items):
+            check_item(item, index, self.allow_empty, checked)
+        self.load()
+        encoded = self.encode(items)
+        result = ScoreResult(scores=[None] * len(items))
+        todo = []
+        for index, enc in enumerate(encoded):
+            if len(enc.input_ids) <= self.limit:
+                todo.append(index)
+                continue
+            where = where_of(items[index], index)
+            if not skip:
+                raise ScoreError(
+                    f"{where}: {len(enc.input_ids)} tokens (image tokens included) exceeds max_length "
+                    f"{self.limit}; raise max_length, lower max_pixels, or skip such items (on_too_long=skip)"
+                )
+            result.skipped.append(Skipped(index, where, len(enc.input_ids)))
+        self._score_batches(items, encoded, todo, result)
+        return result
+
+    __call__ = score
+
+    def _score_batches(self, items, encoded, todo: list[int], result: ScoreResult) -> None:
+        from tqdm import tqdm
+
+        lengths = [len(encoded[i].input_ids) for i in todo]
+        batches = plan_batches(lengths, self.token_budget, self.max_batch_size)
+        with tqdm(total=len(todo), desc="scoring", unit="item", disable=not self.progress) as bar:
+            for batch in batches:
+                indices = [todo[i] for i in batch]
+                values = self.forward([encoded[i] for i in indices])
+                for index, value in zip(indices, values):
+                    if not math.isfinite(value):
+                        raise ScoreError(f"{where_of(items[index], index)}: non-finite score {value}")
+                    result.scores[index] = value
+                result.num_tokens += sum(len(encoded[i].input_ids) for i in indices)
+                result.num_batches += 1
+                bar.update(len(indices))
+
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[_Encoded]) -> list[float]:
+        """Scores of one batch of encoded items (right-padded into one forward pass)."""
+        length = max(len(e.input_ids) for e in batch)
+        input_ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, enc in enumerate(batch):
+            span = (
+                slice(0, len(enc.input_ids))
+                if self.padding_side == "right"
+                else slice(length - len(enc.input_ids), length)
+            )
+            input_ids[row, span] = torch.tensor(enc.input_ids, dtype=torch.long)
+            mask[row, span] = 1
+        types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        device = self.device
+        inputs = {"mm_token_type_ids": (types * mask).to(device), **self._image_inputs(batch)}
+        scores = self.model(input_ids.to(device), mask.to(device), **inputs)
+        return [float(v) for v in scores.float().cpu()]
+
+    def _image_inputs(self, batch: Sequence[_Encoded]) -> dict:
+        """Image features for a batch, each distinct prompt's images run through the vision tower once
+        (rows that share a prompt share its encoding object), handed to the model precomputed."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        distinct: dict[int, dict] = {}
+        for enc in batch:
+            if "pixel_values" in enc.vision:
+                distinct.setdefault(id(enc.vision), enc.vision)
+        if not distinct:
+            return {}
+        visions = list(distinct.values())
+        pixel_values = torch.cat([v["pixel_values"] for v in visions]).to(self.device)
+        grids = torch.cat([v["image_grid_thw"] for v in visions]).to(self.device)
+        per_image = self.model.backbone.model.get_image_features(
+            pixel_values, grids, return_dict=True
+        ).pooler_output
+        features, start = {}, 0
+        for key, vision in distinct.items():
+            count = vision["image_grid_thw"].shape[0]
+            features[key] = per_image[start : start + count]
+            start += count
+        rows = [enc for enc in batch if "pixel_values" in enc.vision]
+        embeds = tuple(f for enc in rows for f in features[id(enc.vision)])
+        return {
+            "image_grid_thw": torch.cat([enc.vision["image_grid_thw"] for enc in rows]).to(self.device),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeds)},
+        }

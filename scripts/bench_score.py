@@ -1,0 +1,342 @@
+"""Scoring throughput: the batched ``reward.scorer.Scorer`` against the Skywork-VL-Reward model
+card's loop (one item per forward: render the chat template, run the processor on that one item,
+run ``Qwen2_5_VLForConditionalGeneration`` with ``output_hidden_states=True``, apply the value head
+to ``hidden_states[-1]`` and read it at ``attention_mask.sum(-1) - 1``), on the same model and items,
+side by side in one run.
+
+Both sides open the same image files with PIL (the card's ``process_vision_info`` is left out on both
+so that the images, and so the scores, are identical; the script checks that they are). Times are
+end to end: image decoding, preprocessing, tokenizing and the forward passes. Each figure is the
+median over ``--repeats`` timed rounds after one warm-up round; a round runs both sides in turn.
+The ``bound`` column is the card loop's time over the scorer's preprocessing time alone: the
+speed-up the scorer could not exceed even with a free forward pass (the processor's per-image work
+is the same on both sides; only shared prompts let the scorer skip some of it).
+
+Two item sets are timed: ``distinct`` (every item its own prompt and images) and ``rollouts``
+(prompts with several sampled responses each, as the round loop scores them; the scorer encodes
+each prompt once, the card loop once per item).
+
+CPU (default): a tiny random Qwen2.5-VL reward model, ``torch.set_num_threads(1)``.
+``--gpu``: a random Qwen2.5-VL-7B-shaped reward model in bf16 on CUDA (real Qwen2.5 vocabulary, the
+card's pixel bounds); refuses to run without a CUDA device.
+
+    python scripts/bench_score.py [--items 64] [--repeats 5] [--output bench_score.json] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Qwen2.5-VL-7B-Instruct's shape (its published config.json).
+SEVEN_B_TEXT = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+    "tie_word_embeddings": False,
+}
+SEVEN_B_VISION = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 3584,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "tokens_per_second": 2,
+}
+CARD_MIN_PIXELS, CARD_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
+
+WORDS = [
+    "the",
+    "square",
+    "is",
+    "red",
+    "blue",
+    "green",
+    "because",
+    "first",
+    "then",
+    "we",
+    "count",
+    "the",
+    "sides",
+    "so",
+    "the",
+    "answer",
+    "is",
+    "option",
+    "A",
+    "B",
+    "C",
+    "D",
+    "and",
+    "the",
+    "colour",
+    "of",
+    "the",
+    "shape",
+    "in",
+    "the",
+    "picture",
+    "shows",
+]
+
+
+def make_items(
+    folder: Path, count: int, per_prompt: int, sizes: tuple[int, int], words: tuple[int, int], seed: int = 0
+) -> list[dict]:
+    """``count`` items with one real PNG each (random sizes), ``per_prompt`` responses per prompt,
+    responses of ``words`` (min, max) words."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for p in range((count + per_prompt - 1) // per_prompt):
+        path = folder / f"image_{p}.png"
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        Image.new("RGB", (rng.randint(*sizes), rng.randint(*sizes)), colour).save(path)
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "?"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        for _ in range(per_prompt):
+            response = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
+            items.append({"messages": messages, "images": [str(path)], "response": response})
+    return items[:count]
+
+
+def card_loop(model, processor, items: list[dict]) -> list[float]:
+    """The model card's scoring, one item per forward."""
+    import torch
+    from PIL import Image
+
+    backbone, head = model.backbone, model.v_head
+    device = next(backbone.parameters()).device
+    scores = []
+    for item in items:
+        messages = item["messages"] + [{"role": "assistant", "content": item["response"]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        images = [Image.open(path).convert("RGB") for path in item["images"]]
+        inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            hidden = backbone(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            values = head(hidden).squeeze(-1)
+        index = inputs["attention_mask"].sum(dim=-1, keepdim=True) - 1
+        scores.append(values.gather(dim=-1, index=index)[0].item())
+    return scores
+
+
+def timed(fns: dict, repeats: int, sync) -> tuple[dict, dict]:
+    """Median wall seconds of each ``fns[name]()`` over ``repeats`` rounds after one warm-up round, and
+    each one's warm-up result. Each round runs every function once, in turn, so that a change in
+    the machine's load falls on all of them alike."""
+    results = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
+def compare(name: str, items: list[dict], model, processor, scorer, repeats: int, sync) -> dict:
+    seconds, results = timed(
+        {
+            "loop": lambda: card_loop(model, processor, items),
+            "batched": lambda: scorer.score_all(items),
+            "encode": lambda: scorer.encode(items),  # the batched side's preprocessing alone
+        },
+        repeats,
+        sync,
+    )
+    loop_s, batched_s = seconds["loop"], seconds["batched"]
+    scored = results["batched"]
+    return {
+        "name": name,
+        "items": len(items),
+        "prompts": len({json.dumps(i["messages"]) for i in items}),
+        "tokens": scored.num_tokens,
+        "batches": scored.num_batches,
+        "card_loop_s": loop_s,
+        "batched_s": batched_s,
+        "batched_preprocess_s": seconds["encode"],
+        "card_loop_items_per_s": len(items) / loop_s,
+        "batched_items_per_s": len(items) / batched_s,
+        "card_loop_tokens_per_s": scored.num_tokens / loop_s,
+        "batched_tokens_per_s": scored.num_tokens / batched_s,
+        "speedup": loop_s / batched_s,
+        # Even with a free forward pass the scorer would still pay its preprocessing:
+        "speedup_bound_from_preprocessing": loop_s / seconds["encode"],
+        "max_abs_score_diff": max(abs(a - b) for a, b in zip(results["loop"], scored.scores)),
+    }
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    print(header)
+    print(
+        f"{'items':<10}{'n':>5}{'prompts':>9}{'tokens':>8}{'card loop it/s':>16}{'batched it/s':>14}"
+        f"{'tok/s':>10}{'speedup':>9}{'bound':>8}{'max |diff|':>12}"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<10}{r['items']:>5}{r['prompts']:>9}{r['tokens']:>8}"
+            f"{r['card_loop_items_per_s']:>16.1f}"
+            f"{r['batched_items_per_s']:>14.1f}{r['batched_tokens_per_s']:>10.0f}{r['speedup']:>8.1f}x"
+            f"{r['speedup_bound_from_preprocessing']:>7.1f}x"
+            f"{r['max_abs_score_diff']:>12.1e}"
+        )
+
+
+def seven_b_config(tokenizer):
+    """Qwen2.5-VL-7B's config with the special-token ids of ``tokenizer`` (the real Qwen2.5 vocabulary)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = {
+        **SEVEN_B_TEXT,
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=SEVEN_B_VISION,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def build_gpu_model():
+    """A random Qwen2.5-VL-7B-shaped reward model in bf16, initialised directly on the GPU (no CPU
+    copy, no checkpoint on disk)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+    from reward.model import RewardModel
+
+    tokenizer = load_real_vocab_tokenizer()
+    processor = build_processor(tokenizer, CARD_MIN_PIXELS, CARD_MAX_PIXELS)
+    config = seven_b_config(tokenizer)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        backbone = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    return RewardModel(backbone).eval(), processor
+
+
+def run(args) -> dict:
+    import torch
+
+    from reward.scorer import Scorer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.gpu:
+            model, processor = build_gpu_model()
+            sync = torch.cuda.synchronize
+            sizes, words = (224, 896), (20, 400)
+            device = "cuda"
+        else:
+            from transformers import AutoProcessor
+
+            from mpo.tiny import save_reward_model
+            from reward.model import RewardModel
+
+            folder = save_reward_model(tmp / "reward", seed=1)
+            model, processor = RewardModel.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+            sync = lambda: None
+            sizes, words = (56, 224), (5, 120)
+            device = "cpu"
+        scorer = Scorer.from_model(
+            model,
+            processor,
+            token_budget=args.token_budget,
+            max_batch_size=args.max_batch_size,
+            progress=False,
+        )
+        rows = [
+            compare(
+                "distinct",
+                make_items(tmp / "a", args.items, 1, sizes, words),
+                model,
+                processor,
+                scorer,
+                args.repeats,
+                sync,
+            ),
+            compare(
+                "rollouts",
+                make_items(tmp / "b", args.items, args.per_prompt, sizes, words, seed=1),
+                model,
+                processor,
+                scorer,
+                args.repeats,
+                sync,
+            ),
+        ]
+    header = (
+        f"scoring throughput on {device} ({'7B-shaped, bf16' if args.gpu else 'tiny, fp32, 1 thread'}); "
+        f"median of {args.repeats}, token_budget {args.token_budget}, max_batch_size {args.max_batch_size}"
+    )
+    print_table(rows, header)
+    return {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "token_budget": args.token_budget,
+        "max_batch_size": args.max_batch_size,
+        "gpu_name": torch.cuda.get_device_name() if args.gpu else None,
+        "results": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--per-prompt", type=int, default=4, help="responses per prompt in the rollouts set")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=Path("bench_score.json"))
+    parser.add_argument("--gpu", action="store_true", help="7B-shaped model in bf16 on CUDA")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--gpu needs a CUDA device; none is available here (nothing was run)", file=sys.stderr)
+            return 2
+    report = run(args)
+    from mpo.records import write_json
+
+    write_json(args.output, report)
+    print(f"written {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
