@@ -136,7 +136,11 @@ class TrainConfig(Section):
 
 class IterateConfig(Section):
     rounds: int = Field(3, ge=1)
+    # per_round: each round's reference is the policy it starts from (pi_r); fixed: model.policy (pi_0).
     reference: Literal["per_round", "fixed"] = "per_round"
+    # Resumable units: finished chunks of prompts (rollout) and rollouts (scoring) survive a crash.
+    rollout_chunk: int = Field(16, ge=1)
+    score_chunk: int = Field(64, ge=1)
 
 
 class RewardStageConfig(Section):

@@ -1,0 +1,224 @@
+"""Preference pairs for reward-model training: loading and checking, per-pair encoding, batching.
+
+What it does:
+
+- :func:`load_stage_pairs` reads a stage's data sources through :func:`mpo.data.load_preferences`
+  (so every image is opened and checked up front; a missing image is an error naming file:line, or
+  a counted skip with ``data.on_bad_image=skip``), keeps the stage's modality (``multimodal`` pairs
+  have at least one image, ``text`` pairs none), and refuses pairs that teach nothing: an empty
+  chosen or rejected response, or chosen == rejected. Those are errors naming file:line (for JSONL
+  sources; other sources name the row), as is a pair whose image parts and images differ in
+  number. Pairs longer than ``max_length`` tokens (image tokens included) are skipped and counted,
+  or refused with ``on_too_long=error``; nothing is truncated, since the score is read at the last
+  token and image tokens cannot be cut.
+- :class:`PairDataset` encodes a pair when it is read (the prompt, images included, once; the two
+  responses as token ids), so a large set never sits preprocessed in memory.
+- :func:`collate_pairs` right-pads the chosen rows, then the rejected rows, into one ``[2B, T]``
+  batch. Images are kept once per pair (``pixel_values`` concatenated in pair order,
+  ``image_grid_thw`` stacked); text-only pairs add none, so a batch may mix both.
+- :class:`PairwiseRewardModel`, the model side of that batch format, runs the vision encoder once
+  per pair and feeds the features to both of its rows, then scores all rows in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODALITIES = ("all", "multimodal", "text")
+
+
+class PairDataError(ValueError):
+    """A preference pair that cannot be trained on; the message names where it came from."""
+
+
+@dataclass
+class StagePairs:
+    records: list  # PreferencePair
+    where: list[str]  # "file:line" (or "file:row N") of each record
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> messages
+
+    @property
+    def num_multimodal(self) -> int:
+        return sum(1 for r in self.records if r.images)
+
+
+def _locations(path: Path, loaded) -> list[str]:
+    """``file:line`` for each loaded record of a JSONL source (rows skipped for bad images removed)."""
+    from mpo.records import iter_jsonl
+
+    if path.suffix != ".jsonl" or path.is_dir():
+        return [f"{path}: pair {i} (prompt_id {r.prompt_id})" for i, r in enumerate(loaded.records)]
+    dropped = {message.split(": field 'images'", 1)[0] for message in loaded.skipped}
+    where = [f"{path}:{number}" for number, _ in iter_jsonl(path)]
+    where = [w for w in where if w not in dropped]
+    if len(where) != len(loaded.records):  # should not happen; fall back to naming the pair
+        return [f"{path}: pair {i} (prompt_id {r.prompt_id})" for i, r in enumerate(loaded.records)]
+    return where
+
+
+def check_pair(record, where: str) -> None:
+    """Refuse a pair that carries no preference (an empty response, chosen == rejected) or whose
+    image parts and images do not match in number."""
+    from mpo.chat import count_image_parts
+
+    parts = count_image_parts(record.messages)
+    if parts != len(record.images):
+        raise PairDataError(f"{where}: messages have {parts} image part(s) but {len(record.images)} image(s)")
+    for name in ("chosen", "rejected"):
+        if not getattr(record, name).strip():
+            raise PairDataError(f"{where}: field {name!r} is empty; a pair needs two non-empty responses")
+    if record.chosen.strip() == record.rejected.strip():
+        raise PairDataError(f"{where}: chosen and rejected are the same response; the pair teaches nothing")
+
+
+def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error") -> StagePairs:
+    """Load, check and filter the pairs of one training stage."""
+    from mpo.data import load_preferences
+
+    if modality not in MODALITIES:
+        raise PairDataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    out = StagePairs(records=[], where=[])
+    for path in map(Path, paths):
+        loaded = load_preferences(path, image_root=image_root, on_bad_image=on_bad_image)
+        if loaded.skipped:
+            out.skipped.setdefault("bad image", []).extend(loaded.skipped)
+        for record, where in zip(loaded.records, _locations(path, loaded)):
+            check_pair(record, where)
+            if modality == "all" or (modality == "multimodal") == bool(record.images):
+                out.records.append(record)
+                out.where.append(where)
+    return out
+
+
+def image_tokens(processor, path: str) -> int:
+    """Visual tokens one image becomes (after the processor's resize and the 2x2 merge)."""
+    from PIL import Image
+
+    image_processor = processor.image_processor
+    with Image.open(path) as image:
+        width, height = image.size
+    patches = image_processor.get_number_of_image_patches(height, width, {})
+    return patches // image_processor.merge_size**2
+
+
+def pair_length(encoder, record) -> int:
+    """Tokens of the longer of the pair's two sequences (prompt with expanded images + response)."""
+    tokenizer = encoder.tokenizer
+    prompt = len(tokenizer(encoder.render_prompt(record.messages), add_special_tokens=False)["input_ids"])
+    prompt += sum(image_tokens(encoder.processor, path) - 1 for path in record.images)
+    return prompt + max(len(encoder.response_ids(record.chosen)), len(encoder.response_ids(record.rejected)))
+
+
+def drop_too_long(pairs: StagePairs, encoder, max_length: int, on_too_long: str = "skip") -> StagePairs:
+    """Remove (and count) pairs longer than ``max_length``, or raise with ``on_too_long=error``."""
+    keep_records, keep_where = [], []
+    for record, where in zip(pairs.records, pairs.where):
+        length = pair_length(encoder, record)
+        if length <= max_length:
+            keep_records.append(record)
+            keep_where.append(where)
+            continue
+        message = f"{where}: {length} tokens (image tokens included) exceeds max_length {max_length}"
+        if on_too_long == "error":
+            raise PairDataError(f"{message}; raise max_length, lower model.max_pixels, or skip such pairs "
+                                "(on_too_long=skip)")
+        pairs.skipped.setdefault("too long", []).append(message)
+    pairs.records, pairs.where = keep_records, keep_where
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs encoded on read: ``{"prompt_ids", "chosen_ids", "rejected_ids", "pixel_values"?,
+    "image_grid_thw"?}``."""
+
+    def __init__(self, records: list, encoder, where: list[str] | None = None):
+        self.records = records
+        self.encoder = encoder
+        self.where = where or [f"pair {i}" for i in range(len(records))]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        from mpo.chat import ChatError
+
+        record = self.records[index]
+        try:
+            encoded = self.encoder.encode_pair(record.messages, record.images, record.chosen, record.rejected)
+        except (ChatError, ValueError) as err:
+            raise PairDataError(f"{self.where[index]}: {err}") from None
+        item = {"prompt_ids": encoded.prompt_ids, "chosen_ids": encoded.chosen_ids,
+                "rejected_ids": encoded.rejected_ids}
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in encoded.vision:
+                item[key] = encoded.vision[key]
+        return item
+
+
+@dataclass
+class PairCollator:
+    """Batch pairs as ``[chosen rows..., rejected rows...]``, right-padded; images once per pair.
+
+    ``mm_token_type_ids`` (0 text, 1 image, 2 video) is derived from the token ids: Qwen2.5-VL's
+    multimodal rotary positions need it (without it transformers falls back to 1-D positions),
+    and :class:`reward.scorer.Scorer` passes the same, so training and scoring see equal inputs.
+    """
+
+    pad_id: int
+    image_token_id: int
+    video_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [e["prompt_ids"] + e["chosen_ids"] for e in examples]
+        rows += [e["prompt_ids"] + e["rejected_ids"] for e in examples]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[index, : len(row)] = 1
+        types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types * mask}
+        with_images = [e for e in examples if "pixel_values" in e]
+        if with_images:
+            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        return batch
+
+
+class PairwiseRewardModel(nn.Module):
+    """Scores a ``[chosen rows..., rejected rows...]`` batch with one forward pass, encoding each
+    pair's images once and feeding the features to both of its rows (transformers'
+    ``mm_encoder_outputs``; where a transformers version lacks it, the images are run twice)."""
+
+    accepts_loss_kwargs = False  # the Trainer then scales our per-batch mean for accumulation
+
+    def __init__(self, reward):
+        import inspect
+
+        super().__init__()
+        self.reward = reward
+        parameters = inspect.signature(type(reward.backbone.model).forward).parameters
+        self.features_once = "mm_encoder_outputs" in parameters
+
+    def forward(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None,
+                image_grid_thw=None):
+        vision = {} if mm_token_type_ids is None else {"mm_token_type_ids": mm_token_type_ids}
+        if pixel_values is not None:
+            grids = torch.cat([image_grid_thw, image_grid_thw])
+            if self.features_once:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+                model = self.reward.backbone.model
+                images = model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+                features = tuple(images.pooler_output)
+                both = BaseModelOutputWithPooling(pooler_output=features + features)
+                vision["mm_encoder_outputs"] = {"image": both}
+            else:
+                vision["pixel_values"] = torch.cat([pixel_values, pixel_values])
+            vision["image_grid_thw"] = grids
+        return self.reward(input_ids, attention_mask, **vision)
