@@ -17,6 +17,10 @@ app = typer.Typer(
 tiny_app = typer.Typer(help="Build tiny random Qwen2.5-VL models offline (tests, demo, benchmarks).", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
 
+from reward.cli import app as reward_app  # noqa: E402  (import-light: no torch at module level)
+
+app.add_typer(reward_app, name="reward")
+
 Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, e.g. loss.beta=0.2 train.lora.r=8")]
 Seed = Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")]
 VllmCompatible = Annotated[bool, typer.Option("--vllm-compatible", help="head_dim 64 (vLLM kernels need >= 64).")]
@@ -64,6 +68,27 @@ def show_config(
         fail(str(err))
 
 
+@app.command("train")
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (model.policy, data.preferences, loss, train).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume from the last checkpoint in run.output_dir.")] = False,
+    round_index: Annotated[int | None, typer.Option("--round", "-r", help="Train round N of an mpo iterate recipe.")] = None,
+):
+    """MPO on a preference set (jsonl, MMPR meta.json, parquet, dataset folder), or on round N's pairs."""
+    try:
+        if round_index is not None:
+            from mpo.cli_rounds import train_round
+
+            return train_round(recipe, overrides, round_index)
+        from mpo.config import load_recipe
+        from mpo.training import run_training
+
+        run_training(load_recipe(recipe, overrides or []), resume=resume)
+    except ValueError as err:  # config, data, pair and record errors: one named line each
+        fail(str(err))
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Run folder for the demo.")] = Path("runs/demo"),
@@ -73,6 +98,11 @@ def demo(
     from mpo.demo import run_demo
 
     run_demo(out_dir, seed)
+
+
+from mpo.cli_rounds import register as _register_round_commands  # noqa: E402
+
+_register_round_commands(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -257,8 +257,8 @@ def resolve(data: dict, overrides: list[str] = (), source: str = "<recipe>") -> 
     try:
         merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(list(overrides))))
         tree = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, TypeError) as err:  # TypeError: e.g. a.0.b=... into a list
+        raise ConfigError(f"{source}: overrides do not fit the recipe ({str(err).splitlines()[0]})") from None
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:

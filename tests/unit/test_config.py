@@ -67,6 +67,12 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(tmp_path / "typo.yaml")
 
 
+def test_override_that_does_not_fit_the_tree():
+    with pytest.raises(ConfigError, match="overrides do not fit the recipe"):
+        resolve({"reward_train": {"stages": [{"name": "s1", "data": ["a.jsonl"]}]}},
+                ["reward_train.stages.0.data=[b.jsonl]"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_recipe(None, ["loss.beta"])

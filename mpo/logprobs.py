@@ -1,0 +1,240 @@
+"""Response log-probs of preference pairs, with ONE vision encode per pair.
+
+Chosen and rejected share the prompt and its images. A naive pass (TRL's) runs the whole model on
+``[prompt+chosen; prompt+rejected]`` and so runs the vision tower twice on the same pixels. Here:
+
+1. the images of the batch's pairs go through the vision tower once
+   (``Qwen2_5_VLForConditionalGeneration.get_image_features``);
+2. those features are repeated for the rejected rows and handed to the model forward as
+   ``mm_encoder_outputs`` (transformers >= 5.2x scatters them into the ``<|image_pad|>`` positions,
+   checking the count), with M-RoPE position ids computed by the model's own ``get_rope_index``;
+3. only the positions whose next token is a response token are projected onto the vocabulary
+   (``logits_to_keep`` as a boolean mask), so the [2B, T, V] logits tensor is never built.
+
+The language model forward goes through the (possibly DDP / DeepSpeed / PEFT-wrapped) model's own
+``__call__``; the vision encode calls the unwrapped model's ``get_image_features``, whose parameters
+still receive gradients through the features. This works for single process, DDP and DeepSpeed
+ZeRO 1-3; FSDP (which only gathers parameters inside the root forward) is not supported by this path.
+
+``ℓ`` is the SUM of the response tokens' log-probs (REFERENCE.md §3); every token under the response
+mask counts, whatever its id (id 0 included). Text-only pairs (no images) go through the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PairLogps:
+    """Log-probs of a batch of B pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
+
+    ``token_logps`` [2B, T]: log-prob of token t at position t (0 outside the response);
+    ``response_mask`` [2B, T]; ``sums`` [2B]: ℓ per sequence.
+    """
+
+    token_logps: torch.Tensor
+    response_mask: torch.Tensor
+    sums: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.sums.shape[0] // 2
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.sums[: self.batch_size]
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        return self.sums[self.batch_size :]
+
+    @property
+    def chosen_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(token_logps, mask)`` of the chosen rows, each [B, T], for the SFT term."""
+        b = self.batch_size
+        return self.token_logps[:b], self.response_mask[:b]
+
+
+def unwrap(model):
+    """The Hugging Face model under DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Run the vision tower once: [num_patches, C] pixels -> [num_image_tokens, hidden] features."""
+    out = unwrap(model).get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    return torch.cat(list(out.pooler_output), dim=0)
+
+
+def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
+    """M-RoPE position ids [3, N, T] from the model's ``get_rope_index`` (None for text-only models)."""
+    inner = getattr(unwrap(model), "model", None)
+    if inner is None or not hasattr(inner, "get_rope_index"):
+        return None
+    config = unwrap(model).config
+    token_types = torch.zeros_like(input_ids)
+    token_types[input_ids == config.image_token_id] = 1
+    token_types[input_ids == config.video_token_id] = 2
+    positions, _ = inner.get_rope_index(
+        input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return positions
+
+
+def _image_outputs(features: torch.Tensor):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
+
+
+def pair_logps(model, batch: dict) -> PairLogps:
+    """Log-probs of a collated pair batch (see :mod:`mpo.collate`), one vision encode per pair.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``response_mask`` [2B, T]; optional
+    ``pixel_values`` [P, C] and ``image_grid_thw`` [I, 3] for the B pairs' images, in pair order.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    response_mask = batch["response_mask"].bool()
+    kwargs = {}
+    grid = None
+    if batch.get("pixel_values") is not None:
+        features = image_features(model, batch["pixel_values"], batch["image_grid_thw"])
+        kwargs["mm_encoder_outputs"] = _image_outputs(torch.cat([features, features]))
+        grid = torch.cat([batch["image_grid_thw"], batch["image_grid_thw"]])
+    position_ids = mrope_positions(model, input_ids, attention_mask, grid)
+    # Position t predicts token t+1: keep the positions just before each response token.
+    keep = torch.zeros_like(response_mask)
+    keep[:, :-1] = response_mask[:, 1:]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+        **kwargs,
+    )
+    return _gather(out.logits, input_ids, response_mask)
+
+
+def _gather(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PairLogps:
+    """Flat [N, V] logits at the kept positions -> per-token log-probs scattered back to [2B, T]."""
+    if response_mask[:, 0].any():
+        raise ValueError("a response cannot start at position 0 (it needs a prompt token before it)")
+    logits = logits.float()
+    targets = input_ids[response_mask]
+    flat = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = torch.zeros(response_mask.shape, dtype=flat.dtype, device=flat.device)
+    token_logps = token_logps.masked_scatter(response_mask, flat)
+    return PairLogps(token_logps=token_logps, response_mask=response_mask, sums=token_logps.sum(dim=-1))
+
+
+def naive_sequence_logps(model, input_ids, response_start: int, vision: dict | None = None) -> torch.Tensor:
+    """Reference implementation for tests: a full forward on ONE sequence [1, T] (its own vision
+    encode, the model's own positions), summed log-probs of tokens from ``response_start`` on."""
+    ids = torch.as_tensor(input_ids)[None]
+    kwargs = dict(vision or {})
+    if kwargs:
+        config = unwrap(model).config
+        kwargs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs).logits
+    logps = torch.log_softmax(logits[0, :-1].float(), dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return logps[response_start - 1 :].sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs: one no-grad pass before training, cached by pair key and reference identity.
+
+
+def _ranked(items: list[int]) -> tuple[list[int], int, int]:
+    """This rank's share of ``items`` (strided) plus (rank, world)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return items[rank::world], rank, world
+    return items, 0, 1
+
+
+def _gather_objects(local: list) -> list:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, local)
+    return [row for shard in shards for row in shard]
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model, dataset, collator, indices: list[int], batch_size: int, device=None
+) -> dict:
+    """``{index: (chosen ℓ, rejected ℓ)}`` for ``indices`` of a PairDataset, model in eval mode.
+
+    Distributed: every rank takes a strided share and runs the same number of batches (padded by
+    repeating its last index, so ZeRO-3 collectives stay in step); results are all-gathered.
+    """
+    if not indices:
+        return {}
+    share, _, world = _ranked(indices)
+    if world > 1:  # same number of batches on every rank
+        batches = -(-len(indices) // (world * batch_size))
+        share = share + [share[-1] if share else indices[0]] * (batches * batch_size - len(share))
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for start in range(0, len(share), batch_size):
+            batch = collator([dataset[i] for i in share[start : start + batch_size]])
+            batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+            out = pair_logps(model, batch)
+            idx = batch["indices"].tolist()
+            results += list(zip(idx, out.chosen.tolist(), out.rejected.tolist()))
+    finally:
+        model.train(was_training)
+    return {i: (c, r) for i, c, r in _gather_objects(results)}
+
+
+def read_reference_cache(path, fingerprint: str) -> dict[str, tuple[float, float]]:
+    """``{pair key: (chosen, rejected)}`` rows of ``path`` written for this reference ``fingerprint``."""
+    from pathlib import Path
+
+    from mpo.records import iter_jsonl
+
+    if path is None or not Path(path).is_file():
+        return {}
+    return {
+        row["key"]: (float(row["chosen"]), float(row["rejected"]))
+        for _, row in iter_jsonl(path)
+        if row.get("reference") == fingerprint
+    }
+
+
+def write_reference_cache(path, fingerprint: str, values: dict[str, tuple[float, float]]) -> None:
+    from mpo.records import write_jsonl
+
+    rows = [{"key": k, "reference": fingerprint, "chosen": c, "rejected": r} for k, (c, r) in values.items()]
+    write_jsonl(path, rows)
+
+
+def attach_reference_logps(
+    model, dataset, collator, batch_size: int, cache_path, fingerprint: str, device=None
+) -> int:
+    """Fill ``dataset.ref_logps`` from the cache, computing only the missing pairs; returns how many
+    were computed. Rank 0 rewrites the cache; the file holds only this reference's rows."""
+    keys = dataset.keys()
+    cached = read_reference_cache(cache_path, fingerprint)
+    missing = [i for i, key in enumerate(keys) if key not in cached]
+    if missing:
+        computed = compute_reference_logps(model, dataset, collator, missing, batch_size, device)
+        cached.update({keys[i]: computed[i] for i in missing})
+        _, rank, _ = _ranked([])
+        if cache_path is not None and rank == 0:
+            write_reference_cache(cache_path, fingerprint, {k: cached[k] for k in dict.fromkeys(keys)})
+    dataset.ref_logps = [cached[key] for key in keys]
+    return len(missing)

@@ -1,0 +1,278 @@
+"""One MPO training run from a recipe: what ``mpo train`` does.
+
+Steps: load and check the preference pairs (any source :mod:`mpo.data` reads) -> load the policy and
+processor -> freeze parts / add a LoRA adapter -> build :class:`mpo.trainer.MPOTrainer` ->
+reference log-probs (``train.reference: precomputed``, the default: one no-grad pass before
+training, cached in ``ref_logps.jsonl`` keyed by pair content and reference identity, so a rerun
+reuses it and only one model is in memory; ``live``: a frozen copy, or with LoRA the
+adapter-disabled model) -> train -> save.
+
+Run folder (``run.output_dir``): ``config.yaml`` (resolved recipe), ``data_report.json`` (pairs
+kept / truncated / skipped, with reasons), ``ref_logps.jsonl``, ``metrics.jsonl``,
+``checkpoint-N/`` (Trainer's, plus ``mpo_delta.json``), and at the end ``policy/`` (full model +
+processor; with LoRA the adapter merged in), ``adapter/`` (LoRA only) and ``mpo_state.json`` (final δ).
+
+Parts for ``train.freeze`` (Qwen2.5-VL names): ``vision`` = ``model.visual`` without its merger,
+``projector`` = ``model.visual.merger``, ``language`` = ``model.language_model`` and ``lm_head``.
+With LoRA, frozen parts get no adapter; R1V2's adapter-only tuning is ``freeze: [vision, language]``
+without LoRA (only the merger trains).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from mpo.config import ConfigError
+
+PARTS = {
+    "projector": ("model.visual.merger.",),
+    "vision": ("model.visual.",),
+    "language": ("model.language_model.", "lm_head."),
+}
+# Regexes (matched against full module names) for LoRA's exclude_modules.
+_PART_PATTERNS = {
+    "projector": r".*visual\.merger.*",
+    "vision": r".*visual\.(?!merger).*",
+    "language": r".*(language_model|lm_head).*",
+}
+
+
+def part_of(name: str) -> str | None:
+    """Which freezable part a parameter name belongs to (the merger before the rest of visual)."""
+    for part, prefixes in PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    return None
+
+
+def freeze_parts(model, parts) -> int:
+    """Set ``requires_grad=False`` on every parameter of the named parts; returns how many tensors."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if part_of(name) in parts:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def add_lora(model, lora, freeze):
+    from peft import LoraConfig, get_peft_model
+
+    exclude = "|".join(_PART_PATTERNS[p] for p in freeze) or None
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        exclude_modules=exclude,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_policy(recipe):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not recipe.model.policy:
+        raise ConfigError("model.policy: a policy folder or hub id is required for mpo train")
+    model = AutoModelForImageTextToText.from_pretrained(
+        recipe.model.policy,
+        dtype=getattr(torch, recipe.model.dtype),
+        attn_implementation=recipe.model.attn_implementation,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    processor = AutoProcessor.from_pretrained(
+        recipe.model.policy,
+        trust_remote_code=recipe.model.trust_remote_code,
+        size={"shortest_edge": recipe.model.min_pixels, "longest_edge": recipe.model.max_pixels},
+    )
+    return model, processor
+
+
+def source_labels(path, loaded) -> list[str]:
+    """``file:line`` (or ``file:row N``) of each loaded record, for error messages."""
+    labels = getattr(loaded, "sources", None)
+    if labels is not None and len(labels) == len(loaded.records):
+        return list(labels)
+    try:  # rebuild from the reader's own row labels, minus the rows it skipped
+        from mpo.data import _rows
+
+        skipped = {message.split(": field 'images'")[0] for message in loaded.skipped}
+        labels = [where for where, _, _ in _rows(Path(path)) if where not in skipped]
+        if len(labels) == len(loaded.records):
+            return labels
+    except Exception as err:  # noqa: BLE001 - labels only name pairs in messages; fall back to indices
+        print(f"note: pair labels fall back to indices ({err})")
+    return [f"{path}[{i}]" for i in range(len(loaded.records))]
+
+
+def reference_fingerprint(recipe) -> str:
+    """Identity of the reference log-probs: model files, dtype, attention, length policy, pixels."""
+    folder = Path(recipe.model.policy)
+    files = []
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+            if f.is_file():
+                stat = f.stat()
+                files.append([f.name, stat.st_size, stat.st_mtime_ns])
+    model, train = recipe.model, recipe.train
+    identity = [
+        str(folder.resolve()) if folder.exists() else str(folder),
+        files,
+        model.dtype,
+        model.attn_implementation,
+        model.min_pixels,
+        model.max_pixels,
+        train.max_length,
+        train.on_too_long,
+    ]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def training_arguments(recipe, resume: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    t, run = recipe.train, recipe.run
+    # bf16 autocast on CUDA; on CPU, Trainer refuses bf16 unless use_cpu, and the weights are bf16 anyway.
+    autocast_bf16 = recipe.model.dtype == "bfloat16" and torch.cuda.is_available()
+    if run.report_to == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", run.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(Path(run.output_dir).resolve()))
+        if run.wandb_group:
+            os.environ.setdefault("WANDB_RUN_GROUP", run.wandb_group)
+    return TrainingArguments(
+        output_dir=run.output_dir,
+        run_name=Path(run.output_dir).name,
+        seed=run.seed,
+        report_to=run.report_to,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_strategy="steps",
+        logging_strategy="steps",
+        bf16=autocast_bf16,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # A text-only micro-batch leaves the vision tower without gradients: DDP must allow unused parameters.
+        ddp_find_unused_parameters=True,
+    )
+
+
+def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False, ref_cache=None):
+    """Dataset, trainer and reference log-probs for ``pairs``; returns ``(trainer, dataset)``."""
+    from mpo.chat import ChatEncoder
+    from mpo.collate import PairCollator, PairDataset, pad_token_id
+    from mpo.logprobs import attach_reference_logps
+    from mpo.trainer import MPOTrainer, reference_context
+
+    t = recipe.train
+    dataset = PairDataset(pairs, ChatEncoder(processor), t.max_length, t.on_too_long, wheres)
+    collator = PairCollator(pad_token_id(processor))
+    if t.freeze:
+        freeze_parts(model, t.freeze)
+    live_copy = copy.deepcopy(model).eval() if t.reference == "live" and t.lora is None else None
+    if t.lora is not None:
+        model = add_lora(model, t.lora, t.freeze)
+    trainer = MPOTrainer(
+        model=model,
+        args=training_arguments(recipe, resume),
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        loss=recipe.loss,
+        ref_model=live_copy,
+    )
+    if t.reference == "precomputed":
+        device = trainer.args.device
+        model.to(device)
+        cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
+        with reference_context(model):
+            computed = attach_reference_logps(
+                model,
+                dataset,
+                collator,
+                t.per_device_batch_size,
+                cache,
+                reference_fingerprint(recipe),
+                device,
+            )
+        print(f"reference log-probs: {computed} computed, {len(dataset) - computed} reused from {cache}")
+    return trainer, dataset
+
+
+def save_outputs(trainer, processor, recipe) -> Path:
+    """``policy/`` (+ ``adapter/`` with LoRA), processor and final δ, written by the main process."""
+    from mpo.records import write_json
+    from mpo.trainer import find_peft_model
+
+    out = Path(recipe.run.output_dir)
+    policy_dir = out / "policy"
+    peft_model = find_peft_model(trainer.model)
+    if peft_model is None:
+        trainer.save_model(str(policy_dir))
+    else:
+        trainer.save_model(str(out / "adapter"))
+        if trainer.is_world_process_zero():
+            peft_model.merge_and_unload().save_pretrained(policy_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(policy_dir)
+        write_json(
+            out / "mpo_state.json",
+            {"delta": trainer.delta.state_dict(), "global_step": trainer.state.global_step},
+        )
+    return policy_dir
+
+
+def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
+    """``mpo train``: train on ``recipe.data.preferences``; returns the saved policy folder."""
+    from mpo.config import save_resolved, to_yaml
+    from mpo.data import load_preferences
+    from mpo.records import write_json
+
+    if not recipe.data.preferences:
+        raise ConfigError(
+            "data.preferences: a preference set (jsonl, MMPR meta.json, parquet, dataset folder) is required"
+        )
+    out = Path(recipe.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(to_yaml(recipe), end="")
+    save_resolved(recipe, out)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    loaded = load_preferences(
+        recipe.data.preferences,
+        image_root=recipe.data.image_root,
+        on_bad_image=recipe.data.on_bad_image,
+        image_cache=out / "image_cache",
+    )
+    wheres = source_labels(recipe.data.preferences, loaded)
+    model, processor = load_policy(recipe)
+    trainer, dataset = build_trainer(recipe, loaded.records, wheres, model, processor, resume, ref_cache)
+    report = dataset.report
+    write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
+    print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    policy_dir = save_outputs(trainer, processor, recipe)
+    if recipe.run.report_to == "wandb":
+        import wandb
+
+        wandb.finish()  # flush and close this run (a round driver starts the next in the same process)
+    print(f"policy saved to {policy_dir}")
+    return policy_dir

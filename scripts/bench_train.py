@@ -1,0 +1,523 @@
+"""Benchmark one MPO training step: ours (mpo.trainer) against TRL 1.16's DPOTrainer doing MPO.
+
+    python scripts/bench_train.py                   # CPU, tiny Qwen2.5-VL, 1 thread, table + JSON
+    python scripts/bench_train.py --gpu --size 3b   # CUDA, random Qwen2.5-VL-3B-shaped model, bf16
+
+Both sides train the same model (same folder), on the same image pairs, with the same batch size,
+optimizer and schedule; each side runs in its own subprocess (so peak memory is its own) with
+``torch.set_num_threads(1)``. Three sides: ``trl`` (DPOTrainer, ``loss_type=["sigmoid","bco_pair",
+"sft"]``, live reference as TRL requires for vision data), ``ours`` (default: reference log-probs
+precomputed once before training) and ``ours-live`` (a live frozen reference copy, like TRL).
+
+What is measured:
+- step time: wall time between consecutive optimizer-step ends (``on_step_end``), so it includes data
+  loading/collation, forward/backward, the optimizer and per-step metric bookkeeping; the first
+  ``--warmup`` steps are dropped; median (and p10/p90) reported. Also the training thread's CPU time
+  per step (``time.thread_time``; with one torch thread and no loader workers all of a step's work
+  runs there), which is far less disturbed by other processes on a busy machine than wall time.
+  The whole set is one batch, so every step sees the same tokens. Each side runs ``--repeats``
+  times in fresh processes, interleaved; the medians over runs are reported. Our one-off reference
+  pass (and the length check that encodes every pair once) is reported separately in ``setup_s``.
+- memory, CPU: peak resident set size (RSS, sampled every 2 ms from /proc/self/statm) during
+  ``trainer.train()`` minus the RSS just before it (activations, gradients, optimizer state,
+  allocator growth), plus the process's lifetime peak (``ru_maxrss``, which also counts imports and
+  the models loaded at setup, e.g. TRL's reference copy). GPU: ``torch.cuda.max_memory_allocated``.
+- ``--gpu``: tokens/s (non-pad tokens of the chosen and rejected sequences per second) and model
+  FLOPs utilisation = (6·N_lm·tokens + 6·N_vision·patches, the vision tower counted once per pair,
+  no attention-score FLOPs, no recompute) / step time / the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+SHAPES = {  # Qwen2.5-VL text towers; the vision tower is the same for both
+    "3b": {"hidden": 2048, "layers": 36, "heads": 16, "kv": 2, "inter": 11008},
+    "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv": 4, "inter": 18944},
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv": 2, "inter": 128},  # exercises the --gpu code on CPU
+}
+
+
+class RssPeak:
+    """Peak RSS (bytes) above a baseline, sampled in a background thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.baseline = self.rss()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.baseline = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends, self.cpu = [], []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.on_step_end(args, state, control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.cpu.append(time.thread_time())  # the training thread's CPU time (1 torch thread, 0 workers)
+
+    return StepTimer()
+
+
+def trl_trainer(policy, pairs_file, args):
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    rows = []
+    for r in map(json.loads, Path(pairs_file).read_text().splitlines()):
+        turn = lambda text: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+        rows.append(
+            {
+                "prompt": r["messages"],
+                "chosen": turn(r["chosen"]),
+                "rejected": turn(r["rejected"]),
+                "images": [Image.open(p).convert("RGB") for p in r["images"]],
+            }
+        )
+    config = DPOConfig(
+        output_dir=args.work + "/trl",
+        per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to="none",
+        bf16=args.gpu,
+        gradient_checkpointing=args.gpu,
+        max_length=None,
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_type=["sigmoid", "bco_pair", "sft"],
+        loss_weights=[0.8, 0.2, 1.0],
+        beta=0.1,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    dtype = "bfloat16" if args.gpu else "float32"
+    model = AutoModelForImageTextToText.from_pretrained(policy, dtype=dtype)
+    return DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoProcessor.from_pretrained(policy),
+    )
+
+
+def our_trainer(policy, pairs_file, args, live: bool):
+    from mpo.config import load_recipe
+    from mpo.data import load_preferences
+    from mpo.training import build_trainer, load_policy
+
+    recipe = load_recipe(
+        None,
+        [
+            f"model.policy={policy}",
+            f"data.preferences={pairs_file}",
+            f"run.output_dir={args.work}/ours-{live}",
+            f"model.dtype={'bfloat16' if args.gpu else 'float32'}",
+            f"model.min_pixels={args.min_pixels}",
+            f"model.max_pixels={args.max_pixels}",
+            "loss.bco_delta=none",
+            "loss.sft_reduction=token",
+            f"train.per_device_batch_size={args.batch}",
+            f"train.max_steps={args.warmup + args.steps}",
+            "train.learning_rate=1e-5",
+            "train.lr_scheduler=constant",
+            "train.weight_decay=0.0",
+            "train.max_length=100000",
+            f"train.gradient_checkpointing={args.gpu}",
+            f"train.reference={'live' if live else 'precomputed'}",
+            "train.save_steps=100000",
+        ],
+    )
+    model, processor = load_policy(recipe)
+    loaded = load_preferences(pairs_file)
+    trainer, dataset = build_trainer(recipe, loaded.records, None, model, processor)
+    return trainer, dataset
+
+
+def run_side(side: str, args) -> dict:
+    """One side in this process: build, train, return measurements as a dict."""
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if side == "trl":
+        trainer = trl_trainer(args.policy, args.pairs_file, args)
+    else:
+        trainer, _ = our_trainer(args.policy, args.pairs_file, args, live=side == "ours-live")
+    setup = time.perf_counter() - start
+    timer = step_timer()
+    trainer.add_callback(timer)
+    cuda = args.gpu and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with RssPeak() as rss:
+        trainer.train()
+    steps = [b - a for a, b in zip(timer.ends, timer.ends[1:])][args.warmup :]
+    cpu = [b - a for a, b in zip(timer.cpu, timer.cpu[1:])][args.warmup :]
+    quantiles = statistics.quantiles(steps, n=10) if len(steps) > 1 else steps * 9
+    result = {
+        "side": side,
+        "setup_s": setup,
+        "median_step_s": statistics.median(steps),
+        "p10_step_s": quantiles[0],
+        "p90_step_s": quantiles[-1],
+        "median_step_cpu_s": statistics.median(cpu),
+        "steps_timed": len(steps),
+        "peak_rss_delta_mb": (rss.peak - rss.baseline) / 2**20,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if cuda:
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def tokens_and_flops(policy, pairs_file, args) -> dict:
+    """Tokens and patches per step (the whole set is one batch) and the model's parameter counts."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from mpo.chat import ChatEncoder
+    from mpo.data import load_preferences
+
+    processor = AutoProcessor.from_pretrained(
+        policy, size={"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
+    )
+    encoder, tokens, patches = ChatEncoder(processor), 0, 0
+    for pair in load_preferences(pairs_file).records:
+        enc = encoder.encode_pair(pair.messages, pair.images, pair.chosen, pair.rejected)
+        tokens += 2 * len(enc.prompt_ids) + len(enc.chosen_ids) + len(enc.rejected_ids)
+        patches += int(enc.vision["pixel_values"].shape[0]) if enc.vision else 0
+    import torch
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(policy))
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    embed = model.model.language_model.embed_tokens.weight.numel()
+    lm = sum(p.numel() for p in model.parameters()) - vision - embed
+    return {
+        "tokens_per_step": tokens,
+        "patches_per_step": patches,
+        "lm_params": lm,
+        "vision_params": vision,
+        "flops_per_step": 6 * lm * tokens + 6 * vision * patches,
+    }
+
+
+def bench_pairs(work: Path, count: int) -> Path:
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
+    rows = [r for r in rows if r["images"]][:count]
+    for r in rows:
+        r["images"] = [str((PAIRS.parent / p).resolve()) for p in r["images"]]
+    path = work / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def gpu_policy(work: Path, size: str) -> Path:
+    """A random Qwen2.5-VL model of a real shape (bf16) with the real Qwen2.5 vocabulary, saved to disk."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+
+    s = SHAPES[size]
+    tokenizer = load_real_vocab_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = s["hidden"] // s["heads"]
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # Qwen's 16/24/24 of 64, scaled
+    section[0] += head_dim // 2 - sum(section)
+    big = size != "tiny"
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv"],
+        "max_position_embeddings": 32768,
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+        "rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
+    }
+    vision = {  # Qwen2.5-VL's vision tower (675M parameters); a tiny one for the CPU exercise
+        "depth": 32 if big else 2,
+        "hidden_size": 1280 if big else 64,
+        "intermediate_size": 3420 if big else 128,
+        "num_heads": 16 if big else 4,
+        "out_hidden_size": s["hidden"],
+        "fullatt_block_indexes": [7, 15, 23, 31] if big else [1],
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=size == "3b",
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    out = work / f"policy-{size}"
+    model.save_pretrained(out)
+    build_processor(tokenizer).save_pretrained(out)
+    return out
+
+
+def gpu_pairs(work: Path, count: int, words: int) -> Path:
+    """Synthetic pairs: 448x448 noise images (256 visual tokens), responses of ``words`` words."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(0)
+    vocab = [
+        "the",
+        "a",
+        "image",
+        "shows",
+        "red",
+        "green",
+        "blue",
+        "square",
+        "circle",
+        "answer",
+        "is",
+        "because",
+        "so",
+        "therefore",
+        "we",
+        "get",
+        "value",
+    ]
+    rows = []
+    for i in range(count):
+        path = work / f"img{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(path)
+        text = lambda: " ".join(rng.choice(vocab) for _ in range(words))
+        rows.append(
+            {
+                "prompt_id": f"g{i}",
+                "images": [str(path)],
+                "chosen": text(),
+                "rejected": text(),
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {"type": "text", "text": "Describe the image in detail."},
+                        ],
+                    }
+                ],
+            }
+        )
+    path = work / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def spawn(side: str, args) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--side",
+        side,
+        "--policy",
+        str(args.policy),
+        "--pairs-file",
+        str(args.pairs_file),
+        "--work",
+        args.work,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--min-pixels",
+        str(args.min_pixels),
+        "--max-pixels",
+        str(args.max_pixels),
+    ] + (["--gpu"] if args.gpu else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"side {side} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Median over repeated runs of one side (each run its own process)."""
+    out = dict(runs[0])
+    for key in (
+        "setup_s",
+        "median_step_s",
+        "p10_step_s",
+        "p90_step_s",
+        "median_step_cpu_s",
+        "peak_rss_delta_mb",
+        "max_rss_mb",
+        "peak_cuda_mb",
+    ):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in runs)
+    out.update(runs=len(runs), median_step_s_each_run=[r["median_step_s"] for r in runs])
+    return out
+
+
+def report(results: dict, extra: dict, args) -> dict:
+    trl = results["trl"]
+    rows = []
+    for r in results.values():
+        r["step_ratio_vs_trl"] = r["median_step_s"] / trl["median_step_s"]
+        r["cpu_step_ratio_vs_trl"] = r["median_step_cpu_s"] / trl["median_step_cpu_s"]
+        mem = "peak_cuda_mb" if "peak_cuda_mb" in trl else "peak_rss_delta_mb"
+        r["memory_ratio_vs_trl"] = r[mem] / trl[mem] if trl[mem] > 0 else float("nan")
+        if args.gpu:
+            r["tokens_per_s"] = extra["tokens_per_step"] / r["median_step_s"]
+            r["mfu"] = extra["flops_per_step"] / r["median_step_s"] / extra["peak_flops"]
+        rows.append(r)
+    mem_name = "peak CUDA MiB" if "peak_cuda_mb" in trl else "peak RSS delta MiB"
+    print(
+        f"{'side':10s} {'median step ms':>15s} {'p10-p90 ms':>16s} {'x TRL':>7s} {'thread CPU ms':>14s} {'x TRL':>7s} "
+        f"{mem_name:>20s} {'x TRL':>7s} {'setup s':>8s}"
+    )
+    for r in rows:
+        mem = r.get("peak_cuda_mb", r["peak_rss_delta_mb"])
+        spread = f"{1e3 * r['p10_step_s']:.1f}-{1e3 * r['p90_step_s']:.1f}"
+        print(
+            f"{r['side']:10s} {1e3 * r['median_step_s']:15.1f} {spread:>16s} {r['step_ratio_vs_trl']:7.2f} "
+            f"{1e3 * r['median_step_cpu_s']:14.1f} {r['cpu_step_ratio_vs_trl']:7.2f} {mem:20.1f} {r['memory_ratio_vs_trl']:7.2f} {r['setup_s']:8.1f}"
+            + (f"  {r['tokens_per_s']:.0f} tok/s  MFU {100 * r['mfu']:.1f}%" if args.gpu else "")
+        )
+    summary = {
+        "mode": "gpu" if args.gpu else "cpu",
+        "batch": args.batch,
+        "steps_timed": args.steps,
+        "repeats": args.repeats,
+        **extra,
+        "sides": rows,
+    }
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--gpu", action="store_true", help="CUDA, random Qwen2.5-VL-{3b,7b}-shaped model, bf16"
+    )
+    parser.add_argument("--size", choices=sorted(SHAPES), default="3b")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step (the whole set is one batch)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--words", type=int, default=150, help="--gpu: words per response")
+    parser.add_argument("--sides", default="trl,ours,ours-live")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="processes per side, interleaved; medians reported"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the results here too")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: by name)"
+    )
+    for hidden in ("--side", "--policy", "--pairs-file", "--work"):
+        parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--min-pixels", type=int, default=3136, help=argparse.SUPPRESS)
+    parser.add_argument("--max-pixels", type=int, default=50176, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side:  # a subprocess running one side
+        print("RESULT " + json.dumps(run_side(args.side, args)), flush=True)
+        return 0
+    import torch
+
+    if args.gpu and not torch.cuda.is_available() and args.size != "tiny":
+        print("bench_train --gpu: skipped, no CUDA device is available (CPU mode: run without --gpu)")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
+        args.work = work
+        extra = {}
+        if args.gpu:
+            args.min_pixels, args.max_pixels = 256 * 28 * 28, 1280 * 28 * 28
+            args.policy, args.pairs_file = (
+                gpu_policy(Path(work), args.size),
+                gpu_pairs(Path(work), args.batch, args.words),
+            )
+            extra = tokens_and_flops(args.policy, args.pairs_file, args)
+            name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            peak = (
+                args.peak_tflops * 1e12
+                if args.peak_tflops
+                else next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+            )
+            extra.update(device=name, size=args.size, peak_flops=peak)
+        else:
+            from mpo.tiny import save_policy
+
+            args.policy, args.pairs_file = (
+                save_policy(Path(work) / "policy", 0),
+                bench_pairs(Path(work), args.batch),
+            )
+            extra = {"device": "cpu, 1 thread", "size": "tiny"}
+        sides = args.sides.split(",")
+        runs = {side: [] for side in sides}
+        for _ in range(args.repeats):  # interleaved, so slow drifts of the machine hit every side alike
+            for side in sides:
+                runs[side].append(spawn(side, args))
+        results = {side: aggregate(r) for side, r in runs.items()}
+    summary = report(results, extra, args)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
