@@ -81,10 +81,36 @@ def _check_layout(parts: Path, layout: dict) -> None:
 
         found = json.loads(meta.read_text(encoding="utf-8"))
         if found != layout:
-            raise RuntimeError(
+            raise ValueError(
                 f"{parts}: finished chunks were made with {found}, this run asks for {layout}; "
                 "rerun with the same settings or delete the folder to start the stage again"
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
         write_json(meta, layout)
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` under ``folder`` that was written to the end, or None.
+
+    transformers writes a checkpoint's files one by one and ``trainer_state.json`` last, and picks
+    the highest-numbered folder on resume even if a kill cut it short. A checkpoint counts here only
+    when its ``trainer_state.json`` exists and parses, so a half-written one is passed over."""
+    import json
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    for _, child in sorted(found, reverse=True):
+        try:
+            json.loads((child / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return str(child)
+    return None

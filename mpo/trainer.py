@@ -192,13 +192,15 @@ class MPOTrainer(Trainer):
             self.delta.update(reward_sum, n)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # δ goes in first: transformers writes trainer_state.json last, which is what marks a
+        # checkpoint complete (mpo.stages.last_complete_checkpoint), so a complete one always has δ.
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            if folder.is_dir():
-                from mpo.records import write_json
+            from mpo.records import write_json
 
-                write_json(folder / DELTA_FILE, self.delta.state_dict())
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / DELTA_FILE, self.delta.state_dict())
+        super()._save_checkpoint(model, trial)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         result = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)

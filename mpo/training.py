@@ -245,6 +245,7 @@ def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
     from mpo.config import save_resolved, to_yaml
     from mpo.data import load_preferences
     from mpo.records import write_json
+    from mpo.stages import last_complete_checkpoint
 
     if not recipe.data.preferences:
         raise ConfigError(
@@ -268,7 +269,10 @@ def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
     report = dataset.report
     write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
     print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    checkpoint = last_complete_checkpoint(out) if resume else None
+    if resume:
+        print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
+    trainer.train(resume_from_checkpoint=checkpoint)
     policy_dir = save_outputs(trainer, processor, recipe)
     if recipe.run.report_to == "wandb":
         import wandb

@@ -267,10 +267,10 @@ def _prepare_metrics_file(path: Path, resume_step: int) -> None:
 def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
     """Train one stage from ``init_dir`` into ``stage_dir``; returns its summary (``done.json``)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from mpo.chat import ChatEncoder
     from mpo.records import write_json, write_jsonl
+    from mpo.stages import last_complete_checkpoint
     from reward.model import DTYPES
 
     cfg = recipe.reward_train
@@ -304,7 +304,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
         callbacks=[MetricsFile(stage_dir / "metrics.jsonl")],
     )
     checkpoints = stage_dir / "checkpoints"
-    checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    checkpoint = last_complete_checkpoint(checkpoints)
     if trainer.accelerator.is_main_process:
         resumed_at = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
         _prepare_metrics_file(stage_dir / "metrics.jsonl", resumed_at)

