@@ -130,6 +130,8 @@ class TrainConfig(Section):
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
     reference: Literal["precomputed", "live"] = "precomputed"
+    # The reference policy's folder; default: the policy training starts from (model.policy).
+    reference_model: str | None = None
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(500, ge=1)
 

@@ -1,60 +1,115 @@
-"""``mpo demo``: the toolkit's built-in default run, on CPU, on tiny models it builds itself.
+"""``mpo demo``: the whole loop on CPU, on tiny models it builds itself.
 
-What it does today: builds a tiny policy and a tiny reward model (Skywork layout) offline, loads the
-bundled colour prompts (real PNGs checked up front), encodes each through ``mpo.chat`` and samples
-one response per prompt with the policy. The scoring, pair-building and MPO stages join as their
-issues land (reward model, trainer, round loop); until then it says so rather than pretending.
+1. Build a tiny random Qwen2.5-VL policy and a tiny reward model offline.
+2. Train the reward model (``mpo reward train``'s code) on the bundled pairs, in which the chosen
+   answer names the image's dominant colour, so its score means something.
+3. Warm the policy up with SFT (``mpo train`` with weights [0, 0, 1]) on "The image is <colour>."
+   with every colour for every image: it learns the answer format, not the right colour, so it
+   starts the rounds guessing, as an instruct model starts MPO knowing the format.
+4. Run three MPO rounds (``mpo iterate``'s code) on the bundled colour prompts: rollout with the HF
+   backend -> score with the reward model in process -> pairs -> MPO.
+5. Print, per round, the mean reward and the fraction of rollouts that name the right colour (a
+   check the reward model never sees), and where the plots are.
+
+Rising reward is real learning here only because the second curve rises with it. Everything lands
+under ``--out-dir``; a rerun reuses whatever finished.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
+import yaml
+
 from mpo.tiny import ASSETS
 
-DEMO_PROMPTS = ASSETS / "demo" / "prompts.jsonl"
+DEMO = ASSETS / "demo"
+DEMO_PROMPTS = DEMO / "prompts.jsonl"
+COLOURS = ("red", "green", "blue", "yellow")
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, max_new_tokens: int = 12) -> list[str]:
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def colour_metrics(prompts, scored) -> dict:
+    """Fraction of rollouts naming the prompt's colour, and naming any colour at all."""
+    answers = {p.prompt_id: p.answer for p in prompts}
 
-    from mpo.chat import ChatEncoder
+    def names(text: str, colour: str) -> bool:
+        return re.search(rf"\b{colour}\b", text, flags=re.IGNORECASE) is not None
+
+    right = sum(names(s.response, answers[s.prompt_id]) for s in scored)
+    any_colour = sum(any(names(s.response, c) for c in COLOURS) for s in scored)
+    return {"eval/right_colour": right / len(scored), "eval/any_colour": any_colour / len(scored)}
+
+
+def _recipe(name: str, settings: dict):
+    from mpo.config import resolve
+
+    data = yaml.safe_load((DEMO / name).read_text(encoding="utf-8"))
+    for dotted, value in settings.items():
+        node = data
+        *parents, key = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return resolve(data, source=str(DEMO / name))
+
+
+def train_reward_model(out: Path, init_dir: Path, seed: int) -> Path:
+    from reward.train import run_stages
+
+    recipe = _recipe("reward.yaml", {"run.output_dir": str(out / "reward"), "run.seed": seed,
+                                     "reward_train.init_from": str(init_dir)})
+    recipe.reward_train.stages[0].data = [str(DEMO / "reward_pairs.jsonl")]
+    run_stages(recipe)
+    return out / "reward" / "final"
+
+
+def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
     from mpo.data import load_prompts
+    from mpo.records import PreferencePair, write_jsonl
+    from mpo.training import run_training
+
+    folder = out / "warmup"
+    if (folder / "policy" / "config.json").exists():
+        return folder / "policy"
+    prompts = load_prompts(DEMO_PROMPTS).records
+    pairs = [PreferencePair(f"{p.prompt_id}-{c}", p.messages, p.images, f"The image is {c}.", "I do not know.")
+             for p in prompts for c in COLOURS]
+    write_jsonl(folder / "pairs.jsonl", pairs)
+    recipe = _recipe("warmup.yaml", {"run.output_dir": str(folder), "run.seed": seed,
+                                     "model.policy": str(policy_dir), "data.preferences": str(folder / "pairs.jsonl")})
+    return run_training(recipe)
+
+
+def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> list[dict]:
+    import torch
+
+    from mpo.iterate import run_iterate
     from mpo.tiny import save_policy, save_reward_model
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    out = Path(out_dir)
     start = time.perf_counter()
-    policy_dir = out / "models" / "policy"
-    reward_dir = out / "models" / "reward"
+    out = Path(out_dir)
+    policy_dir, reward_init = out / "models" / "policy", out / "models" / "reward_init"
     if not (policy_dir / "config.json").exists():
         save_policy(policy_dir, seed)
-    if not (reward_dir / "value_head.safetensors").exists():
-        save_reward_model(reward_dir, seed + 1)
-    print(f"tiny policy: {policy_dir}\ntiny reward model: {reward_dir}")
+    if not (reward_init / "value_head.safetensors").exists():
+        save_reward_model(reward_init, seed + 1)
+    print(f"== 1/3 reward model: Bradley-Terry on {DEMO / 'reward_pairs.jsonl'}")
+    reward_dir = train_reward_model(out, reward_init, seed)
+    print("== 2/3 policy warm-up: SFT on the answer format, colours at random")
+    warm_policy = warm_up_policy(out, policy_dir, seed)
 
-    prompts = load_prompts(DEMO_PROMPTS).records
-    processor = AutoProcessor.from_pretrained(policy_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir).eval()
-    encoder = ChatEncoder(processor)
-    torch.manual_seed(seed)
-    responses = []
-    for prompt in tqdm(prompts, desc="rollout (hf)"):
-        encoded = encoder.encode_prompt(prompt.messages, prompt.images)
-        ids = torch.tensor([encoded.input_ids])
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **encoded.vision,
-                do_sample=True, temperature=1.0, max_new_tokens=max_new_tokens,
-            )
-        responses.append(processor.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
-    for prompt, response in list(zip(prompts, responses))[:4]:
-        print(f"  {prompt.prompt_id:10s} -> {response!r}")
-    print(
-        f"{len(prompts)} prompts rolled out in {time.perf_counter() - start:.1f}s. "
-        "Scoring, pairs and MPO rounds are not wired into the demo yet (see the open issues)."
-    )
-    return responses
+    print("== 3/3 MPO rounds: rollout -> score -> pairs -> MPO")
+    settings = {"run.output_dir": str(out / "rounds"), "run.seed": seed, "rollout.seed": seed,
+                "model.policy": str(warm_policy), "model.reward_model": str(reward_dir),
+                "data.prompts": str(DEMO_PROMPTS)}
+    if rounds is not None:
+        settings["iterate.rounds"] = rounds
+    manifests = run_iterate(_recipe("iterate.yaml", settings), extra_metrics=colour_metrics)
+    rows = [m["metrics"] for m in manifests]
+    print(f"demo finished in {time.perf_counter() - start:.0f}s: mean reward "
+          + " -> ".join(f"{r['reward/mean']:.3f}" for r in rows) + "; right colour "
+          + " -> ".join(f"{r['eval/right_colour']:.0%}" for r in rows))
+    return rows

@@ -74,18 +74,24 @@ def add_lora(model, lora, freeze):
     return get_peft_model(model, config)
 
 
-def load_policy(recipe):
+def load_model(recipe, path):
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    if not recipe.model.policy:
-        raise ConfigError("model.policy: a policy folder or hub id is required for mpo train")
-    model = AutoModelForImageTextToText.from_pretrained(
-        recipe.model.policy,
+    return AutoModelForImageTextToText.from_pretrained(
+        path,
         dtype=getattr(torch, recipe.model.dtype),
         attn_implementation=recipe.model.attn_implementation,
         trust_remote_code=recipe.model.trust_remote_code,
     )
+
+
+def load_policy(recipe):
+    from transformers import AutoProcessor
+
+    if not recipe.model.policy:
+        raise ConfigError("model.policy: a policy folder or hub id is required for mpo train")
+    model = load_model(recipe, recipe.model.policy)
     processor = AutoProcessor.from_pretrained(
         recipe.model.policy,
         trust_remote_code=recipe.model.trust_remote_code,
@@ -113,7 +119,7 @@ def source_labels(path, loaded) -> list[str]:
 
 def reference_fingerprint(recipe) -> str:
     """Identity of the reference log-probs: model files, dtype, attention, length policy, pixels."""
-    folder = Path(recipe.model.policy)
+    folder = Path(recipe.train.reference_model or recipe.model.policy)
     files = []
     if folder.is_dir():
         for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
@@ -187,7 +193,11 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
     collator = PairCollator(pad_token_id(processor))
     if t.freeze:
         freeze_parts(model, t.freeze)
-    live_copy = copy.deepcopy(model).eval() if t.reference == "live" and t.lora is None else None
+    # the reference: train.reference_model when set (e.g. pi_0 in later rounds), else the start policy
+    separate = load_model(recipe, t.reference_model).eval() if t.reference_model else None
+    live_copy = None
+    if t.reference == "live":
+        live_copy = separate if separate is not None else (copy.deepcopy(model).eval() if t.lora is None else None)
     if t.lora is not None:
         model = add_lora(model, t.lora, t.freeze)
     trainer = MPOTrainer(
@@ -203,9 +213,10 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
         device = trainer.args.device
         model.to(device)
         cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
-        with reference_context(model):
+        reference = separate.to(device) if separate is not None else model
+        with reference_context(reference):
             computed = attach_reference_logps(
-                model,
+                reference,
                 dataset,
                 collator,
                 t.per_device_batch_size,
@@ -240,8 +251,11 @@ def save_outputs(trainer, processor, recipe) -> Path:
     return policy_dir
 
 
-def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
-    """``mpo train``: train on ``recipe.data.preferences``; returns the saved policy folder."""
+def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = False) -> Path:
+    """``mpo train``: train on ``recipe.data.preferences``; returns the saved policy folder.
+
+    ``quiet`` (used by ``mpo iterate``, which prints its own config and per-round table) skips the
+    resolved-config dump and the per-step log lines; both still land in the run folder."""
     from mpo.config import save_resolved, to_yaml
     from mpo.data import load_preferences
     from mpo.records import write_json
@@ -253,7 +267,8 @@ def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
         )
     out = Path(recipe.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(to_yaml(recipe), end="")
+    if not quiet:
+        print(to_yaml(recipe), end="")
     save_resolved(recipe, out)
     if not resume:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -272,6 +287,10 @@ def run_training(recipe, resume: bool = False, ref_cache=None) -> Path:
     checkpoint = last_complete_checkpoint(out) if resume else None
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=checkpoint)
     policy_dir = save_outputs(trainer, processor, recipe)
     if recipe.run.report_to == "wandb":

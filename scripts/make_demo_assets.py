@@ -54,10 +54,12 @@ OFF_TOPIC = [
 
 
 def reward_pairs() -> list[dict]:
-    """PreferencePair rows: 64 over the bundled images + 32 text-only, deterministic.
+    """PreferencePair rows: 128 over the bundled images + 32 text-only, deterministic.
 
     Image pairs: the chosen answer names the image's dominant colour; the rejected one names each
-    other colour in the same words (so only the image tells them apart), or is off-topic.
+    other colour in the same words (so only the image tells them apart), is off-topic, is cut short
+    ("The image is"), repeats itself, or hedges with a second colour. The last three teach the reward
+    model what a sampling policy produces on its way, so the rounds cannot win by babbling.
     Text-only pairs: the colour of a well-known thing, against a wrong colour or an off-topic reply.
     """
     rng = random.Random(1)
@@ -69,6 +71,9 @@ def reward_pairs() -> list[dict]:
             chosen = f"The image is {name}."
             rejected = [f"The image is {other}." for other in COLOURS if other != name]
             rejected.append(rng.choice(OFF_TOPIC))
+            other = rng.choice([c for c in COLOURS if c != name])
+            rejected += ["The image is", "The image", "The image is image is",
+                         f"The image is {name}. The image is {other}."]
             for index, answer in enumerate(rejected):
                 rows.append({"prompt_id": f"{name}-{variant}-r{index}", "messages": messages,
                              "images": [f"images/{name}_{variant}.png"],

@@ -130,7 +130,7 @@ def test_training_raises_accuracy_from_chance(trained, demo_pairs):
     # Both stages in a CPU-minute (one thread; process time, so a busy machine does not fail it),
     # model loading and the before/after scoring included.
     assert sum(run["cpu_s"] for run in trained["runs"].values()) < 60
-    assert "stage1: 64 pairs (64 with images)" in trained["runs"]["stage1"]["output"]
+    assert "stage1: 128 pairs (128 with images)" in trained["runs"]["stage1"]["output"]
 
 
 def test_saved_scores_match_direct_scoring(trained, demo_pairs):

@@ -363,3 +363,30 @@ def test_mpo_train_on_mmpr_meta_json(tiny_policy_dir, tmp_path):
     run_training(rec)
     assert [r["step"] for r in logged(out)] == [1, 2]
     assert json.loads((out / "data_report.json").read_text())["kept"] == 4
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "live"])
+def test_separate_reference_model_is_the_reference(tiny_policy_dir, tmp_path, mode):
+    """train.reference_model (pi_0 in later rounds of `mpo iterate ... iterate.reference=fixed`):
+    the first step's reference-dependent rewards equal a run whose policy *is* that reference model
+    (at step 1 the policy's log-probs differ, so compare logps - rewards/beta = reference logps)."""
+    from mpo.tiny import save_policy
+
+    other = save_policy(tmp_path / "other", seed=5)
+    runs = {}
+    for name, policy, extra in [("separate", tiny_policy_dir, [f"train.reference_model={other}"]),
+                                ("itself", other, [])]:
+        out = tmp_path / name
+        run_training(recipe(policy, out, "train.max_steps=1", f"train.reference={mode}", "train.save_steps=100",
+                            "loss.bco_delta=none", *extra))
+        first = logged(out)[0]
+        beta = 0.1
+        runs[name] = [first["logps/chosen"] - first["rewards/chosen"] / beta,
+                      first["logps/rejected"] - first["rewards/rejected"] / beta]
+    assert runs["separate"] == pytest.approx(runs["itself"], rel=1e-5, abs=1e-5)
+    # and it is not the starting policy's own reference
+    own = tmp_path / "own"
+    run_training(recipe(tiny_policy_dir, own, "train.max_steps=1", f"train.reference={mode}", "train.save_steps=100",
+                        "loss.bco_delta=none"))
+    row = logged(own)[0]
+    assert row["logps/chosen"] - row["rewards/chosen"] / 0.1 != pytest.approx(runs["separate"][0], abs=1e-3)

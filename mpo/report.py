@@ -1,0 +1,156 @@
+"""What a run of ``mpo iterate`` shows: a per-round table, ``summary.json``, ``plots/*.png`` and,
+with ``run.report_to: wandb``, one W&B run with round-indexed metrics and a table of sample rollouts
+(their images, scores and chosen/rejected marks).
+
+The W&B run id is kept in ``wandb_id.txt`` in the run folder, so a resumed run logs into the same
+W&B run. Round metrics are logged against the ``round`` step metric, so the trainer's own per-step
+logging (through transformers' W&B callback, into the same run) does not clash with them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mpo.records import PreferencePair, ScoredRollout, read_jsonl, write_json
+
+TABLE_COLUMNS = [
+    ("round", "{:>5}"), ("reward/mean", "{:>11.3f}"), ("reward/p50", "{:>10.3f}"), ("pairs/kept", "{:>10}"),
+    ("pairs/margin_mean", "{:>12.3f}"), ("train/loss", "{:>10.4f}"), ("train/delta", "{:>9.4f}"),
+]
+SAMPLE_PROMPTS = 4  # prompts per round shown in the W&B rollout table
+
+
+def format_round_table(rows: list[dict]) -> str:
+    """One line per round; ``eval/*`` metrics (e.g. the demo's colour accuracy) get columns too."""
+    extra = sorted({k for row in rows for k in row if k.startswith("eval/")})
+    columns = list(TABLE_COLUMNS) + [(name, "{:>14.3f}") for name in extra]
+    widths = [max(len(name), 9) for name, _ in columns]
+    lines = ["  ".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths))]
+    for row in rows:
+        cells = []
+        for (name, fmt), w in zip(columns, widths):
+            value = row.get(name)
+            text = fmt.format(value).strip() if isinstance(value, (int, float)) else "-"
+            cells.append(f"{text:>{w}}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+class RunReport:
+    def __init__(self, recipe, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.wandb = None
+        if recipe.run.report_to == "wandb":
+            self.wandb = _start_wandb(recipe, self.run_dir)
+
+    def round_done(self, manifest: dict, scored_path: Path, prompts) -> None:
+        metrics = manifest["metrics"]
+        if self.wandb is None:
+            return
+        self.wandb.log({f"round/{k}" if k != "round" else "round": v for k, v in metrics.items()
+                        if isinstance(v, (int, float))})
+        self.wandb.log({"round": metrics["round"], "round/rollouts": _rollout_table(self.wandb, scored_path, prompts)})
+
+    def finish(self, manifests: list[dict]) -> Path:
+        rows = [m["metrics"] for m in manifests]
+        write_json(self.run_dir / "summary.json", {"rounds": rows})
+        plots = write_plots(self.run_dir, rows)
+        print(format_round_table(rows))
+        print(f"summary: {self.run_dir / 'summary.json'}; plots: {', '.join(str(p) for p in plots)}")
+        if self.wandb is not None:
+            for plot in plots:
+                self.wandb.log({f"plots/{plot.stem}": self.wandb.Image(str(plot))})
+            self.wandb.finish()
+        return self.run_dir / "summary.json"
+
+
+def _start_wandb(recipe, run_dir: Path):
+    import wandb
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    wandb.init(project=recipe.run.wandb_project, group=recipe.run.wandb_group, name=run_dir.name, id=run_id,
+               resume="allow", dir=str(run_dir), config=recipe.model_dump(mode="json"))
+    wandb.define_metric("round")
+    wandb.define_metric("round/*", step_metric="round")
+    return wandb
+
+
+def _rollout_table(wandb, scored_path: Path, prompts):
+    """Sample rollouts of the first prompts: image, prompt, response, reward, chosen/rejected mark."""
+    pairs_path = scored_path.with_name("pairs.jsonl")
+    pairs = read_jsonl(pairs_path, PreferencePair) if pairs_path.exists() else []
+    chosen = {(p.prompt_id, p.chosen) for p in pairs}
+    rejected = {(p.prompt_id, p.rejected) for p in pairs}
+    shown = {p.prompt_id: p for p in prompts[:SAMPLE_PROMPTS]}
+    table = wandb.Table(columns=["prompt_id", "image", "prompt", "response", "reward", "mark"])
+    for s in read_jsonl(scored_path, ScoredRollout):
+        prompt = shown.get(s.prompt_id)
+        if prompt is None:
+            continue
+        image = wandb.Image(prompt.images[0]) if prompt.images else None
+        text = " ".join(part.get("text", "") for m in prompt.messages if isinstance(m.get("content"), list)
+                        for part in m["content"])
+        mark = "chosen" if (s.prompt_id, s.response) in chosen else (
+            "rejected" if (s.prompt_id, s.response) in rejected else "")
+        table.add_data(s.prompt_id, image, text, s.response, s.reward, mark)
+    return table
+
+
+def write_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
+    """Reward distribution by round, pair margins, loss parts and δ, as PNGs under ``plots/``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = [r["round"] for r in rows]
+    written = []
+
+    def save(fig, name):
+        path = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rewards = [[s.reward for s in read_jsonl(run_dir / f"round_{n:03d}" / "scored.jsonl", ScoredRollout)]
+               for n in rounds]
+    ax.boxplot(rewards, positions=rounds)
+    ax.plot(rounds, [r["reward/mean"] for r in rows], "o-", label="mean")
+    ax.set(xlabel="round", ylabel="reward", title="Rollout reward by round")
+    ax.legend()
+    save(fig, "reward_by_round")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r.get("pairs/margin_mean") or 0.0 for r in rows], "o-", label="mean reward margin")
+    ax2 = ax.twinx()
+    ax2.bar(rounds, [r["pairs/kept"] for r in rows], alpha=0.3, color="gray", label="pairs kept")
+    ax.set(xlabel="round", ylabel="chosen - rejected reward", title="Pairs")
+    ax2.set_ylabel("pairs kept")
+    save(fig, "pair_margins")
+
+    parts = [k for k in ("train/loss/preference", "train/loss/quality", "train/loss/generation", "train/loss")
+             if any(k in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in parts:
+        ax.plot(rounds, [r.get(key, float("nan")) for r in rows], "o-", label=key.removeprefix("train/"))
+    ax.set(xlabel="round", ylabel="mean loss in round", title="MPO loss parts")
+    if parts:
+        ax.legend()
+    save(fig, "loss_parts")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r.get("train/delta_final", float("nan")) for r in rows], "o-")
+    ax.set(xlabel="round", ylabel="δ at end of round", title="BCO shift δ")
+    save(fig, "delta")
+    return written
+
+
+def load_summary(run_dir: Path) -> list[dict]:
+    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))["rounds"]

@@ -1,0 +1,108 @@
+"""`mpo iterate` end to end on tiny models (hf backend): every artifact of a run, and a run killed
+with SIGKILL mid-rollout, mid-scoring and mid-training that, started again, finishes with the same
+pairs as an uninterrupted run and a valid policy."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpo.records import PreferencePair, Rollout, ScoredRollout, read_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "tiny" / "iterate.yaml"
+pytestmark = pytest.mark.slow
+
+
+def _overrides(run_dir, policy, reward):
+    return [f"run.output_dir={run_dir}", f"model.policy={policy}", f"model.reward_model={reward}",
+            f"data.prompts={REPO / 'mpo/assets/demo/prompts.jsonl'}", "iterate.rounds=2"]
+
+
+def _command(run_dir, policy, reward):
+    return [sys.executable, "-m", "mpo", "iterate", str(RECIPE), *_overrides(run_dir, policy, reward)]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
+    run_dir = tmp_path_factory.mktemp("iterate") / "run"
+    result = subprocess.run(_command(run_dir, tiny_policy_dir, tiny_reward_dir), capture_output=True, text=True,
+                            env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_every_artifact_of_a_run(reference_run):
+    run_dir, stdout = reference_run
+    assert (run_dir / "config.yaml").exists()
+    for n in range(2):
+        round_dir = run_dir / f"round_{n:03d}"
+        rollouts = read_jsonl(round_dir / "rollouts.jsonl", Rollout)
+        assert len(rollouts) == 16 * 4
+        assert {r.sample_idx for r in rollouts} == {0, 1, 2, 3}
+        scored = read_jsonl(round_dir / "scored.jsonl", ScoredRollout)
+        assert [(s.prompt_id, s.sample_idx) for s in scored] == [(r.prompt_id, r.sample_idx) for r in rollouts]
+        pairs = read_jsonl(round_dir / "pairs.jsonl", PreferencePair)
+        stats = json.loads((round_dir / "pair_stats.json").read_text())
+        assert stats["pairs_kept"] == len(pairs) > 0
+        assert all(p.chosen_reward > p.rejected_reward and p.chosen != p.rejected for p in pairs)
+        manifest = json.loads((round_dir / "manifest.json").read_text())
+        assert manifest["round"] == n and manifest["trained"]
+        assert (Path(manifest["policy_out"]) / "model.safetensors").exists()
+        assert (round_dir / "train" / "metrics.jsonl").exists()
+        assert not list(round_dir.glob("*.parts"))
+    # round 1 rolls out from round 0's trained policy
+    assert json.loads((run_dir / "round_001" / "manifest.json").read_text())["policy_in"] == \
+        json.loads((run_dir / "round_000" / "manifest.json").read_text())["policy_out"]
+    summary = json.loads((run_dir / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in summary] == [0, 1]
+    assert {"reward/mean", "pairs/kept", "train/loss", "train/delta"} <= set(summary[0])
+    for plot in ("reward_by_round", "pair_margins", "loss_parts", "delta"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+    assert "reward/mean" in stdout  # the per-round table
+
+
+def _kill_when(command, env, ready, timeout=600):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if ready():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.05)
+    process.wait()
+    return False
+
+
+@pytest.mark.parametrize("moment", ["rollout", "scoring", "training"])
+def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_policy_dir, tiny_reward_dir, moment):
+    reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    round_dir = run_dir / "round_000"
+    ready = {
+        "rollout": lambda: len(list((round_dir / "rollouts.jsonl.parts").glob("0*.jsonl"))) >= 2,
+        "scoring": lambda: len(list((round_dir / "scored.jsonl.parts").glob("0*.jsonl"))) >= 2,
+        "training": lambda: any((round_dir / "train").glob("checkpoint-*/trainer_state.json")),
+    }[moment]
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir)
+    assert _kill_when(command, _env(), ready), f"the run finished before it could be killed {moment}"
+    assert not (round_dir / "manifest.json").exists()
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for n in range(2):
+        name = f"round_{n:03d}"
+        assert (run_dir / name / "pairs.jsonl").read_text() == (reference_dir / name / "pairs.jsonl").read_text()
+        assert (run_dir / name / "rollouts.jsonl").read_text() == (reference_dir / name / "rollouts.jsonl").read_text()
+    manifest = json.loads((run_dir / "round_001" / "manifest.json").read_text())
+    assert (Path(manifest["policy_out"]) / "config.json").exists()
