@@ -132,12 +132,12 @@ class ChatEncoder:
         )
 
 
-def multimodal_token_types(input_ids, config, attention_mask=None):
+def multimodal_token_types(input_ids, image_token_id: int, video_token_id: int, attention_mask=None):
     """Qwen2.5-VL's ``mm_token_type_ids`` (0 text, 1 image, 2 video) from the token ids.
 
     transformers 5 computes the multimodal (3-D) rotary positions from these; without them image
     tokens get plain 1-D positions, which is not what the published models compute. Padding is 0."""
-    types = (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
+    types = (input_ids == image_token_id).long() + 2 * (input_ids == video_token_id).long()
     return types if attention_mask is None else types * attention_mask.long()
 
 

@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from mpo.records import PreferencePair, Prompt, RecordError, from_dict, iter_jsonl
 
 
@@ -32,6 +33,7 @@ class DataError(ValueError):
 @dataclass
 class Loaded:
     records: list
+    sources: list[str] = field(default_factory=list)  # where each record came from: file:line / file:row N
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
 
 
@@ -220,6 +222,7 @@ def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
             loaded.skipped.append(message)
             continue
         loaded.records.append(record)
+        loaded.sources.append(where)
     return loaded
 
 

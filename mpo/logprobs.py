@@ -78,10 +78,10 @@ def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
     inner = getattr(unwrap(model), "model", None)
     if inner is None or not hasattr(inner, "get_rope_index"):
         return None
+    from mpo.chat import multimodal_token_types
+
     config = unwrap(model).config
-    token_types = torch.zeros_like(input_ids)
-    token_types[input_ids == config.image_token_id] = 1
-    token_types[input_ids == config.video_token_id] = 2
+    token_types = multimodal_token_types(input_ids, config.image_token_id, config.video_token_id)
     positions, _ = inner.get_rope_index(
         input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
     )
@@ -141,8 +141,10 @@ def naive_sequence_logps(model, input_ids, response_start: int, vision: dict | N
     ids = torch.as_tensor(input_ids)[None]
     kwargs = dict(vision or {})
     if kwargs:
+        from mpo.chat import multimodal_token_types
+
         config = unwrap(model).config
-        kwargs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+        kwargs["mm_token_type_ids"] = multimodal_token_types(ids, config.image_token_id, config.video_token_id)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs).logits
     logps = torch.log_softmax(logits[0, :-1].float(), dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     return logps[response_start - 1 :].sum()

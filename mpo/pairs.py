@@ -49,7 +49,7 @@ from itertools import combinations
 from pathlib import Path
 
 from mpo.config import PairsConfig
-from mpo.records import Prompt, PreferencePair, ScoredRollout, from_dict, write_json
+from mpo.records import PreferencePair, Prompt, ScoredRollout, from_dict, write_json
 
 PAIR_REASONS = ("identical_text", "tie", "empty_response", "below_margin", "length_ratio")
 PROMPT_REASONS = ("no_samples", "single_sample", "all_tied", *PAIR_REASONS,

@@ -10,6 +10,7 @@ logging (through transformers' W&B callback, into the same run) does not clash w
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from mpo.records import PreferencePair, ScoredRollout, read_jsonl, write_json
@@ -69,7 +70,7 @@ def _start_wandb(recipe, run_dir: Path):
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     wandb.init(project=recipe.run.wandb_project, group=recipe.run.wandb_group, name=run_dir.name, id=run_id,
                resume="allow", dir=str(run_dir), config=recipe.model_dump(mode="json"))

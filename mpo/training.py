@@ -100,23 +100,6 @@ def load_policy(recipe):
     return model, processor
 
 
-def source_labels(path, loaded) -> list[str]:
-    """``file:line`` (or ``file:row N``) of each loaded record, for error messages."""
-    labels = getattr(loaded, "sources", None)
-    if labels is not None and len(labels) == len(loaded.records):
-        return list(labels)
-    try:  # rebuild from the reader's own row labels, minus the rows it skipped
-        from mpo.data import _rows
-
-        skipped = {message.split(": field 'images'")[0] for message in loaded.skipped}
-        labels = [where for where, _, _ in _rows(Path(path)) if where not in skipped]
-        if len(labels) == len(loaded.records):
-            return labels
-    except Exception as err:  # noqa: BLE001 - labels only name pairs in messages; fall back to indices
-        print(f"note: pair labels fall back to indices ({err})")
-    return [f"{path}[{i}]" for i in range(len(loaded.records))]
-
-
 def reference_fingerprint(recipe) -> str:
     """Identity of the reference log-probs: model files, dtype, attention, length policy, pixels."""
     folder = Path(recipe.train.reference_model or recipe.model.policy)
@@ -278,7 +261,7 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
         on_bad_image=recipe.data.on_bad_image,
         image_cache=out / "image_cache",
     )
-    wheres = source_labels(recipe.data.preferences, loaded)
+    wheres = loaded.sources
     model, processor = load_policy(recipe)
     trainer, dataset = build_trainer(recipe, loaded.records, wheres, model, processor, resume, ref_cache)
     report = dataset.report
@@ -291,11 +274,18 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    owns_wandb_run = recipe.run.report_to == "wandb" and _no_wandb_run()
     trainer.train(resume_from_checkpoint=checkpoint)
     policy_dir = save_outputs(trainer, processor, recipe)
-    if recipe.run.report_to == "wandb":
+    if owns_wandb_run:  # close the run the trainer opened; `mpo iterate` keeps its own run open
         import wandb
 
-        wandb.finish()  # flush and close this run (a round driver starts the next in the same process)
+        wandb.finish()
     print(f"policy saved to {policy_dir}")
     return policy_dir
+
+
+def _no_wandb_run() -> bool:
+    import wandb
+
+    return wandb.run is None

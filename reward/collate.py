@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpo.chat import multimodal_token_types
+
 MODALITIES = ("all", "multimodal", "text")
 
 
@@ -44,20 +46,6 @@ class StagePairs:
     @property
     def num_multimodal(self) -> int:
         return sum(1 for r in self.records if r.images)
-
-
-def _locations(path: Path, loaded) -> list[str]:
-    """``file:line`` for each loaded record of a JSONL source (rows skipped for bad images removed)."""
-    from mpo.records import iter_jsonl
-
-    if path.suffix != ".jsonl" or path.is_dir():
-        return [f"{path}: pair {i} (prompt_id {r.prompt_id})" for i, r in enumerate(loaded.records)]
-    dropped = {message.split(": field 'images'", 1)[0] for message in loaded.skipped}
-    where = [f"{path}:{number}" for number, _ in iter_jsonl(path)]
-    where = [w for w in where if w not in dropped]
-    if len(where) != len(loaded.records):  # should not happen; fall back to naming the pair
-        return [f"{path}: pair {i} (prompt_id {r.prompt_id})" for i, r in enumerate(loaded.records)]
-    return where
 
 
 def check_pair(record, where: str) -> None:
@@ -86,7 +74,7 @@ def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error
         loaded = load_preferences(path, image_root=image_root, on_bad_image=on_bad_image)
         if loaded.skipped:
             out.skipped.setdefault("bad image", []).extend(loaded.skipped)
-        for record, where in zip(loaded.records, _locations(path, loaded)):
+        for record, where in zip(loaded.records, loaded.sources):
             check_pair(record, where)
             if modality == "all" or (modality == "multimodal") == bool(record.images):
                 out.records.append(record)
@@ -181,7 +169,7 @@ class PairCollator:
         for index, row in enumerate(rows):
             input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[index, : len(row)] = 1
-        types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        types = multimodal_token_types(input_ids, self.image_token_id, self.video_token_id)
         batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types * mask}
         with_images = [e for e in examples if "pixel_values" in e]
         if with_images:

@@ -65,7 +65,10 @@ class RewardModel(nn.Module):
         if image_grid_thw is not None and "mm_token_type_ids" not in vision:
             from mpo.chat import multimodal_token_types
 
-            vision["mm_token_type_ids"] = multimodal_token_types(input_ids, self.config, attention_mask)
+            config = self.config
+            vision["mm_token_type_ids"] = multimodal_token_types(
+                input_ids, config.image_token_id, config.video_token_id, attention_mask
+            )
         outputs = self.backbone.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

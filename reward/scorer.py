@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from mpo.chat import multimodal_token_types
+
 ON_TOO_LONG = ("error", "skip")
 
 
@@ -357,7 +359,7 @@ class Scorer:
             )
             input_ids[row, span] = torch.tensor(enc.input_ids, dtype=torch.long)
             mask[row, span] = 1
-        types = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        types = multimodal_token_types(input_ids, self.image_token_id, self.video_token_id)
         device = self.device
         inputs = {"mm_token_type_ids": (types * mask).to(device), **self._image_inputs(batch)}
         scores = self.model(input_ids.to(device), mask.to(device), **inputs)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mpo.records import PreferencePair, Rollout, ScoredRollout, read_jsonl
 
@@ -106,3 +107,64 @@ def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_poli
         assert (run_dir / name / "rollouts.jsonl").read_text() == (reference_dir / name / "rollouts.jsonl").read_text()
     manifest = json.loads((run_dir / "round_001" / "manifest.json").read_text())
     assert (Path(manifest["policy_out"]) / "config.json").exists()
+
+
+def _recipe(run_dir, policy, reward, *extra):
+    from mpo.config import load_recipe
+
+    return load_recipe(RECIPE, _overrides(run_dir, policy, reward) + ["iterate.rounds=1", *extra])
+
+
+def test_round_without_pairs_carries_the_policy_over(tmp_path, tiny_policy_dir, tiny_reward_dir, capsys):
+    from mpo.iterate import run_iterate
+
+    recipe = _recipe(tmp_path / "run", tiny_policy_dir, tiny_reward_dir, "pairs.min_margin=1000000",
+                     "iterate.rounds=2")
+    manifests = run_iterate(recipe)
+    assert [m["trained"] for m in manifests] == [False, False]
+    assert manifests[1]["policy_out"] == str(tiny_policy_dir)
+    stats = json.loads((tmp_path / "run" / "round_000" / "pair_stats.json").read_text())
+    assert stats["pairs_kept"] == 0 and stats["prompts_dropped"]["below_margin"] == 16
+    assert "no preference pairs" in capsys.readouterr().out
+
+
+def test_missing_prompt_image_is_a_counted_skip(tmp_path, tiny_policy_dir, tiny_reward_dir, capsys):
+    from mpo.data import DataError
+    from mpo.iterate import run_iterate
+
+    source = REPO / "mpo" / "assets" / "demo"
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (source / "prompts.jsonl").read_text().splitlines()[:3]
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row["images"] = [str(source / row["images"][0])]
+    rows[1]["images"] = [str(tmp_path / "gone.png")]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = [f"data.prompts={prompts}", "train.max_steps=1"]
+    with pytest.raises(DataError, match=rf"{prompts}:2: field 'images': image not found"):
+        run_iterate(_recipe(tmp_path / "a", tiny_policy_dir, tiny_reward_dir, *extra))
+    run_iterate(_recipe(tmp_path / "b", tiny_policy_dir, tiny_reward_dir, *extra, "data.on_bad_image=skip"))
+    assert "1 prompt(s) skipped for bad images, 2 kept" in capsys.readouterr().out
+    rollouts = read_jsonl(tmp_path / "b" / "round_000" / "rollouts.jsonl", Rollout)
+    assert {r.prompt_id for r in rollouts} == {rows[0]["prompt_id"], rows[2]["prompt_id"]}
+
+
+def test_fixed_reference_and_wandb_offline(tmp_path, tiny_policy_dir, tiny_reward_dir, monkeypatch):
+    from mpo.iterate import run_iterate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    recipe = _recipe(run_dir, tiny_policy_dir, tiny_reward_dir, "iterate.rounds=2", "iterate.reference=fixed",
+                     "train.max_steps=2", "run.report_to=wandb", "run.wandb_project=mpo-test")
+    manifests = run_iterate(recipe)
+    assert [m["reference"] for m in manifests] == [str(tiny_policy_dir)] * 2
+    assert manifests[1]["policy_in"] == manifests[0]["policy_out"] != str(tiny_policy_dir)
+    round1 = yaml.safe_load((run_dir / "round_001" / "train" / "config.yaml").read_text())
+    assert round1["train"]["reference_model"] == str(tiny_policy_dir)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # one W&B run for the whole iterate; the trainer logs into it too
+    assert (run_dir / "wandb_id.txt").read_text().strip() in runs[0].name
+    (log,) = runs[0].glob("*.wandb")  # offline runs keep their history in this protobuf log
+    data = log.read_bytes()
+    for key in (b"round/reward/mean", b"round/pairs/kept", b"round/rollouts", b"rewards/margins"):
+        assert key in data, key

@@ -154,12 +154,11 @@ def _row(**kw):
     ],
 )
 def test_bad_pairs_named_with_file_and_line(tmp_path, tiny_processor, row, message):
-    from mpo.training import source_labels
 
     path = _bad(tmp_path, [_row(prompt_id="ok"), row])
     loaded = load_preferences(path)
     with pytest.raises(PairError) as err:
-        PairDataset(loaded.records, ChatEncoder(tiny_processor), 512, wheres=source_labels(path, loaded))
+        PairDataset(loaded.records, ChatEncoder(tiny_processor), 512, wheres=loaded.sources)
     assert f"{path}:2 (prompt_id {row['prompt_id']!r}): {message}" in str(err.value)
 
 

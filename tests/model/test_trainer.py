@@ -33,10 +33,9 @@ def logged(out) -> list[dict]:
 
 def pairs_and_labels():
     from mpo.data import load_preferences
-    from mpo.training import source_labels
 
     loaded = load_preferences(PAIRS)
-    return loaded.records, source_labels(PAIRS, loaded)
+    return loaded.records, loaded.sources
 
 
 def trainer_for(rec, resume=False):

@@ -147,3 +147,18 @@ def test_unknown_source_and_missing_path(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported data source"):
         load_prompts(tmp_path / "x.csv")
+
+
+def test_sources_name_where_each_record_came_from(tmp_path):
+    loaded = load_preferences(MMPR)
+    assert len(loaded.sources) == len(loaded.records)
+    assert loaded.sources[0].endswith("annotations/geometry.jsonl:1")
+    assert loaded.sources[10].endswith("annotations/text.jsonl:1")
+    lines = GEOMETRY.read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["images"] = ["images/nope.png"]
+    lines[1] = json.dumps(broken)
+    shutil.copytree(GEOMETRY.parent / "images", tmp_path / "images")
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    skipped = load_prompts(tmp_path / "prompts.jsonl", on_bad_image="skip")
+    assert skipped.sources[:2] == [f"{tmp_path / 'prompts.jsonl'}:1", f"{tmp_path / 'prompts.jsonl'}:3"]
