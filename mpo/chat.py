@@ -109,9 +109,109 @@ class ChatEncoder:
             vision = {}
         return PromptEncoding(input_ids=[int(i) for i in batch["input_ids"][0]], vision=vision)
 
+    def encode_prompts(self, prompts: Sequence[tuple[Sequence[dict], Sequence[Any]]]) -> list[PromptEncoding]:
+        """Many ``(messages, images)`` prompts at once, each encoded exactly as :meth:`encode_prompt`
+        encodes it (the same ids, equal pixel tensors), with one image-processor call over all the
+        images (:meth:`encode_images`) and one tokenizer call over all the texts (:meth:`prompt_ids`)
+        instead of one processor call per prompt. ``pixel_values`` are split per prompt by
+        ``image_grid_thw`` (views into the one processed tensor)."""
+        prompts = [(list(messages), [_as_image(image) for image in images]) for messages, images in prompts]
+        for messages, images in prompts:
+            self._check_image_count(messages, len(images))
+        flat = [image for _, images in prompts for image in images]
+        vision = self.encode_images(flat) if flat else {}
+        tokens = iter(self.image_token_counts(vision) if flat else [])
+        rows = self.prompt_ids([(messages, [next(tokens) for _ in images]) for messages, images in prompts])
+        patches = vision["image_grid_thw"].prod(-1).tolist() if flat else []
+        out, first, patch = [], 0, 0
+        for (_, images), row in zip(prompts, rows):
+            last = first + len(images)
+            size = sum(patches[first:last])
+            encoding = {}
+            if images:
+                encoding = {
+                    "pixel_values": vision["pixel_values"][patch : patch + size],
+                    "image_grid_thw": vision["image_grid_thw"][first:last],
+                }
+            out.append(PromptEncoding(input_ids=row, vision=encoding))
+            first, patch = last, patch + size
+        return out
+
+    def encode_images(self, images: Sequence[Any]) -> dict[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` of many images in one image-processor call, as the
+        processor computes them (what :meth:`encode_prompt` returns as ``vision`` for those images)."""
+        return dict(self.processor.image_processor(images=[_as_image(i) for i in images], return_tensors="pt"))
+
+    def image_token_counts(self, vision: dict[str, Any]) -> list[int]:
+        """Placeholder tokens the processor puts in the text for each image of :meth:`encode_images`."""
+        token = self.processor.image_token
+        return [
+            len(self.processor.replace_image_token(vision, image_idx=i)) // len(token)
+            for i in range(len(vision["image_grid_thw"]))
+        ]
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens of an image of this size, from the size alone (the image processor's
+        own patch count, the one vLLM plans with, over ``merge_size**2``); equal to what
+        :meth:`image_token_counts` gives once the image is processed (tested)."""
+        image_processor = self.processor.image_processor
+        return image_processor.get_number_of_image_patches(height, width) // image_processor.merge_size**2
+
+    def prompt_ids(self, prompts: Sequence[tuple[Sequence[dict], Sequence[int]]]) -> list[list[int]]:
+        """Token ids of many prompts, each given as ``(messages, tokens per image)``, in one tokenizer
+        call: the ids :meth:`encode_prompt` gives, without processing the images.
+
+        The processor expands each image placeholder in the *text* (``<|image_pad|>`` once per merged
+        patch) and then tokenizes; here the unexpanded text is tokenized the way the processor calls
+        the tokenizer and each placeholder id is repeated instead. The two agree because the
+        placeholder is a special token the tokenizer keeps whole; a prompt where it does not (the
+        token typed in the user's text) is an error, as it is for the processor."""
+        prompts = [(list(messages), list(counts)) for messages, counts in prompts]
+        for messages, counts in prompts:
+            self._check_image_count(messages, len(counts))
+        out: list[list[int] | None] = [None] * len(prompts)
+        texts = [self.render_prompt(messages) for messages, _ in prompts]
+        for images in (False, True):
+            which = [i for i, (_, counts) in enumerate(prompts) if bool(counts) == images]
+            if not which:
+                continue
+            # encode_prompt: the processor calls the tokenizer with its defaults; text alone, without
+            # special tokens.
+            keywords = {} if images else {"add_special_tokens": False}
+            rows = self.tokenizer([texts[i] for i in which], **keywords)["input_ids"]
+            for i, row in zip(which, rows):
+                out[i] = self._expand(list(row), prompts[i][1]) if images else list(row)
+        return out
+
+    def _expand(self, row: list[int], counts: list[int]) -> list[int]:
+        token_id = self.processor.image_token_id
+        if row.count(token_id) != len(counts):
+            raise ChatError(
+                f"the prompt text has {row.count(token_id)} image placeholder token(s) for {len(counts)} image(s)"
+            )
+        ids, counts = [], iter(counts)
+        for t in row:
+            if t == token_id:
+                ids.extend([token_id] * next(counts))
+            else:
+                ids.append(t)
+        return ids
+
+    def _check_image_count(self, messages: Sequence[dict], given: int) -> None:
+        expected = count_image_parts(messages)
+        if expected != given:
+            raise ChatError(f"conversation has {expected} image part(s) but {given} image(s) were given")
+
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by the end-of-turn suffix."""
         return list(self.tokenizer(response + self.suffix, add_special_tokens=False)["input_ids"])
+
+    def responses_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        """:meth:`response_ids` of each response, in one tokenizer call."""
+        if not responses:
+            return []
+        rows = self.tokenizer([r + self.suffix for r in responses], add_special_tokens=False)["input_ids"]
+        return [list(row) for row in rows]
 
     def encode_response(
         self, messages: Sequence[dict], images: Sequence[Any], response: str

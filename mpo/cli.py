@@ -104,6 +104,10 @@ from mpo.cli_rounds import register as _register_round_commands  # noqa: E402
 
 _register_round_commands(app)
 
+from mpo.sweep import register as _register_sweep  # noqa: E402  (import-light: typer only)
+
+_register_sweep(app)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

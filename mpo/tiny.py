@@ -158,12 +158,26 @@ def build_processor(tokenizer, min_pixels: int = TINY_MIN_PIXELS, max_pixels: in
     )
 
 
-def build_config(tokenizer, size: TinySize = DEFAULT_SIZE):
+def qwen_config(tokenizer, text: dict, vision: dict, tie_word_embeddings: bool = False):
+    """A ``Qwen2_5_VLConfig`` of any shape whose special-token ids are ``tokenizer``'s."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
+    text = {"vocab_size": len(tokenizer), "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"), "tie_word_embeddings": tie_word_embeddings, **text}
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def build_config(tokenizer, size: TinySize = DEFAULT_SIZE):
     text = {
-        "vocab_size": len(tokenizer),
         "hidden_size": size.hidden,
         "intermediate_size": size.hidden * 2,
         "num_hidden_layers": size.layers,
@@ -171,10 +185,6 @@ def build_config(tokenizer, size: TinySize = DEFAULT_SIZE):
         "num_key_value_heads": size.kv_heads,
         "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "mrope_section": list(size.mrope_section), "rope_theta": 1e6},
-        "bos_token_id": ids("<|endoftext|>"),
-        "eos_token_id": ids("<|im_end|>"),
-        "pad_token_id": ids("<|endoftext|>"),
-        "tie_word_embeddings": False,
     }
     vision = {
         "depth": 2,
@@ -188,15 +198,7 @@ def build_config(tokenizer, size: TinySize = DEFAULT_SIZE):
         "window_size": 112,
         "fullatt_block_indexes": [1],
     }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+    return qwen_config(tokenizer, text, vision)
 
 
 def build_policy(seed: int = 0, *, vllm_compatible: bool = False, real_vocab: bool = False):

@@ -259,13 +259,12 @@ def bench_pairs(work: Path, count: int) -> Path:
 def gpu_policy(work: Path, size: str) -> Path:
     """A random Qwen2.5-VL model of a real shape (bf16) with the real Qwen2.5 vocabulary, saved to disk."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+    from mpo.tiny import build_processor, load_real_vocab_tokenizer, qwen_config
 
     s = SHAPES[size]
     tokenizer = load_real_vocab_tokenizer()
-    ids = tokenizer.convert_tokens_to_ids
     head_dim = s["hidden"] // s["heads"]
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # Qwen's 16/24/24 of 64, scaled
     section[0] += head_dim // 2 - sum(section)
@@ -278,9 +277,6 @@ def gpu_policy(work: Path, size: str) -> Path:
         "num_attention_heads": s["heads"],
         "num_key_value_heads": s["kv"],
         "max_position_embeddings": 32768,
-        "bos_token_id": ids("<|endoftext|>"),
-        "eos_token_id": ids("<|im_end|>"),
-        "pad_token_id": ids("<|endoftext|>"),
         "rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
     }
     vision = {  # Qwen2.5-VL's vision tower (675M parameters); a tiny one for the CPU exercise
@@ -291,15 +287,7 @@ def gpu_policy(work: Path, size: str) -> Path:
         "out_hidden_size": s["hidden"],
         "fullatt_block_indexes": [7, 15, 23, 31] if big else [1],
     }
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        tie_word_embeddings=size == "3b",
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
+    config = qwen_config(tokenizer, text, vision, tie_word_embeddings=size == "3b")
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):

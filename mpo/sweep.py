@@ -1,0 +1,399 @@
+"""Grid sweeps: one ``mpo train`` per point of a cartesian grid of recipe values (loss-weight, β, δ,
+learning-rate ablations), then one table and one plot comparing the points.
+
+``mpo sweep RECIPE --grid KEY=VALUES [--grid KEY=VALUES ...] [overrides]``
+
+- ``--grid`` names a recipe key and its values, separated by commas (or semicolons) outside brackets
+  and quotes; each value is typed as YAML types it, exactly like an override:
+  ``--grid 'loss.weights=[0.8,0.2,1.0],[1,0,0]' --grid loss.beta=0.1,0.2`` is 2 x 2 = 4 points.
+- Point ``i`` trains in ``run.output_dir/<name>/``, the name made of the values
+  (``weights=0.8-0.2-1__beta=0.1``). A point whose ``policy/`` and ``mpo_state.json`` exist is
+  skipped; one with checkpoints resumes from them. So rerunning the same command finishes a sweep.
+- In process (the default) the points run one after another and share one reference log-prob cache
+  (``run.output_dir/ref_logps.jsonl``: the reference policy and pairs are the same for every point).
+  ``--launch "accelerate launch --config_file recipes/accelerate/ddp.yaml -m"`` runs each point as
+  its own ``LAUNCH mpo train ...`` process instead; ``--print-commands`` prints those commands
+  (e.g. for a job array) and runs nothing; ``--report-only`` only rebuilds the table and plot.
+- With ``run.report_to: wandb`` every point is a W&B run in one group (``run.wandb_group`` = the
+  sweep name, ``--name``, default the output folder's name), named after its point.
+- ``run.output_dir/sweep.csv``: one row per point: the grid values, status, and the **mean over the
+  last ``--tail`` logged optimizer steps** (default 5; all steps when fewer were logged) of the
+  reward margin and accuracy, the total loss and each loss part, δ and the chosen / rejected
+  rewards, from the point's ``metrics.jsonl``. ``sweep.png`` plots margin, accuracy and loss parts
+  per point.
+
+Sweeps over ``mpo iterate`` recipes are not covered (each point would be a whole multi-round run).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+METRICS = ("rewards/margins", "rewards/accuracies", "loss", "loss/preference", "loss/quality", "loss/generation",
+           "delta", "rewards/chosen", "rewards/rejected")
+_WANDB_ENV = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP")
+RESERVED = ("run.output_dir",)  # each point's folder is the sweep's to choose
+_MAX_NAME = 100
+
+
+@dataclass
+class Point:
+    name: str
+    values: dict[str, Any]  # grid key -> value as the resolved recipe holds it
+    overrides: list[str]  # everything after the recipe on this point's `mpo train` command line
+    out_dir: Path
+    recipe: Any = None  # the resolved mpo.config.Recipe
+    status: str = "pending"  # -> trained | skipped (finished earlier)
+
+
+@dataclass
+class Sweep:
+    recipe_path: Path
+    name: str
+    root: Path
+    keys: list[str]
+    points: list[Point] = field(default_factory=list)
+
+
+def split_values(text: str) -> list[str]:
+    """``'[0.8,0.2,1.0],[1,0,0]'`` -> ``['[0.8,0.2,1.0]', '[1,0,0]']``: split on ``,`` / ``;`` outside
+    brackets, braces and quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char in ",;" and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``["loss.beta=0.1,0.2", ...]`` -> ``[("loss.beta", ["0.1", "0.2"]), ...]`` (values as written)."""
+    from mpo.config import ConfigError
+
+    if not specs:
+        raise ConfigError("--grid: give at least one KEY=VALUES, e.g. --grid loss.beta=0.1,0.2")
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--grid {spec!r}: expected KEY=VALUE1,VALUE2,... (e.g. loss.beta=0.1,0.2)")
+        if key in RESERVED:
+            raise ConfigError(f"--grid {key}: reserved (each point trains in run.output_dir/<point name>)")
+        if any(key == seen for seen, _ in grid):
+            raise ConfigError(f"--grid {key}: given twice; put all its values in one --grid")
+        pieces = split_values(values)
+        if any(not p for p in pieces):
+            raise ConfigError(f"--grid {key}: empty value in {values!r}")
+        grid.append((key, pieces))
+    return grid
+
+
+def check_grid_key(key: str, tree: dict) -> None:
+    """Fail with one line unless ``key`` names a setting of the recipe (``tree``: its dump)."""
+    from mpo.config import ConfigError
+
+    node: Any = tree
+    for depth, part in enumerate(key.split(".")):
+        if node is None:  # e.g. train.lora.r while train.lora is null: the override creates it
+            return
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(key.split(".")[:depth]) or "the recipe"
+            valid = ", ".join(node) if isinstance(node, dict) else "(none: not a section)"
+            raise ConfigError(f"--grid {key}: unknown key; valid keys under {where}: {valid}")
+        node = node[part]
+
+
+def lookup(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def format_value(value: Any) -> str:
+    """A value as a folder-name part: lists joined with ``-``, floats in ``%g``, unsafe characters
+    dropped (``[0.8, 0.2, 1.0]`` -> ``0.8-0.2-1``)."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(format_value(v) for v in value)
+    if isinstance(value, dict):
+        return "-".join(f"{k}-{format_value(v)}" for k, v in value.items())
+    text = format(value, "g") if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "", text.replace(" ", "")) or "x"
+
+
+def point_names(keys: list[str], combos: list[tuple[Any, ...]]) -> list[str]:
+    """Readable, filesystem-safe, unique folder names: ``beta=0.1__weights=0.8-0.2-1``."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    short = [s if last.count(s) == 1 else k for s, k in zip(last, keys)]
+    names, seen = [], set()
+    for combo in combos:
+        name = "__".join(f"{s}={format_value(v)}" for s, v in zip(short, combo))
+        if len(name) > _MAX_NAME:
+            name = name[: _MAX_NAME - 9] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        base, n = name, 2
+        while name in seen:
+            name, n = f"{base}_{n}", n + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), name: str | None = None) -> Sweep:
+    """Resolve every point of the grid (so a bad key or value stops before anything trains)."""
+    from mpo.config import ConfigError, load_recipe
+
+    grid = parse_grid(list(grid_specs))
+    base = load_recipe(recipe_path, list(overrides))
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    for key, _ in grid:
+        check_grid_key(key, base.model_dump(mode="json"))
+        if key in given:
+            raise ConfigError(f"--grid {key}: also given as an override; keep one")
+    root = Path(base.run.output_dir)
+    sweep = Sweep(Path(recipe_path), name or root.name, root, [k for k, _ in grid])
+    settings, values = [], []
+    for combo in itertools.product(*[pieces for _, pieces in grid]):
+        setting = [f"{k}={v}" for k, v in zip(sweep.keys, combo)]
+        try:
+            dumped = load_recipe(recipe_path, [*overrides, *setting]).model_dump(mode="json")
+        except ConfigError as err:
+            raise ConfigError(f"grid point {' '.join(setting)}: {err}") from None
+        settings.append(setting)
+        values.append(tuple(lookup(dumped, k) for k in sweep.keys))  # as the recipe typed them
+    for setting, value, point_name in zip(settings, values, point_names(sweep.keys, values)):
+        out = root / point_name
+        point_overrides = [*overrides, *setting, f"run.output_dir={out}"]
+        if base.run.report_to == "wandb" and "run.wandb_group" not in given:
+            point_overrides.append(f"run.wandb_group={sweep.name}")
+        recipe = load_recipe(recipe_path, point_overrides)
+        sweep.points.append(Point(point_name, dict(zip(sweep.keys, value)), point_overrides, out, recipe))
+    return sweep
+
+
+def is_finished(out_dir: Path) -> bool:
+    """``mpo train`` writes ``policy/`` and then ``mpo_state.json`` last."""
+    return (out_dir / "policy" / "config.json").is_file() and (out_dir / "mpo_state.json").is_file()
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    from mpo.stages import last_complete_checkpoint
+
+    return last_complete_checkpoint(out_dir) is not None
+
+
+def point_command(sweep: Sweep, point: Point, launch: str | None) -> list[str]:
+    prefix = shlex.split(launch) if launch else []
+    resume = ["--resume"] if has_checkpoint(point.out_dir) else []
+    return [*prefix, "mpo", "train", str(sweep.recipe_path), *point.overrides, *resume]
+
+
+def run_points(sweep: Sweep, launch: str | None = None) -> None:
+    """Train every unfinished point, in process or one ``LAUNCH mpo train ...`` process each."""
+    for i, point in enumerate(sweep.points, 1):
+        if is_finished(point.out_dir):
+            point.status = "skipped"
+            print(f"[{i}/{len(sweep.points)}] {point.name}: finished earlier; skipped "
+                  f"(delete {point.out_dir} to retrain)")
+            continue
+        print(f"[{i}/{len(sweep.points)}] {point.name}: training in {point.out_dir}", flush=True)
+        if launch:
+            command = point_command(sweep, point, launch)
+            print("$ " + shlex.join(command), flush=True)
+            done = subprocess.run(command, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"grid point {point.name}: `{shlex.join(command)}` exited with "
+                                   f"status {done.returncode}")
+        else:
+            _train_in_process(sweep, point)
+        point.status = "trained"
+
+
+def _train_in_process(sweep: Sweep, point: Point) -> None:
+    """``run_training`` for one point. Training fills WANDB_DIR / WANDB_PROJECT / WANDB_RUN_GROUP
+    from the recipe only when unset, so they are restored after each point: every point's W&B files
+    land in its own folder, as with a plain ``mpo train``, and the group is the point's recipe's."""
+    from mpo.training import run_training
+
+    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
+    try:
+        run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / "ref_logps.jsonl")
+    finally:
+        if point.recipe.run.report_to == "wandb":
+            import wandb
+
+            wandb.teardown()  # wandb caches its settings (WANDB_DIR) per process until torn down
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def final_metrics(metrics_file: Path, tail: int) -> tuple[dict[str, float], int, int]:
+    """Means over the last ``tail`` logged training steps -> ``(means, last step, rows averaged)``.
+    Steps logged twice (a run resumed from an earlier checkpoint) count once, the later entry."""
+    if not metrics_file.is_file():
+        return {}, 0, 0
+    by_step: dict[int, dict] = {}
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "loss/preference" in row:  # a training log row (not the end-of-training summary)
+            by_step[row["step"]] = row
+    rows = [by_step[s] for s in sorted(by_step)][-tail:]
+    means = {}
+    for key in METRICS:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means, (rows[-1]["step"] if rows else 0), len(rows)
+
+
+def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
+    """One row per point (see the module docstring for what the numbers are)."""
+    rows = []
+    for point in sweep.points:
+        means, step, averaged = final_metrics(point.out_dir / "metrics.jsonl", tail)
+        status = point.status
+        if status == "pending":  # --report-only
+            status = "finished" if is_finished(point.out_dir) else "not finished"
+        values = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in point.values.items()}
+        rows.append({"point": point.name, **values, "status": status, "steps": step, "steps_averaged": averaged,
+                     **{k: means.get(k, "") for k in METRICS}, "output_dir": str(point.out_dir)})
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    import csv
+    import io
+
+    from mpo.records import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+    return path
+
+
+def write_plot(rows: list[dict], path: Path, tail: int) -> Path:
+    """Bars per point: reward margin, reward accuracy, and the three loss parts side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["point"] for r in rows]
+    x = list(range(len(rows)))
+
+    def values(key):
+        return [r[key] if r[key] != "" else float("nan") for r in rows]
+
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.9 * len(rows) + 2), 9), sharex=True)
+    axes[0].bar(x, values("rewards/margins"), color="tab:blue")
+    axes[0].axhline(0, color="gray", linewidth=0.8)
+    axes[0].set(ylabel="reward margin", title=f"Sweep: mean over each point's last <= {tail} logged steps")
+    axes[1].bar(x, values("rewards/accuracies"), color="tab:green")
+    axes[1].set(ylabel="reward accuracy", ylim=(0, 1.05))
+    width = 0.27
+    for offset, (key, label) in zip((-width, 0, width), (("loss/preference", "preference (DPO)"),
+                                                         ("loss/quality", "quality (BCO)"),
+                                                         ("loss/generation", "generation (SFT)"))):
+        axes[2].bar([i + offset for i in x], values(key), width, label=label)
+    axes[2].set(ylabel="loss part (unweighted)")
+    axes[2].legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    axes[2].set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    def num(value, fmt):
+        return format(value, fmt) if value != "" else "-"
+
+    width = max(len("point"), *(len(r["point"]) for r in rows))
+    lines = [f"{'point':<{width}}  {'margin':>9}  {'accuracy':>8}  {'loss':>8}  {'delta':>8}  status"]
+    for r in rows:
+        lines.append(f"{r['point']:<{width}}  {num(r['rewards/margins'], '+9.4f')}  "
+                     f"{num(r['rewards/accuracies'], '8.3f')}  {num(r['loss'], '8.4f')}  "
+                     f"{num(r['delta'], '+8.4f')}  {r['status']}")
+    return "\n".join(lines)
+
+
+def report(sweep: Sweep, tail: int = 5) -> list[dict]:
+    """Write ``sweep.csv`` and ``sweep.png`` in the sweep folder (main process only)."""
+    rows = summarize(sweep, tail)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_csv(rows, sweep.root / "sweep.csv")
+        write_plot(rows, sweep.root / "sweep.png", tail)
+        print(format_table(rows))
+        print(f"sweep table: {sweep.root / 'sweep.csv'}; plot: {sweep.root / 'sweep.png'}")
+    return rows
+
+
+GRID_HELP = ("KEY=VALUES, repeatable; values separated by commas (or ;) outside brackets, typed as YAML, "
+             "e.g. --grid 'loss.weights=[0.8,0.2,1.0],[1,0,0]' --grid loss.beta=0.1,0.2")
+
+
+def sweep_command(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe for mpo train.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides for every point, e.g. train.max_steps=100")] = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help=GRID_HELP)] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name (W&B group); default: run.output_dir's name.")] = None,
+    launch: Annotated[str | None, typer.Option(help="Run each point as `LAUNCH mpo train ...`, e.g. "
+                                                    "\"accelerate launch --config_file recipes/accelerate/ddp.yaml -m\".")] = None,
+    print_commands: Annotated[bool, typer.Option("--print-commands", help="Print each unfinished point's command; run nothing.")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild sweep.csv and sweep.png.")] = False,
+    tail: Annotated[int, typer.Option(min=1, help="Average the last N logged steps of each point.")] = 5,
+):
+    """Grid sweep: one `mpo train` per point (cartesian product of the --grid values), then sweep.csv + sweep.png."""
+    from mpo.cli import fail
+
+    try:
+        sweep = plan(recipe, grid or [], overrides or [], name)
+        typer.echo(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.root}", err=print_commands)
+        if print_commands:
+            for point in sweep.points:
+                if not is_finished(point.out_dir):
+                    typer.echo(shlex.join(point_command(sweep, point, launch)))
+            return
+        if not report_only:
+            run_points(sweep, launch)
+        report(sweep, tail)
+    except (ValueError, RuntimeError) as err:  # config, data and launch errors: one named line each
+        fail(str(err))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep_command)
