@@ -21,6 +21,7 @@ again continues where it stopped and produces the same pairs. Each stage is also
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def stage_train(layout: RoundLayout, n: int, num_pairs: int) -> Path:
     from mpo.training import run_training
 
     policy_dir = layout.file(n, "train") / "policy"
-    if (policy_dir / "config.json").exists():
+    if (layout.file(n, "train") / "mpo_state.json").exists():  # written after the policy: training finished
         return policy_dir
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
@@ -149,20 +150,13 @@ def stage_train(layout: RoundLayout, n: int, num_pairs: int) -> Path:
     return run_training(round_recipe(layout, n), resume=resume, quiet=True)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def rollout_metrics(scored: list[ScoredRollout]) -> dict:
     rewards = [s.reward for s in scored]
-    mean = sum(rewards) / len(rewards)
+    deciles = statistics.quantiles(rewards, n=10, method="inclusive") if len(rewards) > 1 else rewards * 9
     return {
-        "reward/mean": mean,
-        "reward/std": (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5,
-        **{f"reward/p{int(q * 100)}": _percentile(rewards, q) for q in (0.1, 0.5, 0.9)},
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "reward/p10": deciles[0], "reward/p50": deciles[4], "reward/p90": deciles[8],
         "response/tokens_mean": sum(s.num_tokens for s in scored) / len(scored),
         "response/truncated_fraction": sum(s.finish_reason == "length" for s in scored) / len(scored),
         "response/empty": sum(not s.response.strip() for s in scored),
