@@ -63,6 +63,7 @@ class RunReport:
             for plot in plots:
                 self.wandb.log({f"plots/{plot.stem}": self.wandb.Image(str(plot))})
             self.wandb.finish()
+            self.wandb.teardown()  # wandb keeps per-process settings (its folder) until torn down
         return self.run_dir / "summary.json"
 
 

@@ -43,7 +43,6 @@ import typer
 
 METRICS = ("rewards/margins", "rewards/accuracies", "loss", "loss/preference", "loss/quality", "loss/generation",
            "delta", "rewards/chosen", "rewards/rejected")
-_WANDB_ENV = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP")
 RESERVED = ("run.output_dir",)  # each point's folder is the sweep's to choose
 _MAX_NAME = 100
 
@@ -232,24 +231,13 @@ def run_points(sweep: Sweep, launch: str | None = None) -> None:
 
 
 def _train_in_process(sweep: Sweep, point: Point) -> None:
-    """``run_training`` for one point. Training fills WANDB_DIR / WANDB_PROJECT / WANDB_RUN_GROUP
-    from the recipe only when unset, so they are restored after each point: every point's W&B files
-    land in its own folder, as with a plain ``mpo train``, and the group is the point's recipe's."""
+    """``run_training`` for one point; its W&B settings are scoped to the point (see
+    :func:`mpo.training.wandb_environment`), so each point's W&B files land in its own folder."""
     from mpo.training import run_training
 
-    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
     try:
         run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / "ref_logps.jsonl")
     finally:
-        if point.recipe.run.report_to == "wandb":
-            import wandb
-
-            wandb.teardown()  # wandb caches its settings (WANDB_DIR) per process until torn down
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         gc.collect()
         import torch
 

@@ -20,6 +20,7 @@ without LoRA (only the merger trains).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from mpo.config import ConfigError
 
+WANDB_ENV = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP")
 PARTS = {
     "projector": ("model.visual.merger.",),
     "vision": ("model.visual.",),
@@ -130,11 +132,6 @@ def training_arguments(recipe, resume: bool):
     t, run = recipe.train, recipe.run
     # bf16 autocast on CUDA; on CPU, Trainer refuses bf16 unless use_cpu, and the weights are bf16 anyway.
     autocast_bf16 = recipe.model.dtype == "bfloat16" and torch.cuda.is_available()
-    if run.report_to == "wandb":
-        os.environ.setdefault("WANDB_PROJECT", run.wandb_project)
-        os.environ.setdefault("WANDB_DIR", str(Path(run.output_dir).resolve()))
-        if run.wandb_group:
-            os.environ.setdefault("WANDB_RUN_GROUP", run.wandb_group)
     return TrainingArguments(
         output_dir=run.output_dir,
         run_name=Path(run.output_dir).name,
@@ -274,18 +271,39 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    owns_wandb_run = recipe.run.report_to == "wandb" and _no_wandb_run()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with wandb_environment(recipe.run):
+        trainer.train(resume_from_checkpoint=checkpoint)
     policy_dir = save_outputs(trainer, processor, recipe)
-    if owns_wandb_run:  # close the run the trainer opened; `mpo iterate` keeps its own run open
-        import wandb
-
-        wandb.finish()
     print(f"policy saved to {policy_dir}")
     return policy_dir
 
 
-def _no_wandb_run() -> bool:
+@contextlib.contextmanager
+def wandb_environment(run):
+    """W&B settings for transformers' callback (project, folder, group from the recipe, where the
+    environment does not already set them), restored afterwards; the run the trainer opens is
+    closed and wandb's per-process settings torn down, so several trainings in one process (rounds,
+    sweep points) each log where their recipe says. A run already open (``mpo iterate``'s) is left
+    open and receives the trainer's metrics."""
+    if run.report_to != "wandb":
+        yield
+        return
     import wandb
 
-    return wandb.run is None
+    saved = {key: os.environ.get(key) for key in WANDB_ENV}
+    os.environ.setdefault("WANDB_PROJECT", run.wandb_project)
+    os.environ.setdefault("WANDB_DIR", str(Path(run.output_dir).resolve()))
+    if run.wandb_group:
+        os.environ.setdefault("WANDB_RUN_GROUP", run.wandb_group)
+    owns_run = wandb.run is None
+    try:
+        yield
+    finally:
+        if owns_run:
+            wandb.finish()
+            wandb.teardown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
