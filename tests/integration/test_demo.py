@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_reward_and_right_colour_rise(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # one thread: with other processes on the machine, OpenMP's spinning threads slow it many-fold
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "mpo", "demo", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
