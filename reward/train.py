@@ -339,6 +339,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
     wandb = sys.modules.get("wandb")  # close the stage's run: the next stage opens its own
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+        wandb.teardown()  # wandb keeps per-process settings (its folder) until torn down
     trainer.accelerator.wait_for_everyone()
     return summary
 
