@@ -205,40 +205,18 @@ def print_table(rows: list[dict], header: str) -> None:
         )
 
 
-def seven_b_config(tokenizer):
-    """Qwen2.5-VL-7B's config with the special-token ids of ``tokenizer`` (the real Qwen2.5 vocabulary)."""
-    from transformers import Qwen2_5_VLConfig
-
-    ids = tokenizer.convert_tokens_to_ids
-    text = {
-        **SEVEN_B_TEXT,
-        "bos_token_id": ids("<|endoftext|>"),
-        "eos_token_id": ids("<|im_end|>"),
-        "pad_token_id": ids("<|endoftext|>"),
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=SEVEN_B_VISION,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-
-
 def build_gpu_model():
     """A random Qwen2.5-VL-7B-shaped reward model in bf16, initialised directly on the GPU (no CPU
     copy, no checkpoint on disk)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+    from mpo.tiny import build_processor, load_real_vocab_tokenizer, qwen_config
     from reward.model import RewardModel
 
     tokenizer = load_real_vocab_tokenizer()
     processor = build_processor(tokenizer, CARD_MIN_PIXELS, CARD_MAX_PIXELS)
-    config = seven_b_config(tokenizer)
+    config = qwen_config(tokenizer, SEVEN_B_TEXT, SEVEN_B_VISION)  # the real vocabulary's special ids
     torch.manual_seed(0)
     with torch.device("cuda"):
         backbone = Qwen2_5_VLForConditionalGeneration._from_config(
