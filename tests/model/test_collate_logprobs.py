@@ -61,8 +61,20 @@ def _types(model, ids, vision):
     return {**vision, "mm_token_type_ids": (torch.tensor([ids]) == model.config.image_token_id).long()}
 
 
+@pytest.fixture(params=["mask", "columns"])
+def keep_mode(request, monkeypatch):
+    """Both ways of keeping only response logits: a boolean mask (transformers 5.2x) and the
+    union of columns (5.19); on 5.19 the mask mode is skipped."""
+    import mpo.logprobs
+
+    if request.param == "mask" and not mpo.logprobs._accepts_mask_keep():
+        pytest.skip("this transformers has no boolean logits_to_keep")
+    monkeypatch.setattr(mpo.logprobs, "_MASK_KEEP", request.param == "mask")
+    return request.param
+
+
 @torch.no_grad()
-def test_single_encode_logps_equal_two_pass_forward(model, dataset, tiny_processor):
+def test_single_encode_logps_equal_two_pass_forward(model, dataset, tiny_processor, keep_mode):
     items = [dataset[i] for i in (0, 13, 5, 14, 7)]  # images and text-only pairs mixed, ragged lengths
     batch = PairCollator(pad_token_id(tiny_processor))(items)
     out = pair_logps(model, batch)
