@@ -82,7 +82,9 @@ class ChatEncoder:
     def _response_suffix(self) -> str:
         probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
         prompt = self._render(probe, True)
-        full = self._render(probe + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False)
+        full = self._render(
+            probe + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False
+        )
         head, _, suffix = full.partition(_SENTINEL)
         if head != prompt:
             raise ChatError(
@@ -95,23 +97,52 @@ class ChatEncoder:
         """The prompt text with unexpanded image placeholders (what vLLM takes)."""
         return self._render(messages, True)
 
-    def encode_prompt(self, messages: Sequence[dict], images: Sequence[Any] = ()) -> PromptEncoding:
+    def check_images(self, messages: Sequence[dict], images: Sequence[Any]) -> None:
         expected = count_image_parts(messages)
         if expected != len(images):
-            raise ChatError(f"conversation has {expected} image part(s) but {len(images)} image(s) were given")
-        text = self.render_prompt(messages)
-        if images:
-            pil = [_as_image(image) for image in images]
-            batch = self.processor(text=[text], images=pil, return_tensors="pt")
-            vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-        else:
-            batch = self.tokenizer([text], add_special_tokens=False)
+            raise ChatError(
+                f"conversation has {expected} image part(s) but {len(images)} image(s) were given"
+            )
+
+    def encode_prompt(self, messages: Sequence[dict], images: Sequence[Any] = ()) -> PromptEncoding:
+        return self.encode_prompts([messages], [images])[0]
+
+    def encode_prompts(
+        self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]
+    ) -> list[PromptEncoding]:
+        """Several prompts in one processor call (the processor's per-call work is paid once); each
+        result is what :meth:`encode_prompt` gives for that prompt alone."""
+        for messages, pictures in zip(conversations, images, strict=True):
+            self.check_images(messages, pictures)
+        texts = [self.render_prompt(messages) for messages in conversations]
+        pil = [_as_image(image) for pictures in images for image in pictures]
+        if not pil:
+            rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [PromptEncoding(input_ids=list(ids), vision={}) for ids in rows]
+        batch = self.processor(text=texts, images=pil, padding=len(texts) > 1, return_tensors="pt")
+        out, image, patch = [], 0, 0
+        for row, pictures in enumerate(images):
             vision = {}
-        return PromptEncoding(input_ids=[int(i) for i in batch["input_ids"][0]], vision=vision)
+            if pictures:
+                grid = batch["image_grid_thw"][image : image + len(pictures)]
+                patches = int(grid.prod(dim=-1).sum())
+                vision = {
+                    "pixel_values": batch["pixel_values"][patch : patch + patches],
+                    "image_grid_thw": grid,
+                }
+                image, patch = image + len(pictures), patch + patches
+            ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+            out.append(PromptEncoding(input_ids=ids.tolist(), vision=vision))
+        return out
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by the end-of-turn suffix."""
-        return list(self.tokenizer(response + self.suffix, add_special_tokens=False)["input_ids"])
+        return self.responses_ids([response])[0]
+
+    def responses_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        """:meth:`response_ids` of several responses in one tokenizer call."""
+        texts = [response + self.suffix for response in responses]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def encode_response(
         self, messages: Sequence[dict], images: Sequence[Any], response: str

@@ -12,7 +12,7 @@ How a call runs:
 2. The model and processor are loaded once (on the first call), then each item is encoded through
    :class:`mpo.chat.ChatEncoder`. Items that share a prompt (same messages and images: the samples
    of one rollout prompt, the two responses of a benchmark row) share one prompt encoding, so each
-   image is decoded and preprocessed once, and within a batch run through the vision tower once.
+   image is decoded and preprocessed once; distinct prompts go through the processor together.
 3. Items longer than ``max_length`` tokens (image tokens included; default: the model's
    ``max_position_embeddings``) follow ``on_too_long``: ``"error"`` (default) stops with the item
    named; ``"skip"`` makes :meth:`Scorer.score_all` leave it unscored and list it in
@@ -25,6 +25,9 @@ How a call runs:
    exactly the inputs and positions it has unpadded; the model reads the score at the last real
    token, found from the mask, so ``padding_side="left"`` gives the same scores (rotary attention
    only sees relative positions; the multimodal positions are computed from the mask).
+   When items share prompts (and ``share_prompts``, the default), prompts are batched the same way
+   and each runs through the model once; its responses, batched by response length within the
+   same budget, attend to its cached keys and values (:mod:`reward.forward`).
 5. Scores come back in input order. A non-finite score is an error naming the item.
 
 Scores do not depend on batch size, padding or order beyond float rounding (about 1e-6 in fp32).
@@ -47,7 +50,7 @@ from typing import Any
 
 import torch
 
-from mpo.chat import multimodal_token_types
+from reward.forward import Encoded, run_prompts, score_full, score_responses
 
 ON_TOO_LONG = ("error", "skip")
 
@@ -77,19 +80,25 @@ def where_of(item: dict, index: int) -> str:
     return str(item.get("where") or f"item {index}")
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
-    """Group indices into batches, longest first: rows x longest row <= ``token_budget`` (a longer
-    single item gets a batch of its own) and at most ``max_batch_size`` rows."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def plan_batches(
+    lengths: Sequence[int], token_budget: int, max_batch_size: int, sort_keys: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Group indices into batches, in descending order of ``sort_keys`` (default: ``lengths``):
+    rows x longest row <= ``token_budget`` (a longer single item gets a batch of its own) and at
+    most ``max_batch_size`` rows."""
+    keys = lengths if sort_keys is None else sort_keys
+    order = sorted(range(len(lengths)), key=lambda i: (-keys[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
+    longest = 0
     for index in order:
         if current and (
-            len(current) >= max_batch_size or (len(current) + 1) * lengths[current[0]] > token_budget
+            len(current) >= max_batch_size or (len(current) + 1) * max(longest, lengths[index]) > token_budget
         ):
             batches.append(current)
-            current = []
+            current, longest = [], 0
         current.append(index)
+        longest = max(longest, lengths[index])
     if current:
         batches.append(current)
     return batches
@@ -156,12 +165,6 @@ def _image_key(image: Any) -> Any:
     return ("object", id(image))
 
 
-@dataclass
-class _Encoded:
-    input_ids: list[int]
-    vision: dict[str, torch.Tensor]
-
-
 class Scorer:
     """Score items with a Skywork-layout reward model folder; ``scorer.score`` fits
     ``reward.benchmarks.evaluate``'s ``score_fn``."""
@@ -181,6 +184,7 @@ class Scorer:
         allow_empty: bool = False,
         progress: bool = True,
         padding_side: str = "right",
+        share_prompts: bool = True,
     ):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ScoreError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -208,7 +212,7 @@ class Scorer:
         self.token_budget, self.max_batch_size = token_budget, max_batch_size
         self.max_length, self.on_too_long = max_length, on_too_long
         self.allow_empty, self.progress = allow_empty, progress
-        self.padding_side = padding_side
+        self.padding_side, self.share_prompts = padding_side, share_prompts
         self.model = None
         self.processor = None
         self.encoder = None
@@ -266,29 +270,38 @@ class Scorer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, items: Sequence[dict]) -> list[_Encoded]:
-        """Encode every item; items with the same messages and images share one prompt encoding."""
+    def encode(self, items: Sequence[dict], chunk: int = 32) -> list[Encoded]:
+        """Encode every item; items with the same messages and images share one prompt encoding.
+        Distinct prompts go through the processor ``chunk`` at a time, responses through the
+        tokenizer in one call."""
         from tqdm import tqdm
 
         from mpo.chat import ChatError
 
-        prompts: dict[Any, Any] = {}
-        out = []
-        for index, item in enumerate(tqdm(items, desc="encoding", unit="item", disable=not self.progress)):
-            where = where_of(item, index)
+        keys, first = [], {}
+        for index, item in enumerate(items):
             images = item.get("images") or []
             key = (json.dumps(item["messages"], sort_keys=True, default=str), tuple(map(_image_key, images)))
-            try:
-                if key not in prompts:
-                    prompts[key] = self.encoder.encode_prompt(
-                        item["messages"], [_pil(i, where) for i in images]
-                    )
-                prompt = prompts[key]
-                ids = prompt.input_ids + self.encoder.response_ids(item["response"])
-            except ChatError as err:
-                raise ScoreError(f"{where}: {err}") from None
-            out.append(_Encoded(ids, prompt.vision))
-        return out
+            keys.append(key)
+            if key not in first:
+                first[key] = index
+                try:
+                    self.encoder.check_images(item["messages"], images)
+                except ChatError as err:
+                    raise ScoreError(f"{where_of(item, index)}: {err}") from None
+        distinct = list(first.items())
+        prompts = {}
+        with tqdm(total=len(distinct), desc="encoding", unit="prompt", disable=not self.progress) as bar:
+            for start in range(0, len(distinct), chunk):
+                part = distinct[start : start + chunk]
+                pictures = [
+                    [_pil(i, where_of(items[n], n)) for i in items[n].get("images") or []] for _, n in part
+                ]
+                encoded = self.encoder.encode_prompts([items[n]["messages"] for _, n in part], pictures)
+                prompts.update(zip((key for key, _ in part), encoded))
+                bar.update(len(part))
+        responses = self.encoder.responses_ids([item["response"] for item in items])
+        return [Encoded(prompts[key], ids) for key, ids in zip(keys, responses)]
 
     # ------------------------------------------------------------------ scoring
 
@@ -313,83 +326,65 @@ class Scorer:
         result = ScoreResult(scores=[None] * len(items))
         todo = []
         for index, enc in enumerate(encoded):
-            if len(enc.input_ids) <= self.limit:
+            if enc.num_tokens <= self.limit:
                 todo.append(index)
                 continue
             where = where_of(items[index], index)
             if not skip:
                 raise ScoreError(
-                    f"{where}: {len(enc.input_ids)} tokens (image tokens included) exceeds max_length "
+                    f"{where}: {enc.num_tokens} tokens (image tokens included) exceeds max_length "
                     f"{self.limit}; raise max_length, lower max_pixels, or skip such items (on_too_long=skip)"
                 )
-            result.skipped.append(Skipped(index, where, len(enc.input_ids)))
+            result.skipped.append(Skipped(index, where, enc.num_tokens))
         self._score_batches(items, encoded, todo, result)
         return result
 
     __call__ = score
 
+    @torch.inference_mode()
     def _score_batches(self, items, encoded, todo: list[int], result: ScoreResult) -> None:
         from tqdm import tqdm
 
-        lengths = [len(encoded[i].input_ids) for i in todo]
-        batches = plan_batches(lengths, self.token_budget, self.max_batch_size)
+        groups: dict[int, list[int]] = {}  # items by (shared) prompt encoding
+        for index in todo:
+            groups.setdefault(id(encoded[index].prompt), []).append(index)
+        run = self._run_shared if self.share_prompts and len(groups) < len(todo) else self._run_full
         with tqdm(total=len(todo), desc="scoring", unit="item", disable=not self.progress) as bar:
-            for batch in batches:
-                indices = [todo[i] for i in batch]
-                values = self.forward([encoded[i] for i in indices])
-                for index, value in zip(indices, values):
+            for indices, scores in run(encoded, todo, list(groups.values())):
+                for index, value in zip(indices, scores.float().cpu().tolist()):
                     if not math.isfinite(value):
                         raise ScoreError(f"{where_of(items[index], index)}: non-finite score {value}")
                     result.scores[index] = value
-                result.num_tokens += sum(len(encoded[i].input_ids) for i in indices)
+                result.num_tokens += sum(encoded[i].num_tokens for i in indices)
                 result.num_batches += 1
                 bar.update(len(indices))
 
-    @torch.inference_mode()
-    def forward(self, batch: Sequence[_Encoded]) -> list[float]:
-        """Scores of one batch of encoded items (right-padded into one forward pass)."""
-        length = max(len(e.input_ids) for e in batch)
-        input_ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, enc in enumerate(batch):
-            span = (
-                slice(0, len(enc.input_ids))
-                if self.padding_side == "right"
-                else slice(length - len(enc.input_ids), length)
-            )
-            input_ids[row, span] = torch.tensor(enc.input_ids, dtype=torch.long)
-            mask[row, span] = 1
-        types = multimodal_token_types(input_ids, self.image_token_id, self.video_token_id)
-        device = self.device
-        inputs = {"mm_token_type_ids": (types * mask).to(device), **self._image_inputs(batch)}
-        scores = self.model(input_ids.to(device), mask.to(device), **inputs)
-        return [float(v) for v in scores.float().cpu()]
+    def _run_full(self, encoded, todo, groups):
+        """Every item as prompt + response, longest first, batched by the token budget."""
+        for batch in plan_batches(
+            [encoded[i].num_tokens for i in todo], self.token_budget, self.max_batch_size
+        ):
+            indices = [todo[i] for i in batch]
+            rows = [encoded[i] for i in indices]
+            yield indices, score_full(self.model, rows, self.pad_id, self.padding_side, self.device)
 
-    def _image_inputs(self, batch: Sequence[_Encoded]) -> dict:
-        """Image features for a batch, each distinct prompt's images run through the vision tower once
-        (rows that share a prompt share its encoding object), handed to the model precomputed."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        distinct: dict[int, dict] = {}
-        for enc in batch:
-            if "pixel_values" in enc.vision:
-                distinct.setdefault(id(enc.vision), enc.vision)
-        if not distinct:
-            return {}
-        visions = list(distinct.values())
-        pixel_values = torch.cat([v["pixel_values"] for v in visions]).to(self.device)
-        grids = torch.cat([v["image_grid_thw"] for v in visions]).to(self.device)
-        per_image = self.model.backbone.model.get_image_features(
-            pixel_values, grids, return_dict=True
-        ).pooler_output
-        features, start = {}, 0
-        for key, vision in distinct.items():
-            count = vision["image_grid_thw"].shape[0]
-            features[key] = per_image[start : start + count]
-            start += count
-        rows = [enc for enc in batch if "pixel_values" in enc.vision]
-        embeds = tuple(f for enc in rows for f in features[id(enc.vision)])
-        return {
-            "image_grid_thw": torch.cat([enc.vision["image_grid_thw"] for enc in rows]).to(self.device),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeds)},
-        }
+    def _run_shared(self, encoded, todo, groups):
+        """Prompts in chunks within the token budget, each chunk's prompts run once; then their
+        responses, in batches of similar response lengths, on the prompts' cached keys and values."""
+        prompt_lengths = [len(encoded[group[0]].prompt.input_ids) for group in groups]
+        for chunk in plan_batches(prompt_lengths, self.token_budget, self.max_batch_size):
+            prompts = [encoded[groups[g][0]].prompt for g in chunk]
+            done = run_prompts(self.model, prompts, self.pad_id, self.padding_side, self.device)
+            rows = [(slot, index) for slot, g in enumerate(chunk) for index in groups[g]]
+            sizes = [len(encoded[index].response_ids) for _, index in rows]
+            width = done.mask.shape[1]
+            for batch in plan_batches(
+                [width + n for n in sizes], self.token_budget, self.max_batch_size, sizes
+            ):
+                picked = [rows[b] for b in batch]
+                responses = [encoded[index].response_ids for _, index in picked]
+                slots = [slot for slot, _ in picked]
+                yield (
+                    [index for _, index in picked],
+                    score_responses(self.model, done, slots, responses, self.pad_id, self.device),
+                )

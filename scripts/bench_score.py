@@ -12,9 +12,11 @@ The ``bound`` column is the card loop's time over the scorer's preprocessing tim
 speed-up the scorer could not exceed even with a free forward pass (the processor's per-image work
 is the same on both sides; only shared prompts let the scorer skip some of it).
 
-Two item sets are timed: ``distinct`` (every item its own prompt and images) and ``rollouts``
-(prompts with several sampled responses each, as the round loop scores them; the scorer encodes
-each prompt once, the card loop once per item).
+Item sets: ``distinct`` (every item its own prompt and image), ``pairs`` (two responses per prompt,
+as a preference benchmark row), ``rollouts-4`` and ``rollouts-8`` (4 or 8 sampled responses per
+prompt; 8 is ``rollout.num_samples``'s default, what the round loop scores). Where items share a
+prompt the scorer preprocesses it once and runs it through the model once (``reward/forward.py``);
+the card loop does both once per item.
 
 CPU (default): a tiny random Qwen2.5-VL reward model, ``torch.set_num_threads(1)``.
 ``--gpu``: a random Qwen2.5-VL-7B-shaped reward model in bf16 on CUDA (real Qwen2.5 vocabulary, the
@@ -61,6 +63,7 @@ SEVEN_B_VISION = {
     "tokens_per_second": 2,
 }
 CARD_MIN_PIXELS, CARD_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
+ITEM_SETS = (("distinct", 1), ("pairs", 2), ("rollouts-4", 4), ("rollouts-8", 8))  # responses per prompt
 
 WORDS = [
     "the",
@@ -192,12 +195,12 @@ def compare(name: str, items: list[dict], model, processor, scorer, repeats: int
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     print(
-        f"{'items':<10}{'n':>5}{'prompts':>9}{'tokens':>8}{'card loop it/s':>16}{'batched it/s':>14}"
+        f"{'items':<12}{'n':>5}{'prompts':>9}{'tokens':>8}{'card loop it/s':>16}{'batched it/s':>14}"
         f"{'tok/s':>10}{'speedup':>9}{'bound':>8}{'max |diff|':>12}"
     )
     for r in rows:
         print(
-            f"{r['name']:<10}{r['items']:>5}{r['prompts']:>9}{r['tokens']:>8}"
+            f"{r['name']:<12}{r['items']:>5}{r['prompts']:>9}{r['tokens']:>8}"
             f"{r['card_loop_items_per_s']:>16.1f}"
             f"{r['batched_items_per_s']:>14.1f}{r['batched_tokens_per_s']:>10.0f}{r['speedup']:>8.1f}x"
             f"{r['speedup_bound_from_preprocessing']:>7.1f}x"
@@ -258,23 +261,15 @@ def run(args) -> dict:
         )
         rows = [
             compare(
-                "distinct",
-                make_items(tmp / "a", args.items, 1, sizes, words),
+                name,
+                make_items(tmp / name, args.items, k, sizes, words, seed=k),
                 model,
                 processor,
                 scorer,
                 args.repeats,
                 sync,
-            ),
-            compare(
-                "rollouts",
-                make_items(tmp / "b", args.items, args.per_prompt, sizes, words, seed=1),
-                model,
-                processor,
-                scorer,
-                args.repeats,
-                sync,
-            ),
+            )
+            for name, k in ITEM_SETS
         ]
     header = (
         f"scoring throughput on {device} ({'7B-shaped, bf16' if args.gpu else 'tiny, fp32, 1 thread'}); "
@@ -295,7 +290,6 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--per-prompt", type=int, default=4, help="responses per prompt in the rollouts set")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--max-batch-size", type=int, default=64)

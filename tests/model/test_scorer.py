@@ -63,8 +63,10 @@ def scorer(model, tiny_processor):
 
 @pytest.fixture(scope="module")
 def baseline(model, tiny_processor, items) -> list[float]:
-    """Every item on its own: batch size 1, no padding."""
-    return Scorer.from_model(model, tiny_processor, max_batch_size=1, progress=False).score(items)
+    """Every item on its own, prompt and response in one forward: batch size 1, no padding."""
+    return Scorer.from_model(
+        model, tiny_processor, max_batch_size=1, share_prompts=False, progress=False
+    ).score(items)
 
 
 def close(a, b) -> bool:
@@ -81,6 +83,8 @@ def close(a, b) -> bool:
         {"max_batch_size": 5, "padding_side": "left"},
         {"token_budget": 200},
         {"token_budget": 1},
+        {"max_batch_size": 64, "share_prompts": False},
+        {"max_batch_size": 5, "share_prompts": False, "padding_side": "left"},
     ],
     ids=str,
 )
@@ -103,6 +107,30 @@ def test_images_as_pil_or_bytes_score_like_paths(scorer, items, baseline):
     as_pil = {**item, "images": [Image.open(p) for p in item["images"]]}
     as_bytes = {**item, "images": [{"bytes": Path(p).read_bytes(), "path": p} for p in item["images"]]}
     assert close(scorer.score([as_pil, as_bytes]), [baseline[index]] * 2)
+
+
+def test_shared_prompts_run_once_each(model, tiny_processor, items, baseline, monkeypatch):
+    """With shared prompts, each distinct prompt goes through the model once (its responses reuse
+    its cached keys and values), and the scores are the one-at-a-time scores."""
+    import reward.scorer
+
+    seen = []
+    run_prompts = reward.scorer.run_prompts
+    monkeypatch.setattr(
+        reward.scorer,
+        "run_prompts",
+        lambda model, prompts, *a: seen.extend(prompts) or run_prompts(model, prompts, *a),
+    )
+    scorer = Scorer.from_model(model, tiny_processor, progress=False)
+    result = scorer.score_all(items)
+    distinct = {(str(i["messages"]), tuple(i["images"])) for i in items}
+    assert len(seen) == len({id(p) for p in seen}) == len(distinct) == 5 < len(items)
+    assert close(result.scores, baseline)
+
+
+def test_plan_batches_orders_by_sort_keys_within_the_budget():
+    lengths, keys = [100, 30, 90, 40], [1, 9, 2, 8]  # 2 x 40 fits 200; 3 x 90 does not; 2 x 100 does
+    assert plan_batches(lengths, token_budget=200, max_batch_size=8, sort_keys=keys) == [[1, 3], [2, 0]]
 
 
 def test_plan_batches_respects_budget_and_size():
