@@ -7,10 +7,10 @@ model card scores; each distinct prompt's images still go through the vision tow
 prompt, the two answers of a benchmark row). The prompt pass runs each distinct prompt once and
 keeps its keys and values (a ``DynamicCache``); response passes then run batches of responses, of
 similar lengths, against their prompts' cached keys and values (the cache rows picked, and
-repeated, per batch). Attention is causal, so a prompt's hidden states do not depend on what follows it:
-the scores equal ``score_full``'s up to float rounding (tested to 1e-5). The response tokens'
-multimodal rotary positions continue from the prompt's largest position + 1 on all three axes,
-which is how Qwen2.5-VL's ``get_rope_index`` numbers text that follows an image.
+repeated, per batch). Attention is causal, so a prompt's hidden states do not depend on what
+follows it: the scores equal ``score_full``'s up to float rounding (tested to 1e-5). The response
+tokens' multimodal rotary positions continue from the prompt's largest position + 1 on all three
+axes, which is how Qwen2.5-VL's ``get_rope_index`` numbers text that follows an image.
 
 Both read the value head at each row's last real token. Padding is 0 in ``mm_token_type_ids``.
 """

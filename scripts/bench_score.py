@@ -36,69 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# Qwen2.5-VL-7B-Instruct's shape (its published config.json).
-SEVEN_B_TEXT = {
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 128000,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-    "tie_word_embeddings": False,
-}
-SEVEN_B_VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "out_hidden_size": 3584,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2,
-}
+from bench_models import WORDS  # scripts/, beside this file
+
 CARD_MIN_PIXELS, CARD_MAX_PIXELS = 256 * 28 * 28, 1280 * 28 * 28
 ITEM_SETS = (("distinct", 1), ("pairs", 2), ("rollouts-4", 4), ("rollouts-8", 8))  # responses per prompt
-
-WORDS = [
-    "the",
-    "square",
-    "is",
-    "red",
-    "blue",
-    "green",
-    "because",
-    "first",
-    "then",
-    "we",
-    "count",
-    "the",
-    "sides",
-    "so",
-    "the",
-    "answer",
-    "is",
-    "option",
-    "A",
-    "B",
-    "C",
-    "D",
-    "and",
-    "the",
-    "colour",
-    "of",
-    "the",
-    "shape",
-    "in",
-    "the",
-    "picture",
-    "shows",
-]
 
 
 def make_items(
@@ -210,22 +151,14 @@ def print_table(rows: list[dict], header: str) -> None:
 
 def build_gpu_model():
     """A random Qwen2.5-VL-7B-shaped reward model in bf16, initialised directly on the GPU (no CPU
-    copy, no checkpoint on disk)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    copy, no checkpoint on disk), and its processor at the card's pixel bounds."""
+    from bench_models import random_backbone
 
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer, qwen_config
+    from mpo.tiny import build_processor
     from reward.model import RewardModel
 
-    tokenizer = load_real_vocab_tokenizer()
-    processor = build_processor(tokenizer, CARD_MIN_PIXELS, CARD_MAX_PIXELS)
-    config = qwen_config(tokenizer, SEVEN_B_TEXT, SEVEN_B_VISION)  # the real vocabulary's special ids
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        backbone = Qwen2_5_VLForConditionalGeneration._from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
-    return RewardModel(backbone).eval(), processor
+    backbone, tokenizer = random_backbone("7b", "cuda")
+    return RewardModel(backbone).eval(), build_processor(tokenizer, CARD_MIN_PIXELS, CARD_MAX_PIXELS)
 
 
 def run(args) -> dict:

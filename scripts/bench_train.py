@@ -43,13 +43,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench_models import SHAPES, random_backbone, synthetic_pairs, tokens_and_flops  # noqa: E402  (scripts/, beside this file)
+
 PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-SHAPES = {  # Qwen2.5-VL text towers; the vision tower is the same for both
-    "3b": {"hidden": 2048, "layers": 36, "heads": 16, "kv": 2, "inter": 11008},
-    "7b": {"hidden": 3584, "layers": 28, "heads": 28, "kv": 4, "inter": 18944},
-    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv": 2, "inter": 128},  # exercises the --gpu code on CPU
-}
 
 
 class RssPeak:
@@ -215,37 +212,6 @@ def run_side(side: str, args) -> dict:
     return result
 
 
-def tokens_and_flops(policy, pairs_file, args) -> dict:
-    """Tokens and patches per step (the whole set is one batch) and the model's parameter counts."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from mpo.chat import ChatEncoder
-    from mpo.data import load_preferences
-
-    processor = AutoProcessor.from_pretrained(
-        policy, size={"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
-    )
-    encoder, tokens, patches = ChatEncoder(processor), 0, 0
-    for pair in load_preferences(pairs_file).records:
-        enc = encoder.encode_pair(pair.messages, pair.images, pair.chosen, pair.rejected)
-        tokens += 2 * len(enc.prompt_ids) + len(enc.chosen_ids) + len(enc.rejected_ids)
-        patches += int(enc.vision["pixel_values"].shape[0]) if enc.vision else 0
-    import torch
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(policy))
-    vision = sum(p.numel() for p in model.model.visual.parameters())
-    embed = model.model.language_model.embed_tokens.weight.numel()
-    lm = sum(p.numel() for p in model.parameters()) - vision - embed
-    return {
-        "tokens_per_step": tokens,
-        "patches_per_step": patches,
-        "lm_params": lm,
-        "vision_params": vision,
-        "flops_per_step": 6 * lm * tokens + 6 * vision * patches,
-    }
-
-
 def bench_pairs(work: Path, count: int) -> Path:
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]
     rows = [r for r in rows if r["images"]][:count]
@@ -257,99 +223,16 @@ def bench_pairs(work: Path, count: int) -> Path:
 
 
 def gpu_policy(work: Path, size: str) -> Path:
-    """A random Qwen2.5-VL model of a real shape (bf16) with the real Qwen2.5 vocabulary, saved to disk."""
+    """A random Qwen2.5-VL model of a published shape (bf16, real Qwen2.5 vocabulary), saved to disk."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer, qwen_config
+    from mpo.tiny import build_processor
 
-    s = SHAPES[size]
-    tokenizer = load_real_vocab_tokenizer()
-    head_dim = s["hidden"] // s["heads"]
-    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]  # Qwen's 16/24/24 of 64, scaled
-    section[0] += head_dim // 2 - sum(section)
-    big = size != "tiny"
-    text = {
-        "vocab_size": 151936,
-        "hidden_size": s["hidden"],
-        "intermediate_size": s["inter"],
-        "num_hidden_layers": s["layers"],
-        "num_attention_heads": s["heads"],
-        "num_key_value_heads": s["kv"],
-        "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
-    }
-    vision = {  # Qwen2.5-VL's vision tower (675M parameters); a tiny one for the CPU exercise
-        "depth": 32 if big else 2,
-        "hidden_size": 1280 if big else 64,
-        "intermediate_size": 3420 if big else 128,
-        "num_heads": 16 if big else 4,
-        "out_hidden_size": s["hidden"],
-        "fullatt_block_indexes": [7, 15, 23, 31] if big else [1],
-    }
-    config = qwen_config(tokenizer, text, vision, tie_word_embeddings=size == "3b")
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    model, tokenizer = random_backbone(size, "cuda" if torch.cuda.is_available() else "cpu")
     out = work / f"policy-{size}"
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
     return out
-
-
-def gpu_pairs(work: Path, count: int, words: int) -> Path:
-    """Synthetic pairs: 448x448 noise images (256 visual tokens), responses of ``words`` words."""
-    import random
-
-    import numpy as np
-    from PIL import Image
-
-    rng = random.Random(0)
-    vocab = [
-        "the",
-        "a",
-        "image",
-        "shows",
-        "red",
-        "green",
-        "blue",
-        "square",
-        "circle",
-        "answer",
-        "is",
-        "because",
-        "so",
-        "therefore",
-        "we",
-        "get",
-        "value",
-    ]
-    rows = []
-    for i in range(count):
-        path = work / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(path)
-        text = lambda: " ".join(rng.choice(vocab) for _ in range(words))
-        rows.append(
-            {
-                "prompt_id": f"g{i}",
-                "images": [str(path)],
-                "chosen": text(),
-                "rejected": text(),
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image"},
-                            {"type": "text", "text": "Describe the image in detail."},
-                        ],
-                    }
-                ],
-            }
-        )
-    path = work / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def spawn(side: str, args) -> dict:
@@ -476,9 +359,9 @@ def main(argv=None) -> int:
             args.min_pixels, args.max_pixels = 256 * 28 * 28, 1280 * 28 * 28
             args.policy, args.pairs_file = (
                 gpu_policy(Path(work), args.size),
-                gpu_pairs(Path(work), args.batch, args.words),
+                synthetic_pairs(Path(work), args.batch, args.words),
             )
-            extra = tokens_and_flops(args.policy, args.pairs_file, args)
+            extra = tokens_and_flops(args.policy, args.pairs_file, args.min_pixels, args.max_pixels)
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
             peak = (
                 args.peak_tflops * 1e12
