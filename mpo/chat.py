@@ -172,6 +172,19 @@ def multimodal_token_types(input_ids, image_token_id: int, video_token_id: int, 
     return types if attention_mask is None else types * attention_mask.long()
 
 
+def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
+    """Qwen2.5-VL's multimodal rotary position ids [3, N, T], from the (unwrapped) model's own
+    ``get_rope_index``; None for a model without one (text-only)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "get_rope_index"):
+        return None
+    types = multimodal_token_types(input_ids, model.config.image_token_id, model.config.video_token_id)
+    positions, _ = inner.get_rope_index(
+        input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    return positions
+
+
 def _as_image(image: Any):
     if isinstance(image, (str, Path)):
         from mpo.data import open_image

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mpo.chat import mrope_positions
+
 
 @dataclass
 class PairLogps:
@@ -75,21 +77,6 @@ def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tens
     return torch.cat(list(out.pooler_output), dim=0)
 
 
-def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
-    """M-RoPE position ids [3, N, T] from the model's ``get_rope_index`` (None for text-only models)."""
-    inner = getattr(unwrap(model), "model", None)
-    if inner is None or not hasattr(inner, "get_rope_index"):
-        return None
-    from mpo.chat import multimodal_token_types
-
-    config = unwrap(model).config
-    token_types = multimodal_token_types(input_ids, config.image_token_id, config.video_token_id)
-    positions, _ = inner.get_rope_index(
-        input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
-    )
-    return positions
-
-
 def _accepts_mask_keep() -> bool:
     import transformers.modeling_utils
 
@@ -119,7 +106,7 @@ def pair_logps(model, batch: dict) -> PairLogps:
         features = image_features(model, batch["pixel_values"], batch["image_grid_thw"])
         kwargs["mm_encoder_outputs"] = _image_outputs(torch.cat([features, features]))
         grid = torch.cat([batch["image_grid_thw"], batch["image_grid_thw"]])
-    position_ids = mrope_positions(model, input_ids, attention_mask, grid)
+    position_ids = mrope_positions(unwrap(model), input_ids, attention_mask, grid)
     # Position t predicts token t+1: keep the positions just before each response token.
     keep = torch.zeros_like(response_mask)
     keep[:, :-1] = response_mask[:, 1:]

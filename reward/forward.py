@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpo.chat import PromptEncoding, multimodal_token_types
+from mpo.chat import PromptEncoding, mrope_positions, multimodal_token_types
 
 
 @dataclass
@@ -107,8 +107,6 @@ class PromptPass:
 @torch.inference_mode()
 def run_prompts(model, prompts: Sequence[PromptEncoding], pad_id: int, side: str, device) -> PromptPass:
     """The prompt pass: ``prompts`` padded on ``side`` into one forward that keeps its cache."""
-    from mpo.logprobs import mrope_positions
-
     input_ids, mask = (t.to(device) for t in pad([p.input_ids for p in prompts], pad_id, side))
     vision = image_inputs(model, prompts, device)
     positions = mrope_positions(model.backbone, input_ids, mask, vision.get("image_grid_thw"))
