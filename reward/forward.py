@@ -80,16 +80,13 @@ def image_inputs(model, prompts: Sequence[PromptEncoding], device) -> dict:
     }
 
 
-def _types(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    config = model.config
-    return multimodal_token_types(input_ids, config.image_token_id, config.video_token_id, mask)
-
-
 @torch.inference_mode()
 def score_full(model, rows: Sequence[Encoded], pad_id: int, side: str, device) -> torch.Tensor:
     """Scores [N] of rows padded on ``side`` into one forward."""
     input_ids, mask = pad([r.input_ids for r in rows], pad_id, side)
-    inputs = {"mm_token_type_ids": _types(model, input_ids, mask).to(device)}
+    config = model.config
+    types = multimodal_token_types(input_ids, config.image_token_id, config.video_token_id, mask)
+    inputs = {"mm_token_type_ids": types.to(device)}
     inputs.update(image_inputs(model, [r.prompt for r in rows], device))
     return model(input_ids.to(device), mask.to(device), **inputs)
 
@@ -113,8 +110,7 @@ def run_prompts(model, prompts: Sequence[PromptEncoding], pad_id: int, side: str
     cache = model.backbone.model(
         input_ids=input_ids,
         attention_mask=mask,
-        position_ids=positions,
-        mm_token_type_ids=_types(model, input_ids, mask),
+        position_ids=positions,  # given, so the model needs no mm_token_type_ids
         use_cache=True,
         **vision,
     ).past_key_values
