@@ -69,3 +69,30 @@ def demo_prompts_path() -> Path:
     from mpo.tiny import ASSETS
 
     return ASSETS / "demo" / "prompts.jsonl"
+
+
+@pytest.fixture(scope="session")
+def mixed_prompts(demo_prompts_path) -> list:
+    """Four demo prompts plus a two-image prompt and a text-only one, for rollouts of mixed batches
+    (both rollout backends' tests use the same set)."""
+    from mpo.data import load_prompts
+    from mpo.records import Prompt
+
+    demo = load_prompts(demo_prompts_path).records
+    two = Prompt(
+        "two-images",
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "and"},
+                    {"type": "image"},
+                    {"type": "text", "text": "Which is red?"},
+                ],
+            }
+        ],
+        [demo[0].images[0], demo[-1].images[0]],
+    )
+    text = Prompt("text-only", [{"role": "user", "content": [{"type": "text", "text": "Say a colour."}]}])
+    return [*demo[:4], two, text]

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mpo.config import ModelConfig, RolloutConfig
-from mpo.data import load_prompts
 from mpo.records import Prompt, Rollout
 from mpo.rollout import HFBackend, RolloutError, make_backend, policy_label
 from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, save_policy
@@ -22,17 +21,8 @@ def _config(**kw) -> RolloutConfig:
 
 
 @pytest.fixture(scope="module")
-def prompts(demo_prompts_path) -> list[Prompt]:
-    """Four demo prompts plus a two-image prompt and a text-only one (mixed in one batch)."""
-    demo = load_prompts(demo_prompts_path).records
-    two = Prompt(
-        "two-images",
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
-                                      {"type": "image"}, {"type": "text", "text": "Which is red?"}]}],
-        [demo[0].images[0], demo[-1].images[0]],
-    )
-    text = Prompt("text-only", [{"role": "user", "content": [{"type": "text", "text": "Say a colour."}]}])
-    return [*demo[:4], two, text]
+def prompts(mixed_prompts) -> list[Prompt]:
+    return mixed_prompts
 
 
 @pytest.fixture(scope="module")

