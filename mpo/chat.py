@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo.errors import MpoError
+
 _SENTINEL = "\u2063MPO-RESPONSE\u2063"
 
 
@@ -53,7 +55,7 @@ class PairEncoding:
     vision: dict[str, Any]
 
 
-class ChatError(ValueError):
+class ChatError(MpoError):
     """A conversation that cannot be encoded (image count mismatch, bad template)."""
 
 
@@ -135,6 +137,18 @@ class ChatEncoder:
             out.append(PromptEncoding(input_ids=ids.tolist(), vision=vision))
         return out
 
+    def prompt_length(self, messages: Sequence[dict], image_sizes: Sequence[tuple[int, int]] = ()) -> int:
+        """Tokens :meth:`encode_prompt` would give (image tokens included), from the text and the
+        images' ``(width, height)`` alone: nothing is decoded, no pixels are processed."""
+        ids = self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"]
+        return len(ids) + sum(self.visual_tokens(width, height) - 1 for width, height in image_sizes)
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        """Tokens one image of this size becomes (after the processor's resize and patch merge)."""
+        image_processor = self.processor.image_processor
+        patches = image_processor.get_number_of_image_patches(height, width, {})
+        return patches // image_processor.merge_size**2
+
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by the end-of-turn suffix."""
         return self.responses_ids([response])[0]
@@ -186,8 +200,6 @@ def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
 
 
 def _as_image(image: Any):
-    if isinstance(image, (str, Path)):
-        from mpo.data import open_image
+    from mpo.images import open_image
 
-        return open_image(image)
-    return image
+    return open_image(image) if isinstance(image, (str, Path)) else image

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from mpo.cli_common import guarded
+
 app = typer.Typer(
     help="Mixed Preference Optimization of vision-language policies, driven by a multimodal reward model.",
     no_args_is_help=True,
@@ -27,12 +29,8 @@ VllmCompatible = Annotated[bool, typer.Option("--vllm-compatible", help="head_di
 RealVocab = Annotated[bool, typer.Option("--real-vocab", help="Use the real Qwen2.5 vocabulary (151,665 tokens).")]
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 @tiny_app.command("policy")
+@guarded
 def tiny_policy(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
     """Build a tiny Qwen2.5-VL policy (model + processor) into OUT_DIR."""
     from mpo.tiny import save_policy
@@ -42,6 +40,7 @@ def tiny_policy(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible =
 
 
 @tiny_app.command("reward")
+@guarded
 def tiny_reward(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
     """Build a tiny reward model (backbone + value_head.safetensors, Skywork layout) into OUT_DIR."""
     from mpo.tiny import save_reward_model
@@ -51,24 +50,23 @@ def tiny_reward(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible =
 
 
 @app.command("config")
+@guarded
 def show_config(
     recipe: Annotated[Path | None, typer.Argument(help="A YAML recipe; omit for the defaults.")] = None,
     overrides: Overrides = None,
 ):
     """Print a recipe resolved with its overrides (what every command would run with)."""
-    from mpo.config import ConfigError, load_recipe, to_yaml
+    from mpo.config import load_recipe, to_yaml
 
     overrides = list(overrides or [])
     if recipe is not None and "=" in recipe.name and not recipe.exists():  # only overrides were given
         overrides.insert(0, str(recipe))
         recipe = None
-    try:
-        typer.echo(to_yaml(load_recipe(recipe, overrides)), nl=False)
-    except ConfigError as err:
-        fail(str(err))
+    typer.echo(to_yaml(load_recipe(recipe, overrides)), nl=False)
 
 
 @app.command("train")
+@guarded
 def train(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe (model.policy, data.preferences, loss, train).")],
     overrides: Overrides = None,
@@ -76,20 +74,18 @@ def train(
     round_index: Annotated[int | None, typer.Option("--round", "-r", help="Train round N of an mpo iterate recipe.")] = None,
 ):
     """MPO on a preference set (jsonl, MMPR meta.json, parquet, dataset folder), or on round N's pairs."""
-    try:
-        if round_index is not None:
-            from mpo.cli_rounds import train_round
+    if round_index is not None:
+        from mpo.cli_rounds import train_round
 
-            return train_round(recipe, overrides, round_index)
-        from mpo.config import load_recipe
-        from mpo.training import run_training
+        return train_round(recipe, overrides, round_index)
+    from mpo.config import load_recipe
+    from mpo.training import run_training
 
-        run_training(load_recipe(recipe, overrides or []), resume=resume)
-    except ValueError as err:  # config, data, pair and record errors: one named line each
-        fail(str(err))
+    run_training(load_recipe(recipe, overrides or []), resume=resume)
 
 
 @app.command("demo")
+@guarded
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Run folder for the demo.")] = Path("runs/demo"),
     seed: Seed = 0,

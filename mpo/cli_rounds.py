@@ -8,18 +8,13 @@ from typing import Annotated
 
 import typer
 
+from mpo.cli_common import guarded
+from mpo.errors import MpoError
+from mpo.run_lock import run_lock
+
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe for mpo iterate.")]
 RoundOpt = Annotated[int, typer.Option("--round", "-r", help="The round (0-based) to run this stage for.")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, e.g. rollout.num_samples=4")]
-
-
-def _run(action):
-    from mpo.cli import fail
-
-    try:
-        return action()
-    except ValueError as err:  # every error of ours that a user can fix is a ValueError (named, one line)
-        fail(str(err))
 
 
 def _layout(recipe: Path, overrides, round_index: int):
@@ -28,88 +23,85 @@ def _layout(recipe: Path, overrides, round_index: int):
 
     loaded = load_recipe(recipe, overrides or [])
     if not 0 <= round_index < loaded.iterate.rounds:
-        raise ValueError(f"--round {round_index}: the recipe has rounds 0..{loaded.iterate.rounds - 1}")
+        raise MpoError(f"--round {round_index}: the recipe has rounds 0..{loaded.iterate.rounds - 1}")
     return RoundLayout(loaded)
 
 
 def _need(path: Path, stage: str) -> Path:
     if not path.exists():
-        raise ValueError(f"{path} not found: run `mpo {stage}` for this round first")
+        raise MpoError(f"{path} not found: run `mpo {stage}` for this round first")
     return path
 
 
+@guarded
 def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
     """N rounds of rollout -> score -> pairs -> MPO; rerun the same command to resume."""
+    from mpo.config import load_recipe
+    from mpo.iterate import run_iterate
 
-    def action():
-        from mpo.config import load_recipe
-        from mpo.iterate import run_iterate
-
-        run_iterate(load_recipe(recipe, overrides or []))
-
-    _run(action)
+    run_iterate(load_recipe(recipe, overrides or []))
 
 
+@guarded
 def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Sample responses for one round (writes round_NNN/rollouts.jsonl)."""
+    from mpo.iterate import Engines, check_models, load_round_prompts, stage_rollout
 
-    def action():
-        from mpo.iterate import load_round_prompts, stage_rollout
-        from mpo.rollout import make_backend
+    layout = _layout(recipe, overrides, round_index)
+    with run_lock(layout.run_dir):
+        check_models(layout.recipe)
+        engines = Engines(layout.recipe)
+        try:
+            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), engines)
+        finally:
+            engines.close()
+    typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, 'rollouts.jsonl')}")
 
-        layout = _layout(recipe, overrides, round_index)
-        with make_backend(layout.recipe.rollout, layout.recipe.model, layout.policy(round_index)) as backend:
-            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), backend)
-        typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, 'rollouts.jsonl')}")
 
-    _run(action)
-
-
+@guarded
 def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Score one round's rollouts with the reward model (writes round_NNN/scored.jsonl)."""
+    from mpo.iterate import Engines, check_models, load_round_prompts, stage_score
+    from mpo.records import Rollout, read_jsonl
 
-    def action():
-        from mpo.iterate import load_round_prompts, make_scorer, stage_score
-        from mpo.records import Rollout, read_jsonl
-
-        layout = _layout(recipe, overrides, round_index)
+    layout = _layout(recipe, overrides, round_index)
+    with run_lock(layout.run_dir):
+        check_models(layout.recipe)
         rollouts = read_jsonl(_need(layout.file(round_index, "rollouts.jsonl"), "rollout"), Rollout)
-        scored = stage_score(layout, round_index, load_round_prompts(layout.recipe), rollouts,
-                             make_scorer(layout.recipe))
-        typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, 'scored.jsonl')}")
-
-    _run(action)
+        prompts = load_round_prompts(layout.recipe)
+        scored = stage_score(layout, round_index, prompts, rollouts, Engines(layout.recipe))
+    typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, 'scored.jsonl')}")
 
 
+@guarded
 def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Build one round's preference pairs (writes round_NNN/pairs.jsonl and pair_stats.json)."""
+    from mpo.iterate import load_round_prompts, stage_pairs
+    from mpo.records import ScoredRollout, read_jsonl
 
-    def action():
-        from mpo.iterate import load_round_prompts, stage_pairs
-        from mpo.records import ScoredRollout, read_jsonl
-
-        layout = _layout(recipe, overrides, round_index)
+    layout = _layout(recipe, overrides, round_index)
+    with run_lock(layout.run_dir):
         scored = read_jsonl(_need(layout.file(round_index, "scored.jsonl"), "score"), ScoredRollout)
         pairs, stats = stage_pairs(layout, round_index, load_round_prompts(layout.recipe), scored)
-        typer.echo(f"{len(pairs)} pairs from {stats.prompts_with_pairs}/{stats.prompts_seen} prompts in "
-                   f"{layout.file(round_index, 'pairs.jsonl')}")
-
-    _run(action)
+    typer.echo(f"{len(pairs)} pairs from {stats.prompts_with_pairs}/{stats.prompts_seen} prompts in "
+               f"{layout.file(round_index, 'pairs.jsonl')}")
 
 
 def train_round(recipe: Path, overrides, round_index: int) -> None:
     """``mpo train RECIPE --round N``: MPO on round N's pairs, then the round's manifest."""
-    from mpo.iterate import finish_round, stage_train
+    from mpo.iterate import finish_round, load_round_prompts, stage_train
     from mpo.pairs import read_pair_stats
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
 
     layout = _layout(recipe, overrides, round_index)
-    pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
-    policy = stage_train(layout, round_index, len(pairs))
-    if layout.manifest(round_index) is None:
-        scored = read_jsonl(layout.file(round_index, "scored.jsonl"), ScoredRollout)
-        finish_round(layout, round_index, scored, read_pair_stats(layout.file(round_index, "pair_stats.json")),
-                     policy, {}, {})
+    with run_lock(layout.run_dir):
+        pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
+        prompts = load_round_prompts(layout.recipe)
+        policy = stage_train(layout, round_index, prompts, len(pairs))
+        if layout.manifest(round_index) is None:
+            scored = read_jsonl(layout.file(round_index, "scored.jsonl"), ScoredRollout)
+            stats = read_pair_stats(layout.file(round_index, "pair_stats.json"))
+            finish_round(layout, round_index, scored, stats, policy, {}, {})
     typer.echo(f"round {round_index} policy: {policy}")
 
 

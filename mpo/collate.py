@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from mpo.chat import ChatEncoder, count_image_parts
+from mpo.errors import MpoError
 from mpo.records import PreferencePair
 
 
-class PairError(ValueError):
+class PairError(MpoError):
     """Pairs that cannot be trained on; the message names each one."""
 
 
@@ -213,9 +214,9 @@ class PairDataset(torch.utils.data.Dataset):
         """The processor's image half alone (what ``ChatEncoder.encode_prompt`` returns as ``vision``)."""
         if not images:
             return {}
-        from mpo.data import open_image
+        from mpo.images import open_image
 
-        pil = [open_image(i) if isinstance(i, (str, Path)) else i for i in images]
+        pil = [open_image(i) for i in images]
         processed = self.encoder.processor.image_processor(images=pil, return_tensors="pt")
         return {k: processed[k] for k in ("pixel_values", "image_grid_thw")}
 

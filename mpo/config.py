@@ -9,15 +9,31 @@ given and, for choices and unknown keys, what is valid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from mpo.records import atomic_write_text
+from mpo.errors import MpoError
+from mpo.models import absolute, classify
+from mpo.records import atomic_write_text, read_text
+
+# Paths in a recipe mean what they mean from the working directory the command runs in: they are
+# made absolute when the recipe loads. Model references stay Hub ids where they are no local path
+# (mpo.models.classify).
+LocalPath = Annotated[str, AfterValidator(absolute)]
+ModelRef = Annotated[str, AfterValidator(classify)]
 
 
-class ConfigError(ValueError):
+class ConfigError(MpoError):
     """A recipe or override that does not resolve; one line per problem."""
 
 
@@ -26,7 +42,7 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    output_dir: str = "runs/mpo"
+    output_dir: LocalPath = Field("runs/mpo", validate_default=True)
     seed: int = 0
     report_to: Literal["none", "wandb"] = "none"
     wandb_project: str = "mpo"
@@ -34,8 +50,8 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    policy: str | None = None
-    reward_model: str | None = None
+    policy: ModelRef | None = None
+    reward_model: ModelRef | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Visual-token budget per image, in pixels (one visual token covers 28x28 after merging).
@@ -51,9 +67,9 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str | None = None
-    preferences: str | None = None
-    image_root: str | None = None
+    prompts: LocalPath | None = None
+    preferences: LocalPath | None = None
+    image_root: LocalPath | None = None
     on_bad_image: Literal["error", "skip"] = "error"
 
 
@@ -68,6 +84,8 @@ class RolloutConfig(Section):
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
+    # A prompt that leaves no room to generate under the policy's limit: stop, or skip it (counted).
+    on_too_long: Literal["error", "skip"] = "error"
     weight_refresh: Literal["reload", "restart"] = "reload"
 
 
@@ -131,7 +149,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     reference: Literal["precomputed", "live"] = "precomputed"
     # The reference policy's folder; default: the policy training starts from (model.policy).
-    reference_model: str | None = None
+    reference_model: ModelRef | None = None
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(500, ge=1)
 
@@ -147,7 +165,7 @@ class IterateConfig(Section):
 
 class RewardStageConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    data: list[str]
+    data: list[LocalPath]
     # Which pairs of the data this stage trains on: those with images, those without, or all.
     modality: Literal["all", "multimodal", "text"] = "all"
     learning_rate: float = Field(1e-5, gt=0)
@@ -163,7 +181,7 @@ class RewardStageConfig(Section):
 
 class RewardTrainConfig(Section):
     # Start of the first stage: a reward model folder, or a plain Qwen2.5-VL one (fresh value head).
-    init_from: str | None = None
+    init_from: ModelRef | None = None
     stages: list[RewardStageConfig] = Field(default_factory=list)
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -277,7 +295,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise ConfigError(f"{path}: recipe not found")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -290,7 +308,10 @@ def to_yaml(recipe: Recipe) -> str:
 
 
 def save_resolved(recipe: Recipe, run_dir: str | Path) -> Path:
-    """Write the resolved recipe as ``config.yaml`` in the run folder (atomically)."""
+    """Write the resolved recipe as ``config.yaml`` in the run folder (atomically; a file that
+    already says the same is left untouched, so a rerun of a finished run changes nothing)."""
     path = Path(run_dir) / "config.yaml"
-    atomic_write_text(path, to_yaml(recipe))
+    text = to_yaml(recipe)
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        atomic_write_text(path, text)
     return path

@@ -18,15 +18,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpo.records import PreferencePair, Prompt, RecordError, from_dict, iter_jsonl
+from mpo.errors import MpoError
+from mpo.images import ImageError, check_image
+from mpo.records import (
+    PreferencePair,
+    Prompt,
+    RecordError,
+    atomic_write_bytes,
+    from_dict,
+    iter_jsonl,
+    read_text,
+)
 
 
-class DataError(ValueError):
+class DataError(MpoError):
     """A data source or row that cannot be used; the message names file, row and field."""
 
 
@@ -35,32 +46,6 @@ class Loaded:
     records: list
     sources: list[str] = field(default_factory=list)  # where each record came from: file:line / file:row N
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
-
-
-def open_image(path: str | Path):
-    """Open an image as RGB, with an error that names the path."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"image unreadable: {path} ({err})") from None
-
-
-def check_image(path: str | Path) -> None:
-    """Verify an image file without keeping it decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"image unreadable: {path} ({err})") from None
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
@@ -80,7 +65,7 @@ def _rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
 
 def _mmpr_rows(meta_path: Path) -> Iterator[tuple[str, dict, Path]]:
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_text(meta_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{meta_path}: not valid JSON ({err.msg})") from None
     if not isinstance(meta, dict):
@@ -145,10 +130,9 @@ def _image_list(row: dict, where: str, image_cache: Path | None) -> list[str]:
 def _materialise(data: bytes, where: str, image_cache: Path | None) -> str:
     if image_cache is None:
         raise DataError(f"{where}: row embeds image bytes; pass image_cache (a folder to write them to)")
-    image_cache.mkdir(parents=True, exist_ok=True)
     target = image_cache / (hashlib.sha256(data).hexdigest()[:32] + ".img")
     if not target.exists():
-        target.write_bytes(data)
+        atomic_write_bytes(target, data)
     return str(target)
 
 
@@ -197,14 +181,17 @@ def _pair(row: dict, where: str, index: int, stem: str, image_cache: Path | None
 
 
 def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
+    from mpo.chat import count_image_parts
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data source not found")
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    cache = Path(image_cache) if image_cache is not None else None
+    cache = Path(image_cache).absolute() if image_cache is not None else None
     build = _prompt if kind == "prompts" else _pair
     loaded = Loaded(records=[])
+    first_seen: dict[str, str] = {}
     for index, (where, row, default_root) in enumerate(_rows(path)):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -212,8 +199,17 @@ def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
             record = build(row, where, index, path.stem, cache)
         except RecordError as err:
             raise DataError(str(err)) from None
+        if kind == "prompts":
+            if record.prompt_id in first_seen:
+                raise DataError(f"{where}: field 'prompt_id': {record.prompt_id!r} repeats "
+                                f"{first_seen[record.prompt_id]}; prompt ids must be unique")
+            first_seen[record.prompt_id] = where
+        parts = count_image_parts(record.messages)
+        if parts != len(record.images):
+            raise DataError(f"{where}: field 'images': the messages have {parts} image part(s) but "
+                            f"{len(record.images)} image(s) are listed")
         root = Path(image_root) if image_root is not None else default_root
-        record.images = [str(p if Path(p).is_absolute() else root / p) for p in record.images]
+        record.images = [os.path.abspath(p if Path(p).is_absolute() else root / p) for p in record.images]
         problem = _first_bad_image(record.images)
         if problem:
             message = f"{where}: field 'images': {problem}"
@@ -230,7 +226,7 @@ def _first_bad_image(paths: list[str]) -> str | None:
     for image in paths:
         try:
             check_image(image)
-        except DataError as err:
+        except ImageError as err:
             return str(err)
     return None
 

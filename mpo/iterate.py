@@ -16,6 +16,13 @@ writes its file atomically and is skipped when that file exists; rollout and sco
 chunks; training resumes from the Trainer's last checkpoint. So a run killed at any moment and started
 again continues where it stopped and produces the same pairs. Each stage is also a command of its own
 (``mpo rollout|score|pairs|train RECIPE --round N``).
+
+Each stage's output is reused only if it was made the same way (``mpo.stages.check_key``: the
+policy, reward model and reference, the prompt set's content and the settings that change results,
+kept in ``<stage>.key.json`` beside it); the run folder is locked while a command works in it
+(``mpo.run_lock``). Prompts are checked before any model loads (ids, images, and their token
+lengths against the policy's limit, ``rollout.on_too_long``). A finished run started again reads
+its rounds back and writes nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +33,22 @@ import time
 from pathlib import Path
 
 from mpo.config import Recipe
+from mpo.errors import MpoError
+from mpo.models import folder_identity
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
-from mpo.stages import chunk_seed, run_chunked
+from mpo.stages import check_key, chunk_seed, digest, records_digest, run_chunked
+
+# The settings that change what a stage makes (beyond its inputs and models); the rest (logging,
+# W&B, engine memory, parallel layout, iterate.rounds) may change between runs of one folder.
+ROLLOUT_SETTINGS = ("rollout.backend", "rollout.num_samples", "rollout.temperature", "rollout.top_p",
+                    "rollout.max_tokens", "rollout.seed", "rollout.max_model_len", "rollout.on_too_long",
+                    "model.dtype", "model.attn_implementation", "model.min_pixels", "model.max_pixels",
+                    "iterate.rollout_chunk")
+SCORE_SETTINGS = ("model.dtype", "model.attn_implementation", "model.min_pixels", "model.max_pixels",
+                  "iterate.score_chunk")
+TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
+                  "model.max_pixels", "run.seed", "iterate.reference")
+STAGES = ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "train", "manifest.json")
 
 
 class RoundLayout:
@@ -47,11 +68,11 @@ class RoundLayout:
         """The policy that round ``n`` rolls out from."""
         if n == 0:
             if not self.recipe.model.policy:
-                raise ValueError("model.policy: the starting policy folder is required")
+                raise MpoError("model.policy: the starting policy folder is required")
             return Path(self.recipe.model.policy)
         manifest = self.manifest(n - 1)
         if manifest is None:
-            raise RuntimeError(f"round {n - 1} is not finished ({self.file(n - 1, 'manifest.json')} missing)")
+            raise MpoError(f"round {n - 1} is not finished ({self.file(n - 1, 'manifest.json')} missing)")
         return Path(manifest["policy_out"])
 
     def reference(self, n: int) -> Path:
@@ -61,12 +82,64 @@ class RoundLayout:
         path = self.file(n, "manifest.json")
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
+    def redo(self, n: int, stage: str) -> str:
+        """What to delete to make round ``n``'s ``stage`` again (it, what follows it, later rounds)."""
+        names = STAGES[STAGES.index(stage):]
+        later = f" and every round after {self.round_dir(n).name}" if n + 1 < self.recipe.iterate.rounds else ""
+        return f"{self.round_dir(n)}/{{{','.join(n.split('.')[0] for n in names)}}}*{later}"
+
+    def check_finished(self, prompts: list[Prompt]) -> None:
+        """Compare every finished or partial stage's key with this run's before anything is written
+        (so a refused run leaves the folder, ``config.yaml`` included, as it was)."""
+        from mpo.stages import key_path
+        from mpo.training import KEY_FILE
+
+        for n in range(self.recipe.iterate.rounds):
+            stages = [("rollouts.jsonl", self.rollout_key), ("scored.jsonl", self.score_key),
+                      ("pairs.jsonl", self.pairs_key)]
+            for name, key in stages:
+                if key_path(self.file(n, name)).exists():
+                    check_key(self.file(n, name), key(n, prompts), self.redo(n, name))
+            if (self.file(n, "train") / KEY_FILE).exists():
+                check_key(self.file(n, "train"), self.train_key(n, prompts), self.redo(n, "train"),
+                          key_file=self.file(n, "train") / KEY_FILE)
+            if self.manifest(n) is None:
+                return
+
+    def settings(self, names) -> dict:
+        """``{"section.key": value}`` of the named settings (a bare section name: all of it)."""
+        dump = self.recipe.model_dump(mode="json")
+        out = {}
+        for name in names:
+            section, _, key = name.partition(".")
+            value = dump[section] if not key else dump[section][key]
+            out.update({f"{section}.{k}": v for k, v in value.items()} if not key else {name: value})
+        return out
+
+    def rollout_key(self, n: int, prompts: list[Prompt]) -> dict:
+        return {"round": n, "policy": folder_identity(self.policy(n)), "prompts": records_digest(prompts),
+                **self.settings(ROLLOUT_SETTINGS)}
+
+    def score_key(self, n: int, prompts: list[Prompt]) -> dict:
+        return {"rollouts": digest(self.rollout_key(n, prompts)),
+                "model.reward_model": folder_identity(self.recipe.model.reward_model or ""),
+                **self.settings(SCORE_SETTINGS)}
+
+    def pairs_key(self, n: int, prompts: list[Prompt]) -> dict:
+        return {"scored": digest(self.score_key(n, prompts)), **self.settings(["pairs"])}
+
+    def train_key(self, n: int, prompts: list[Prompt]) -> dict:
+        return {"pairs": digest(self.pairs_key(n, prompts)), "policy": folder_identity(self.policy(n)),
+                "reference": folder_identity(self.reference(n)), **self.settings(TRAIN_SETTINGS)}
+
 
 def load_round_prompts(recipe: Recipe) -> list[Prompt]:
+    """The recipe's prompts, checked before any model loads: ids, images and token lengths against
+    the policy's limit, with ``rollout.on_too_long``."""
     from mpo.data import load_prompts
 
     if not recipe.data.prompts:
-        raise ValueError("data.prompts: a prompt set (jsonl, parquet or dataset folder) is required")
+        raise MpoError("data.prompts: a prompt set (jsonl, parquet or dataset folder) is required")
     loaded = load_prompts(recipe.data.prompts, image_root=recipe.data.image_root,
                           on_bad_image=recipe.data.on_bad_image,
                           image_cache=Path(recipe.run.output_dir) / "image_cache")
@@ -74,18 +147,76 @@ def load_round_prompts(recipe: Recipe) -> list[Prompt]:
         print(f"skipped (bad image): {message}")
     if loaded.skipped:
         print(f"{len(loaded.skipped)} prompt(s) skipped for bad images, {len(loaded.records)} kept")
-    if not loaded.records:
-        raise ValueError(f"{recipe.data.prompts}: no usable prompts")
-    return loaded.records
+    prompts, sources = loaded.records, loaded.sources
+    if prompts:
+        prompts = drop_too_long(recipe, prompts, sources)
+    if not prompts:
+        raise MpoError(f"{recipe.data.prompts}: no usable prompts")
+    return prompts
 
 
-def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], backend) -> list[Rollout]:
+def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str]) -> list[Prompt]:
+    """Prompts whose tokens (image tokens included) leave no room to generate under the policy's
+    limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted."""
+    from mpo.chat import ChatEncoder
+    from mpo.images import image_size
+    from mpo.models import max_positions, model_folder, recipe_processor
+
+    folder = model_folder(recipe.model.policy or "", "model.policy")
+    limit = recipe.rollout.max_model_len or max_positions(folder)
+    encoder = ChatEncoder(recipe_processor(folder, recipe.model))
+    kept, skipped = [], []
+    for prompt, where in zip(prompts, sources):
+        length = encoder.prompt_length(prompt.messages, [image_size(p) for p in prompt.images])
+        if length < limit:
+            kept.append(prompt)
+            continue
+        message = (f"{where}: the prompt is {length} tokens (image tokens included); the policy takes at most "
+                   f"{limit} (rollout.max_model_len, else the model's max_position_embeddings)")
+        if recipe.rollout.on_too_long == "error":
+            raise MpoError(f"{message}: shorten it, lower model.max_pixels, or skip such prompts "
+                           "(rollout.on_too_long=skip)")
+        skipped.append(message)
+    for message in skipped[:10]:
+        print(f"skipped (too long): {message}")
+    if skipped:
+        print(f"{len(skipped)} prompt(s) skipped as too long for the policy, {len(kept)} kept")
+    return kept
+
+
+class Engines:
+    """The rollout backend and the scorer of a run, each built when a stage first needs them (a
+    finished run loads neither), and closed together."""
+
+    def __init__(self, recipe: Recipe, backend=None, scorer=None):
+        self.recipe, self._backend, self._scorer = recipe, backend, scorer
+
+    def backend(self, policy: Path):
+        if self._backend is None:
+            from mpo.rollout import make_backend
+
+            self._backend = make_backend(self.recipe.rollout, self.recipe.model, policy)
+        self._backend.refresh(policy)
+        return self._backend
+
+    def scorer(self):
+        if self._scorer is None:
+            self._scorer = make_scorer(self.recipe)
+        return self._scorer
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+
+def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], engines: Engines) -> list[Rollout]:
     """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy."""
     recipe = layout.recipe
     out = layout.file(n, "rollouts.jsonl")
+    check_key(out, layout.rollout_key(n, prompts), layout.redo(n, "rollouts.jsonl"))
     if out.exists():
         return read_jsonl(out, Rollout)
-    backend.refresh(layout.policy(n))
+    backend = engines.backend(layout.policy(n))
 
     def generate(chunk, seed):
         return backend.generate(chunk, num_samples=recipe.rollout.num_samples, seed=seed)
@@ -94,25 +225,33 @@ def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], backend) -
                        seed=chunk_seed(recipe.rollout.seed, "rollout", n))
 
 
-def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], scorer
+def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], engines: Engines
                 ) -> list[ScoredRollout]:
     """Score every rollout with the in-process reward model (empty responses too: pairs counts them)."""
     by_id = {p.prompt_id: p for p in prompts}
+    out = layout.file(n, "scored.jsonl")
+    check_key(out, layout.score_key(n, prompts), layout.redo(n, "scored.jsonl"))
+    if out.exists():
+        return read_jsonl(out, ScoredRollout)
+    missing = sorted({r.prompt_id for r in rollouts} - set(by_id))
+    if missing:
+        raise MpoError(f"{layout.file(n, 'rollouts.jsonl')}: rollouts of prompts that are not in data.prompts "
+                       f"({', '.join(map(repr, missing[:3]))}); delete {layout.redo(n, 'rollouts.jsonl')}")
 
     def score(chunk, _seed):
         items = [{"messages": by_id[r.prompt_id].messages, "images": by_id[r.prompt_id].images,
                   "response": r.response, "where": f"{r.prompt_id}#{r.sample_idx}"} for r in chunk]
-        rewards = scorer.score(items)
+        rewards = engines.scorer().score(items)
         return [ScoredRollout(**r.__dict__, reward=float(value)) for r, value in zip(chunk, rewards)]
 
-    return run_chunked(rollouts, layout.file(n, "scored.jsonl"), ScoredRollout, score,
-                       chunk_size=layout.recipe.iterate.score_chunk)
+    return run_chunked(rollouts, out, ScoredRollout, score, chunk_size=layout.recipe.iterate.score_chunk)
 
 
 def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list[ScoredRollout]):
     from mpo.pairs import build_pairs, read_pair_stats, write_pair_stats
 
     out, stats_path = layout.file(n, "pairs.jsonl"), layout.file(n, "pair_stats.json")
+    check_key(out, layout.pairs_key(n, prompts), layout.redo(n, "pairs.jsonl"))
     if out.exists() and stats_path.exists():
         return read_jsonl(out, PreferencePair), read_pair_stats(stats_path)
     pairs, stats = build_pairs(prompts, scored, layout.recipe.pairs)
@@ -134,22 +273,21 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
     return recipe
 
 
-def stage_train(layout: RoundLayout, n: int, num_pairs: int) -> Path:
+def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int) -> Path:
     """MPO on the round's pairs; a round without pairs keeps its policy (counted in the manifest)."""
-    from mpo.training import run_training
+    from mpo.training import KEY_FILE, run_training
 
-    policy_dir = layout.file(n, "train") / "policy"
-    if (layout.file(n, "train") / "mpo_state.json").exists():  # written after the policy: training finished
-        return policy_dir
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
         return layout.policy(n)
     train_dir = layout.file(n, "train")
+    key = layout.train_key(n, prompts)
+    check_key(train_dir, key, layout.redo(n, "train"), key_file=train_dir / KEY_FILE)
+    if (train_dir / "mpo_state.json").exists():  # written after the policy: training finished
+        return train_dir / "policy"
     resume = any(train_dir.glob("checkpoint-*"))
     print(f"round {n}: MPO on {num_pairs} pairs")
-    return run_training(round_recipe(layout, n), resume=resume, quiet=True)
-
-
+    return run_training(round_recipe(layout, n), resume=resume, quiet=True, key=key)
 def rollout_metrics(scored: list[ScoredRollout]) -> dict:
     rewards = [s.reward for s in scored]
     deciles = statistics.quantiles(rewards, n=10, method="inclusive") if len(rewards) > 1 else rewards * 9
@@ -193,31 +331,33 @@ def finish_round(layout: RoundLayout, n: int, scored, stats, policy_out: Path, s
     return manifest
 
 
-def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], backend, scorer, extra_metrics=None) -> dict:
-    """One round, every finished stage skipped; returns the round's manifest."""
-    done = layout.manifest(n)
-    if done is not None:
-        return done
+def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], engines: Engines, extra_metrics=None) -> dict:
+    """One round, every finished stage checked against its key and skipped; returns the manifest."""
     seconds = {}
     start = time.perf_counter()
-    rollouts = stage_rollout(layout, n, prompts, backend)
+    rollouts = stage_rollout(layout, n, prompts, engines)
     seconds["rollout"], start = time.perf_counter() - start, time.perf_counter()
-    scored = stage_score(layout, n, prompts, rollouts, scorer)
+    scored = stage_score(layout, n, prompts, rollouts, engines)
     seconds["score"], start = time.perf_counter() - start, time.perf_counter()
     pairs, stats = stage_pairs(layout, n, prompts, scored)
     seconds["pairs"], start = time.perf_counter() - start, time.perf_counter()
-    policy_out = stage_train(layout, n, len(pairs))
+    policy_out = stage_train(layout, n, prompts, len(pairs))
     seconds["train"] = time.perf_counter() - start
+    done = layout.manifest(n)
+    if done is not None:
+        return done
     extra = extra_metrics(prompts, scored) if extra_metrics else {}
     return finish_round(layout, n, scored, stats, policy_out, seconds, extra)
 
 
 def make_scorer(recipe: Recipe):
+    from mpo.models import model_folder
     from reward.scorer import Scorer
 
     if not recipe.model.reward_model:
-        raise ValueError("model.reward_model: a reward model folder (Skywork layout) is required")
-    return Scorer(recipe.model.reward_model, dtype=recipe.model.dtype,
+        raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
+    folder = model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
+    return Scorer(folder, dtype=recipe.model.dtype,
                   attn_implementation=recipe.model.attn_implementation,
                   min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
                   allow_empty=True, progress=False)
@@ -225,25 +365,41 @@ def make_scorer(recipe: Recipe):
 
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
     """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests."""
-    from mpo.config import save_resolved, to_yaml
+    from mpo.config import save_resolved
     from mpo.report import RunReport
-    from mpo.rollout import make_backend
+    from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
-    print(to_yaml(recipe), end="")
-    save_resolved(recipe, layout.run_dir)
-    prompts = load_round_prompts(recipe)
-    report = RunReport(recipe, layout.run_dir)
-    manifests = []
-    backend = backend or make_backend(recipe.rollout, recipe.model, layout.policy(0))
-    scorer = scorer or make_scorer(recipe)
-    try:
-        for n in range(recipe.iterate.rounds):
-            manifest = run_round(layout, n, prompts, backend, scorer, extra_metrics)
-            manifests.append(manifest)
-            report.round_done(manifest, layout.file(n, "scored.jsonl"), prompts)
-    finally:
-        backend.close()
-    report.finish(manifests)
+    with run_lock(layout.run_dir):
+        check_models(recipe)
+        prompts = load_round_prompts(recipe)
+        layout.check_finished(prompts)
+        print(f"resolved recipe: {save_resolved(recipe, layout.run_dir)}")
+        report = RunReport(recipe, layout.run_dir)
+        engines = Engines(recipe, backend, scorer)
+        manifests = []
+        try:
+            for n in range(recipe.iterate.rounds):
+                finished = layout.manifest(n) is not None
+                if not finished:
+                    report.start()
+                manifest = run_round(layout, n, prompts, engines, extra_metrics)
+                manifests.append(manifest)
+                if not finished:
+                    report.round_done(manifest, layout.file(n, "scored.jsonl"), prompts)
+        finally:
+            engines.close()
+        report.finish(manifests)
     return manifests
+
+
+def check_models(recipe: Recipe) -> None:
+    """Every model the rounds will load, checked before the first loads (one line naming the key)."""
+    from mpo.models import model_folder
+
+    model_folder(recipe.model.policy or "", "model.policy")
+    if not recipe.model.reward_model:
+        raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
+    model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
+    if recipe.train.reference_model:
+        model_folder(recipe.train.reference_model, "train.reference_model")

@@ -49,6 +49,7 @@ from itertools import combinations
 from pathlib import Path
 
 from mpo.config import PairsConfig
+from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, ScoredRollout, from_dict, write_json
 
 PAIR_REASONS = ("identical_text", "tie", "empty_response", "below_margin", "length_ratio")
@@ -117,7 +118,7 @@ def margin_histogram(margins: list[float], edges: list[float] | None = None, bin
         edges = [low + (high - low) * i / bins for i in range(bins)] + [high]
     edges = [float(e) for e in edges]
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"histogram edges must be >= 2 increasing values, got {edges}")
+        raise MpoError(f"histogram edges must be >= 2 increasing values, got {edges}")
     counts = [0] * (len(edges) - 1)
     outside = 0
     for m in margins:
@@ -207,9 +208,9 @@ def _index_prompts(prompts: dict[str, Prompt] | list[Prompt]) -> dict[str, Promp
     index: dict[str, Prompt] = {}
     for key, prompt in items:
         if key != prompt.prompt_id:
-            raise ValueError(f"prompts[{key!r}] holds prompt_id {prompt.prompt_id!r}")
+            raise MpoError(f"prompts[{key!r}] holds prompt_id {prompt.prompt_id!r}")
         if key in index:
-            raise ValueError(f"prompt_id {key!r} appears twice in prompts")
+            raise MpoError(f"prompt_id {key!r} appears twice in prompts")
         index[key] = prompt
     return index
 
@@ -219,11 +220,11 @@ def _group(scored: list[ScoredRollout], prompts: dict[str, Prompt]) -> dict[str,
     for s in scored:
         where = f"prompt_id={s.prompt_id!r} sample_idx={s.sample_idx}"
         if not isinstance(s.reward, (int, float)) or not math.isfinite(s.reward):
-            raise ValueError(f"{where}: reward {s.reward!r} is not a finite number")
+            raise MpoError(f"{where}: reward {s.reward!r} is not a finite number")
         if s.prompt_id not in prompts:
-            raise ValueError(f"{where}: no such prompt")
+            raise MpoError(f"{where}: no such prompt")
         if s.sample_idx in groups.setdefault(s.prompt_id, {}):
-            raise ValueError(f"{where}: sample appears twice")
+            raise MpoError(f"{where}: sample appears twice")
         groups[s.prompt_id][s.sample_idx] = s
     return {pid: [g[i] for i in sorted(g)] for pid, g in groups.items()}
 
@@ -283,7 +284,7 @@ def _correct(s: ScoredRollout, prompt: Prompt) -> bool | None:
     score = s.rule_scores.get("answer")
     if score is not None:
         if score not in (0, 1):
-            raise ValueError(f"prompt_id={s.prompt_id!r} sample_idx={s.sample_idx}: "
+            raise MpoError(f"prompt_id={s.prompt_id!r} sample_idx={s.sample_idx}: "
                              f"rule_scores['answer'] must be 0 or 1, got {score!r}")
         return score == 1
     return None if prompt.answer is None else answer_is_correct(s.response, prompt.answer)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mpo.errors import MpoError
 
-class RecordError(ValueError):
+
+class RecordError(MpoError):
     """A JSONL line that does not hold a valid record; the message names file and line."""
 
 
@@ -140,16 +142,44 @@ def to_dict(record: Any) -> dict:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, decoded_object)`` for each non-blank line; bad JSON names file:line."""
+    """Yield ``(line_number, decoded_object)`` for each non-blank line; bad JSON or bytes that are
+    not UTF-8 name file:line."""
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = decode_line(raw, f"{path}:{number}", first=number == 1)
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise RecordError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    """One line of a text file as UTF-8 (a leading byte-order mark dropped), or an error naming
+    the line, the column and the byte."""
+    if first and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole text file as UTF-8, or an error naming the first line that is not."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+            decode_line(raw, f"{path}:{number}", first=number == 1)
+        raise
 
 
 def read_jsonl(path: str | os.PathLike, cls: type[R]) -> list[R]:
@@ -174,22 +204,34 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
 
 def atomic_write_text(path: str | os.PathLike, chunks: Iterable[str] | str) -> None:
     """Write text to ``path`` through a temporary file in the same folder and a rename."""
+    def write(handle):
+        for chunk in [chunks] if isinstance(chunks, str) else chunks:
+            handle.write(chunk.encode("utf-8"))
+
+    _atomic_write(path, write)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file in the same folder and a rename."""
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    from mpo.errors import writing_into
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            if isinstance(chunks, str):
-                handle.write(chunks)
-            else:
-                for chunk in chunks:
-                    handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing_into(path.parent, f"writing {path.name}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -13,13 +13,14 @@ import json
 import uuid
 from pathlib import Path
 
-from mpo.records import PreferencePair, ScoredRollout, read_jsonl, write_json
+from mpo.records import PreferencePair, ScoredRollout, atomic_write_text, read_jsonl, write_json
 
 TABLE_COLUMNS = [
     ("round", "{:>5}"), ("reward/mean", "{:>11.3f}"), ("reward/p50", "{:>10.3f}"), ("pairs/kept", "{:>10}"),
     ("pairs/margin_mean", "{:>12.3f}"), ("train/loss", "{:>10.4f}"), ("train/delta", "{:>9.4f}"),
 ]
 SAMPLE_PROMPTS = 4  # prompts per round shown in the W&B rollout table
+PLOTS = ("reward_by_round", "pair_margins", "loss_parts", "delta")
 
 
 def format_round_table(rows: list[dict]) -> str:
@@ -39,11 +40,17 @@ def format_round_table(rows: list[dict]) -> str:
 
 
 class RunReport:
+    """The run's report. W&B opens at :meth:`start` (before the first round that does work, so the
+    trainer logs into the same run); a finished run read back opens nothing and rewrites nothing."""
+
     def __init__(self, recipe, run_dir: Path):
+        self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.wandb = None
-        if recipe.run.report_to == "wandb":
-            self.wandb = _start_wandb(recipe, self.run_dir)
+
+    def start(self) -> None:
+        if self.recipe.run.report_to == "wandb" and self.wandb is None:
+            self.wandb = _start_wandb(self.recipe, self.run_dir)
 
     def round_done(self, manifest: dict, scored_path: Path, prompts) -> None:
         metrics = manifest["metrics"]
@@ -55,8 +62,14 @@ class RunReport:
 
     def finish(self, manifests: list[dict]) -> Path:
         rows = [m["metrics"] for m in manifests]
-        write_json(self.run_dir / "summary.json", {"rounds": rows})
-        plots = write_plots(self.run_dir, rows)
+        path = self.run_dir / "summary.json"
+        summary = json.loads(json.dumps({"rounds": rows}))
+        same = path.is_file() and json.loads(path.read_text(encoding="utf-8")) == summary
+        if not same:
+            write_json(path, summary)
+        plots = [self.run_dir / "plots" / f"{name}.png" for name in PLOTS]
+        if not same or not all(plot.is_file() for plot in plots):
+            plots = write_plots(self.run_dir, rows)
         print(format_round_table(rows))
         print(f"summary: {self.run_dir / 'summary.json'}; plots: {', '.join(str(p) for p in plots)}")
         if self.wandb is not None:
@@ -71,8 +84,9 @@ def _start_wandb(recipe, run_dir: Path):
     import wandb
 
     id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    if not id_file.exists():
+        atomic_write_text(id_file, uuid.uuid4().hex[:12])
+    run_id = id_file.read_text().strip()
     wandb.init(project=recipe.run.wandb_project, group=recipe.run.wandb_group, name=run_dir.name, id=run_id,
                resume="allow", dir=str(run_dir), config=recipe.model_dump(mode="json"))
     wandb.define_metric("round")

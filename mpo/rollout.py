@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from mpo.errors import MpoError
 from mpo.records import Prompt, Rollout
 
 if TYPE_CHECKING:
     from mpo.config import ModelConfig, RolloutConfig
 
 
-class RolloutError(ValueError):
+class RolloutError(MpoError):
     """A rollout request that cannot be served (bad policy folder, too many images, bad count)."""
 
 
@@ -45,15 +46,14 @@ def policy_label(policy_dir: str | Path) -> str:
 
 
 def check_policy_dir(policy_dir: str | Path) -> Path:
-    path = Path(policy_dir)
-    if not (path / "config.json").is_file():
-        what = "not found" if not path.exists() else "has no config.json (not a model folder)"
-        raise RolloutError(f"policy folder {path}: {what}")
-    return path
+    """A policy folder (or Hub id) checked as a model folder: one line naming what is wrong."""
+    from mpo.models import model_folder
+
+    return model_folder(policy_dir, "policy")
 
 
 def load_images(prompt: Prompt) -> list:
-    from mpo.data import open_image
+    from mpo.images import open_image
 
     return [open_image(path) for path in prompt.images]
 
@@ -146,19 +146,17 @@ class HFBackend(Backend):
 
     def _load(self, policy_dir: Path) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         from mpo.chat import ChatEncoder
+        from mpo.models import recipe_processor
 
         mc = self.model_config
-        self.processor = AutoProcessor.from_pretrained(
-            policy_dir, size={"shortest_edge": mc.min_pixels, "longest_edge": mc.max_pixels},
-            trust_remote_code=mc.trust_remote_code,
-        )
+        self.processor = recipe_processor(policy_dir, mc)
         self.encoder = ChatEncoder(self.processor)
         self.model = AutoModelForImageTextToText.from_pretrained(
             policy_dir, dtype=getattr(torch, mc.dtype), attn_implementation=mc.attn_implementation,
-            trust_remote_code=mc.trust_remote_code,
+            trust_remote_code=mc.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
         self.eos_ids = _eos_ids(self.model.generation_config, self.encoder.tokenizer)
         tokenizer = self.encoder.tokenizer

@@ -95,17 +95,12 @@ class VLLMBackend(Backend):
         return args
 
     def _start(self, policy_dir: Path) -> None:
-        from transformers import AutoProcessor
         from vllm import LLM
 
         from mpo.chat import ChatEncoder
+        from mpo.models import recipe_processor
 
-        mc = self.model_config
-        processor = AutoProcessor.from_pretrained(
-            policy_dir, size={"shortest_edge": mc.min_pixels, "longest_edge": mc.max_pixels},
-            trust_remote_code=mc.trust_remote_code,
-        )
-        self.encoder = ChatEncoder(processor)
+        self.encoder = ChatEncoder(recipe_processor(policy_dir, self.model_config))
         self.llm = LLM(**self.engine_args(policy_dir))
         self._tied = _tied_embeddings(policy_dir)
 

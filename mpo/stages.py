@@ -8,17 +8,25 @@ file, which is ignored: nothing finished is recomputed and nothing partial is tr
 
 Each chunk gets its own seed derived from (base seed, chunk index), so a resumed stage produces the
 same records as an uninterrupted one.
+
+What made a stage's output is kept beside it (:func:`check_key`: ``<output stem>.key.json``, written
+before the work starts): the models' identities, the input's content digest and the settings that
+change results. Finished or partial work made with anything else is never reused; the run stops
+with one line naming what changed and what to delete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from mpo.records import read_jsonl, write_json, write_jsonl
+from mpo.errors import MpoError, RunFolderError
+from mpo.records import read_jsonl, to_dict, write_json, write_jsonl
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,7 +61,7 @@ def run_chunked(
     if output.exists():
         return read_jsonl(output, record_cls)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise MpoError(f"chunk_size must be >= 1, got {chunk_size}")
     parts = parts_dir(output)
     _check_layout(parts, {"chunk_size": chunk_size, "num_items": len(items), "seed": seed})
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
@@ -77,11 +85,9 @@ def _check_layout(parts: Path, layout: dict) -> None:
     """Finished chunks are reused only if they were cut the same way from the same items."""
     meta = parts / "layout.json"
     if meta.exists():
-        import json
-
         found = json.loads(meta.read_text(encoding="utf-8"))
         if found != layout:
-            raise ValueError(
+            raise RunFolderError(
                 f"{parts}: finished chunks were made with {found}, this run asks for {layout}; "
                 "rerun with the same settings or delete the folder to start the stage again"
             )
@@ -90,13 +96,69 @@ def _check_layout(parts: Path, layout: dict) -> None:
         write_json(meta, layout)
 
 
+def key_path(output: str | os.PathLike) -> Path:
+    """Where the key of ``output`` (a stage's file or folder) is kept: ``<stem>.key.json`` beside it."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.key.json")
+
+
+def digest(value: Any) -> str:
+    """A short content digest of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def records_digest(records: Sequence[Any]) -> str:
+    """Content digest of records (dataclasses) and of the files their ``images`` name (size and
+    modification time: opening every image again is what loading already did)."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(to_dict(record), sort_keys=True).encode())
+        for image in getattr(record, "images", ()):
+            stat = os.stat(image)
+            h.update(f"|{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_file: Path | None = None) -> None:
+    """Reuse of ``output``'s finished or partial work is allowed only for the same ``key``.
+
+    The first call writes the key; later calls compare. A difference stops with one line naming the
+    changed entries and ``redo`` (what to delete to make the stage again with the new settings).
+    Output from before keys were kept is adopted, with a note. ``key_file`` defaults to
+    :func:`key_path`."""
+    path = key_file or key_path(output)
+    key = json.loads(json.dumps(key, default=str))  # as it reads back
+    if not path.exists():
+        if Path(output).exists():
+            print(f"{output}: made before stage keys were kept; reused as it is")
+        write_json(path, key)
+        return
+    found = json.loads(path.read_text(encoding="utf-8"))
+    if found == key:
+        return
+    changed = sorted(set(found) | set(key), key=lambda k: (k not in key, k))
+    changed = [k for k in changed if found.get(k) != key.get(k)]
+    described = [f"{k}: {_shown(found[k])} -> {_shown(key[k])}"
+                 if k in found and k in key and not isinstance(key[k], (list, dict)) else f"{k} changed"
+                 for k in changed[:4]]
+    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise RunFolderError(
+        f"{output}: made with other settings ({'; '.join(described)}{more}); rerun with the earlier "
+        f"settings, or delete {redo} to redo it with these"
+    )
+
+
 def last_complete_checkpoint(folder: str | Path) -> str | None:
     """The newest ``checkpoint-N`` under ``folder`` that was written to the end, or None.
 
     transformers writes a checkpoint's files one by one and ``trainer_state.json`` last, and picks
     the highest-numbered folder on resume even if a kill cut it short. A checkpoint counts here only
     when its ``trainer_state.json`` exists and parses, so a half-written one is passed over."""
-    import json
     import re
 
     folder = Path(folder)

@@ -41,6 +41,9 @@ from typing import Annotated, Any
 
 import typer
 
+from mpo.cli_common import guarded
+from mpo.errors import MpoError
+
 METRICS = ("rewards/margins", "rewards/accuracies", "loss", "loss/preference", "loss/quality", "loss/generation",
            "delta", "rewards/chosen", "rewards/rejected")
 RESERVED = ("run.output_dir",)  # each point's folder is the sweep's to choose
@@ -223,7 +226,7 @@ def run_points(sweep: Sweep, launch: str | None = None) -> None:
             print("$ " + shlex.join(command), flush=True)
             done = subprocess.run(command, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"grid point {point.name}: `{shlex.join(command)}` exited with "
+                raise MpoError(f"grid point {point.name}: `{shlex.join(command)}` exited with "
                                    f"status {done.returncode}")
         else:
             _train_in_process(sweep, point)
@@ -354,6 +357,7 @@ GRID_HELP = ("KEY=VALUES, repeatable; values separated by commas (or ;) outside 
              "e.g. --grid 'loss.weights=[0.8,0.2,1.0],[1,0,0]' --grid loss.beta=0.1,0.2")
 
 
+@guarded
 def sweep_command(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe for mpo train.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides for every point, e.g. train.max_steps=100")] = None,
@@ -366,21 +370,16 @@ def sweep_command(
     tail: Annotated[int, typer.Option(min=1, help="Average the last N logged steps of each point.")] = 5,
 ):
     """Grid sweep: one `mpo train` per point (cartesian product of the --grid values), then sweep.csv + sweep.png."""
-    from mpo.cli import fail
-
-    try:
-        sweep = plan(recipe, grid or [], overrides or [], name)
-        typer.echo(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.root}", err=print_commands)
-        if print_commands:
-            for point in sweep.points:
-                if not is_finished(point.out_dir):
-                    typer.echo(shlex.join(point_command(sweep, point, launch)))
-            return
-        if not report_only:
-            run_points(sweep, launch)
-        report(sweep, tail)
-    except (ValueError, RuntimeError) as err:  # config, data and launch errors: one named line each
-        fail(str(err))
+    sweep = plan(recipe, grid or [], overrides or [], name)
+    typer.echo(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.root}", err=print_commands)
+    if print_commands:
+        for point in sweep.points:
+            if not is_finished(point.out_dir):
+                typer.echo(shlex.join(point_command(sweep, point, launch)))
+        return
+    if not report_only:
+        run_points(sweep, launch)
+    report(sweep, tail)
 
 
 def register(app: typer.Typer) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from mpo.errors import MpoError
 from mpo.logprobs import PairLogps, pair_logps
 from mpo.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
 
@@ -170,7 +171,7 @@ class MPOTrainer(Trainer):
             return pair_logps(self.ref_model, inputs)
         peft_model = find_peft_model(model)
         if peft_model is None:
-            raise ValueError(
+            raise MpoError(
                 "no reference: the batch carries no precomputed reference log-probs, no ref_model was given "
                 "and the model has no adapter to disable (set train.reference or pass ref_model)"
             )
@@ -232,7 +233,7 @@ class MPOTrainer(Trainer):
         if path.is_file():
             self.delta.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
         elif self.delta.mode != "none":
-            raise FileNotFoundError(
+            raise MpoError(
                 f"{path}: checkpoint has no δ state (bco_delta={self.delta.mode}); cannot resume exactly"
             )
 

@@ -76,30 +76,28 @@ def add_lora(model, lora, freeze):
     return get_peft_model(model, config)
 
 
-def load_model(recipe, path):
+def load_model(recipe, path, key: str = "model.policy"):
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from mpo.models import model_folder
+
     return AutoModelForImageTextToText.from_pretrained(
-        path,
+        model_folder(path, key),
         dtype=getattr(torch, recipe.model.dtype),
         attn_implementation=recipe.model.attn_implementation,
         trust_remote_code=recipe.model.trust_remote_code,
+        use_safetensors=True,
     )
 
 
 def load_policy(recipe):
-    from transformers import AutoProcessor
+    from mpo.models import model_folder, recipe_processor
 
     if not recipe.model.policy:
         raise ConfigError("model.policy: a policy folder or hub id is required for mpo train")
-    model = load_model(recipe, recipe.model.policy)
-    processor = AutoProcessor.from_pretrained(
-        recipe.model.policy,
-        trust_remote_code=recipe.model.trust_remote_code,
-        size={"shortest_edge": recipe.model.min_pixels, "longest_edge": recipe.model.max_pixels},
-    )
-    return model, processor
+    folder = model_folder(recipe.model.policy, "model.policy")
+    return load_model(recipe, folder), recipe_processor(folder, recipe.model)
 
 
 def reference_fingerprint(recipe) -> str:
@@ -186,7 +184,7 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
     if t.freeze:
         freeze_parts(model, t.freeze)
     # the reference: train.reference_model when set (e.g. pi_0 in later rounds), else the start policy
-    separate = load_model(recipe, t.reference_model).eval() if t.reference_model else None
+    separate = load_model(recipe, t.reference_model, "train.reference_model").eval() if t.reference_model else None
     live_copy = None
     if t.reference == "live":
         live_copy = separate if separate is not None else (copy.deepcopy(model).eval() if t.lora is None else None)
@@ -243,49 +241,110 @@ def save_outputs(trainer, processor, recipe) -> Path:
     return policy_dir
 
 
-def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = False) -> Path:
+TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
+                  "model.max_pixels", "model.policy", "run.seed", "data.on_bad_image")
+KEY_FILE = "run_key.json"
+
+
+def training_key(recipe, pairs) -> dict:
+    """What a training run's checkpoints and outputs are made of: the pairs' content, the policy and
+    reference folders and every setting that changes the weights (logging and W&B may change)."""
+    from mpo.models import folder_identity
+    from mpo.stages import records_digest
+
+    dump = recipe.model_dump(mode="json")
+    key = {"pairs": records_digest(pairs), "policy files": folder_identity(recipe.model.policy or ""),
+           "reference files": folder_identity(recipe.train.reference_model or recipe.model.policy or "")}
+    for name in TRAIN_SETTINGS:
+        section, _, field = name.partition(".")
+        values = {field: dump[section][field]} if field else dump[section]
+        key.update({f"{section}.{k}": v for k, v in values.items() if k not in ("save_steps",)})
+    return key
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows of steps up to ``step`` (a resumed checkpoint's); a line cut short by a
+    kill is dropped. ``step`` 0 empties the file."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    from mpo.records import atomic_write_text
+
+    atomic_write_text(path, kept)
+
+
+def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = False, key: dict | None = None) -> Path:
     """``mpo train``: train on ``recipe.data.preferences``; returns the saved policy folder.
 
-    ``quiet`` (used by ``mpo iterate``, which prints its own config and per-round table) skips the
-    resolved-config dump and the per-step log lines; both still land in the run folder."""
-    from mpo.config import save_resolved, to_yaml
-    from mpo.data import load_preferences
-    from mpo.records import write_json
-    from mpo.stages import last_complete_checkpoint
+    The run folder is locked while it trains. Its ``run_key.json`` says what it was made of
+    (:func:`training_key`, or ``key`` from ``mpo iterate``): a finished run with the same key is not
+    trained again (nothing is written), ``resume`` refuses checkpoints made with another key, and a
+    fresh start removes the checkpoints of the run it replaces. ``quiet`` (``mpo iterate``) leaves
+    out the per-step log lines; they still land in ``metrics.jsonl``."""
+    from mpo.run_lock import run_lock
 
     if not recipe.data.preferences:
         raise ConfigError(
             "data.preferences: a preference set (jsonl, MMPR meta.json, parquet, dataset folder) is required"
         )
     out = Path(recipe.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        print(to_yaml(recipe), end="")
-    save_resolved(recipe, out)
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    loaded = load_preferences(
-        recipe.data.preferences,
-        image_root=recipe.data.image_root,
-        on_bad_image=recipe.data.on_bad_image,
-        image_cache=out / "image_cache",
-    )
-    wheres = loaded.sources
+    with run_lock(out):
+        return _train_locked(recipe, out, resume, ref_cache, quiet, key)
+
+
+def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: dict | None) -> Path:
+    import shutil
+
+    from mpo.config import save_resolved
+    from mpo.data import load_preferences
+    from mpo.errors import writing_into
+    from mpo.records import write_json
+    from mpo.stages import check_key, last_complete_checkpoint
+
+    loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
+                              on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache")
+    key = key if key is not None else training_key(recipe, loaded.records)
+    key_file = out / KEY_FILE
+    finished = (out / "mpo_state.json").is_file() and (out / "policy" / "config.json").is_file()
+    if finished and key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == json.loads(
+            json.dumps(key, default=str)):
+        print(f"{out}: trained earlier with the same data and settings; nothing to do (policy: {out / 'policy'})")
+        return out / "policy"
+    if resume:
+        check_key(out, key, f"{out} to train afresh", key_file=key_file)
+    else:
+        stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+        for folder in stale:
+            shutil.rmtree(folder)
+        if stale:
+            print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
+        (out / "mpo_state.json").unlink(missing_ok=True)
+        write_json(key_file, json.loads(json.dumps(key, default=str)))
+    print(f"resolved recipe: {save_resolved(recipe, out)}")
     model, processor = load_policy(recipe)
-    trainer, dataset = build_trainer(recipe, loaded.records, wheres, model, processor, resume, ref_cache)
+    trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume, ref_cache)
     report = dataset.report
     write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
     print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
     checkpoint = last_complete_checkpoint(out) if resume else None
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
+    if trainer.is_world_process_zero():
+        trim_metrics(out / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
     if quiet:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    with wandb_environment(recipe.run):
+    with writing_into(out, "training"), wandb_environment(recipe.run):
         trainer.train(resume_from_checkpoint=checkpoint)
-    policy_dir = save_outputs(trainer, processor, recipe)
+        policy_dir = save_outputs(trainer, processor, recipe)
     print(f"policy saved to {policy_dir}")
     return policy_dir
 

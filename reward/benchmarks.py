@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo.errors import MpoError
 from mpo.records import RecordError, iter_jsonl
 
 ScoreFn = Callable[[list[dict]], Sequence[float]]
@@ -48,7 +49,7 @@ REWARDBENCH_SECTIONS: dict[str, dict[str, int]] = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(MpoError):
     """Scores that cannot be judged: wrong count, non-numeric or non-finite values."""
 
 
@@ -78,7 +79,7 @@ def load_rows(path: str | os.PathLike) -> list[tuple[str, dict]]:
     elif path.suffix == ".jsonl":
         out = [(f"{path}:{n}", row) for n, row in iter_jsonl(path)]
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl or .parquet)")
+        raise BenchmarkError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl or .parquet)")
     for where, row in out:
         if not isinstance(row, dict):
             raise RecordError(f"{where}: expected an object, got {type(row).__name__}")
@@ -187,9 +188,11 @@ def pair_cases(rows: list[tuple[str, dict]], image_root: Path) -> list[Case]:
 # ---------------------------------------------------------------- scoring
 
 
-def judge(cases: list[Case], score_fn: ScoreFn) -> list[bool]:
+def judge(cases: list[Case], score_fn: ScoreFn, unscored_is_wrong: bool = False) -> list[bool]:
     """Score every item in one ``score_fn`` call; a case is correct iff its preferred item scores
-    strictly higher than each of the others."""
+    strictly higher than each of the others. With ``unscored_is_wrong``, a None score (an item the
+    scorer skipped as too long) makes its case wrong, so the benchmark's denominators stay whole;
+    otherwise it is an error."""
     items = [item for case in cases for item in case.items]
     scores = list(score_fn(items))
     if len(scores) != len(items):
@@ -198,6 +201,9 @@ def judge(cases: list[Case], score_fn: ScoreFn) -> list[bool]:
     for case in cases:
         mine = []
         for value in scores[start:start + len(case.items)]:
+            if value is None and unscored_is_wrong:
+                mine.append(None)
+                continue
             try:
                 number = float(value)
             except (TypeError, ValueError):
@@ -207,7 +213,7 @@ def judge(cases: list[Case], score_fn: ScoreFn) -> list[bool]:
             mine.append(number)
         start += len(case.items)
         best = mine[case.preferred]
-        verdicts.append(all(best > s for i, s in enumerate(mine) if i != case.preferred))
+        verdicts.append(None not in mine and all(best > s for i, s in enumerate(mine) if i != case.preferred))
     return verdicts
 
 
@@ -265,21 +271,21 @@ def pair_results(cases: list[Case], verdicts: list[bool]) -> dict:
 
 
 def evaluate(benchmark: str, path: str | os.PathLike, score_fn: ScoreFn,
-             image_root: str | os.PathLike | None = None) -> dict:
+             image_root: str | os.PathLike | None = None, unscored_is_wrong: bool = False) -> dict:
     """Load ``path``, score it with ``score_fn`` and apply ``benchmark``'s rules
     ("vl-rewardbench" | "rewardbench" | "pairs"); returns a JSON-serialisable dict."""
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise BenchmarkError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     rows = load_rows(path)
     root = Path(image_root) if image_root is not None else Path(path).parent
     if benchmark == "vl-rewardbench":
         cases = vlrb_cases(rows, root)
-        return vlrb_results(cases, judge(cases, score_fn))
+        return vlrb_results(cases, judge(cases, score_fn, unscored_is_wrong))
     if benchmark == "rewardbench":
         cases = rewardbench_cases(rows)
-        return rewardbench_results(cases, judge(cases, score_fn))
+        return rewardbench_results(cases, judge(cases, score_fn, unscored_is_wrong))
     cases = pair_cases(rows, root)
-    return pair_results(cases, judge(cases, score_fn))
+    return pair_results(cases, judge(cases, score_fn, unscored_is_wrong))
 
 
 # ---------------------------------------------------------------- printing

@@ -1,7 +1,7 @@
 """``mpo reward ...``: score responses with a reward model, evaluate it on benchmarks, train it.
 
 Import-light on purpose (``mpo --help`` loads this module): torch and transformers are imported
-inside the commands. Errors print one red line and exit with status 2.
+inside the commands. User errors print one red line and exit with status 2 (``mpo.cli_common``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mpo.cli_common import guarded
 
 app = typer.Typer(help="Reward model: score responses, evaluate on benchmarks, train.", no_args_is_help=True)
 
@@ -67,23 +69,6 @@ OnTooLong = Annotated[
 AllowEmpty = Annotated[bool, typer.Option("--allow-empty", help="Score empty responses instead of failing.")]
 
 
-def _fail(message: str) -> None:
-    from mpo.cli import fail
-
-    fail(message)
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    """The errors a bad input or model folder raises; they become one red line."""
-    from mpo.chat import ChatError
-    from mpo.data import DataError
-    from mpo.records import RecordError
-    from reward.benchmarks import BenchmarkError
-    from reward.scorer import ScoreError
-
-    return ScoreError, DataError, RecordError, ChatError, BenchmarkError, OSError
-
-
 def _scorer_options(
     dtype: Dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, **more
 ) -> dict:
@@ -127,10 +112,13 @@ def read_items(path: Path) -> tuple[list[dict], list[dict]]:
         items.append(
             {"messages": row["messages"], "images": resolved, "response": row["response"], "where": where}
         )
+    if not rows:
+        raise ScoreError(f"{path}: no rows to score (the file is empty)")
     return rows, items
 
 
 @app.command("score")
+@guarded
 def score(
     model: Model,
     input: Annotated[Path, typer.Option("--input", help="JSONL rows with messages, images, response.")],
@@ -148,30 +136,27 @@ def score(
     """Score every row of INPUT and write the rows with their 'reward' to OUTPUT (atomically)."""
     import time
 
-    try:
-        from mpo.records import write_jsonl
-        from reward.scorer import Scorer
+    from mpo.records import write_jsonl
+    from reward.scorer import Scorer
 
-        rows, items = read_items(input)
-        options = _scorer_options(
-            dtype,
-            device,
-            batch_tokens,
-            max_batch_size,
-            min_pixels,
-            max_pixels,
-            max_length=max_length,
-            on_too_long=on_too_long.value,
-            allow_empty=allow_empty,
-        )
-        scorer = Scorer(model, **options)
-        start = time.perf_counter()
-        result = scorer.score_all(items)
-        seconds = time.perf_counter() - start
-        scored = [{**row, "reward": value} for row, value in zip(rows, result.scores) if value is not None]
-        write_jsonl(output, scored)
-    except _errors() as err:
-        _fail(str(err))
+    rows, items = read_items(input)
+    options = _scorer_options(
+        dtype,
+        device,
+        batch_tokens,
+        max_batch_size,
+        min_pixels,
+        max_pixels,
+        max_length=max_length,
+        on_too_long=on_too_long.value,
+        allow_empty=allow_empty,
+    )
+    scorer = Scorer(model, **options)
+    start = time.perf_counter()
+    result = scorer.score_all(items)
+    seconds = time.perf_counter() - start
+    scored = [{**row, "reward": value} for row, value in zip(rows, result.scores) if value is not None]
+    write_jsonl(output, scored)
     if result.skipped:
         typer.secho(
             f"skipped {len(result.skipped)} of {len(rows)} rows longer than max_length "
@@ -190,6 +175,7 @@ def score(
 
 
 @app.command("eval")
+@guarded
 def evaluate(
     model: Model,
     benchmark: Annotated[Benchmark, typer.Option("--benchmark", help="Which scoring rules to apply.")],
@@ -208,26 +194,34 @@ def evaluate(
     min_pixels: MinPixels = None,
     max_pixels: MaxPixels = None,
     max_length: MaxLength = None,
+    on_too_long: Annotated[
+        TooLong,
+        typer.Option(
+            "--on-too-long",
+            help="error: stop, naming the row; skip: leave such rows unscored, count them as wrong and list them.",
+        ),
+    ] = TooLong.error,
 ):
     """Evaluate a reward model on VL-RewardBench, RewardBench or a file of preference pairs."""
-    try:
-        from reward.benchmarks import format_table
-        from reward.evaluate import evaluate_model
+    from reward.benchmarks import format_table
+    from reward.evaluate import evaluate_model
 
-        options = _scorer_options(
-            dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, max_length=max_length
-        )
-        results = evaluate_model(
-            model, benchmark.value, data, image_root=image_root, output=output, **options
-        )
-    except _errors() as err:
-        _fail(str(err))
+    options = _scorer_options(
+        dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, max_length=max_length,
+        on_too_long=on_too_long.value,
+    )
+    results = evaluate_model(model, benchmark.value, data, image_root=image_root, output=output, **options)
     typer.echo(format_table(results))
+    skipped = results["scoring"]["skipped_too_long"]
+    if skipped:
+        typer.secho(f"{len(skipped)} response(s) longer than the limit were not scored; their rows count as "
+                    f"wrong. First: {skipped[0]}", fg=typer.colors.YELLOW, err=True)
     if output is not None:
         typer.echo(f"results written to {output}")
 
 
 @app.command("train")
+@guarded
 def train(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe with a reward_train section.")],
     overrides: Annotated[
@@ -235,23 +229,10 @@ def train(
     ] = None,
 ):
     """Train a reward model with the Bradley-Terry loss, stage by stage (Skywork-VL Reward recipe)."""
-    from mpo.config import ConfigError, load_recipe, save_resolved, to_yaml
-
-    try:
-        resolved = load_recipe(recipe, overrides or [])
-    except ConfigError as err:
-        _fail(str(err))
-    typer.echo(to_yaml(resolved), nl=False)
-    from accelerate import PartialState
-
-    from reward.collate import PairDataError
+    from mpo.config import load_recipe
     from reward.train import format_summary, run_stages
 
-    if PartialState().is_main_process:
-        typer.echo(f"resolved config written to {save_resolved(resolved, resolved.run.output_dir)}")
-    try:
-        summaries = run_stages(resolved)
-    except (PairDataError, FileNotFoundError, *_errors()) as err:
-        _fail(str(err))
+    resolved = load_recipe(recipe, overrides or [])
+    summaries = run_stages(resolved)
     typer.echo(format_summary(summaries))
     typer.echo(f"final reward model: {Path(resolved.run.output_dir) / 'final'}")

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from mpo.chat import multimodal_token_types
+from mpo.errors import MpoError
 
 MODALITIES = ("all", "multimodal", "text")
 
 
-class PairDataError(ValueError):
+class PairDataError(MpoError):
     """A preference pair that cannot be trained on; the message names where it came from."""
 
 
@@ -82,22 +83,11 @@ def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error
     return out
 
 
-def image_tokens(processor, path: str) -> int:
-    """Visual tokens one image becomes (after the processor's resize and the 2x2 merge)."""
-    from PIL import Image
-
-    image_processor = processor.image_processor
-    with Image.open(path) as image:
-        width, height = image.size
-    patches = image_processor.get_number_of_image_patches(height, width, {})
-    return patches // image_processor.merge_size**2
-
-
 def pair_length(encoder, record) -> int:
     """Tokens of the longer of the pair's two sequences (prompt with expanded images + response)."""
-    tokenizer = encoder.tokenizer
-    prompt = len(tokenizer(encoder.render_prompt(record.messages), add_special_tokens=False)["input_ids"])
-    prompt += sum(image_tokens(encoder.processor, path) - 1 for path in record.images)
+    from mpo.images import image_size
+
+    prompt = encoder.prompt_length(record.messages, [image_size(path) for path in record.images])
     return prompt + max(len(encoder.response_ids(record.chosen)), len(encoder.response_ids(record.rejected)))
 
 

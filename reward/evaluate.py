@@ -3,7 +3,9 @@
 ``reward.benchmarks`` turns a benchmark file into scoring items and applies the benchmark's rules
 (REFERENCE.md section 2); this module supplies the model: one scorer, one model load, every item of
 the file scored in one batched call. For ``pairs`` files the items are each row's chosen and rejected
-responses; the row is right iff chosen scores strictly higher.
+responses; the row is right iff chosen scores strictly higher. With ``on_too_long="skip"``, items
+longer than the scorer's limit are left unscored, listed under ``scoring.skipped_too_long``, and
+their rows count as wrong.
 
 Every benchmark row yields two items, in file order, so each item is tagged with its row's
 ``file:line`` (and which response it is) before scoring: a missing image or an empty response is
@@ -57,8 +59,18 @@ def evaluate_model(
         raise ScoreError(f"{data}: unsupported file type {Path(data).suffix!r} (expected .jsonl or .parquet)")
     scorer = Scorer(model_dir, **scorer_options)
     counter: dict[str, int] = {}
+    skipped: list[str] = []
+
+    def score_fn(items):
+        if scorer.on_too_long != "skip":
+            return scorer.score(items)
+        result = scorer.score_all(items)
+        skipped.extend(f"{s.where}: {s.num_tokens} tokens" for s in result.skipped)
+        return result.scores
+
     start = time.perf_counter()
-    results = evaluate(benchmark, data, _tagged(scorer.score, data, counter), image_root=image_root)
+    results = evaluate(benchmark, data, _tagged(score_fn, data, counter), image_root=image_root,
+                       unscored_is_wrong=scorer.on_too_long == "skip")
     seconds = time.perf_counter() - start
     results["model"] = str(model_dir)
     results["data"] = str(data)
@@ -67,6 +79,7 @@ def evaluate_model(
         "device": scorer.device,
         "items": counter.get("items", 0),
         "seconds": round(seconds, 3),
+        "skipped_too_long": skipped,  # unscored items; their rows count as wrong
     }
     if output is not None:
         write_json(output, results)

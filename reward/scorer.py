@@ -50,12 +50,13 @@ from typing import Any
 
 import torch
 
+from mpo.errors import MpoError
 from reward.forward import Encoded, run_prompts, score_full, score_responses
 
 ON_TOO_LONG = ("error", "skip")
 
 
-class ScoreError(ValueError):
+class ScoreError(MpoError):
     """An item that cannot be scored; the message names it."""
 
 
@@ -107,7 +108,7 @@ def plan_batches(
 def check_item(item: Any, index: int, allow_empty: bool = False, checked: set | None = None) -> None:
     """Shape and content checks that need no model; images are verified on disk (each path once
     when a ``checked`` set is shared between calls)."""
-    from mpo.data import DataError, check_image
+    from mpo.images import ImageError, check_image
 
     where = where_of(item, index) if isinstance(item, dict) else f"item {index}"
     if not isinstance(item, dict):
@@ -127,7 +128,7 @@ def check_item(item: Any, index: int, allow_empty: bool = False, checked: set | 
         if isinstance(image, (str, Path)) and (checked is None or str(image) not in checked):
             try:
                 check_image(image)
-            except DataError as err:
+            except ImageError as err:
                 raise ScoreError(f"{where}: field 'images': {err}") from None
             if checked is not None:
                 checked.add(str(image))
@@ -137,21 +138,21 @@ def _pil(image: Any, where: str):
     """A path, a PIL image or an HF ``{"bytes", "path"}`` struct as an RGB PIL image."""
     from PIL import Image
 
-    from mpo.data import DataError, open_image
+    from mpo.images import ImageError, open_image
 
     if isinstance(image, (str, Path)):
         try:
             return open_image(image)
-        except DataError as err:
+        except ImageError as err:
             raise ScoreError(f"{where}: {err}") from None
     if isinstance(image, dict) and image.get("bytes") is not None:
         try:
-            with Image.open(io.BytesIO(image["bytes"])) as opened:
-                return opened.convert("RGB")
-        except OSError as err:
-            raise ScoreError(f"{where}: embedded image {image.get('path')!r} unreadable ({err})") from None
+            return open_image(io.BytesIO(image["bytes"]))
+        except ImageError as err:
+            detail = str(err).split(" (", 1)[-1].rstrip(")")
+            raise ScoreError(f"{where}: embedded image {image.get('path')!r} unreadable ({detail})") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return open_image(image)
     raise ScoreError(
         f"{where}: image: expected a path, a PIL image or {{bytes, path}}, got {type(image).__name__}"
     )
@@ -195,16 +196,9 @@ class Scorer:
         if token_budget < 1 or max_batch_size < 1 or (max_length is not None and max_length < 1):
             raise ScoreError("token_budget, max_batch_size and max_length must be >= 1")
         if model_dir is not None:
-            from reward.model import VALUE_HEAD_FILE
+            from mpo.models import model_folder
 
-            model_dir = Path(model_dir)
-            if not (model_dir / VALUE_HEAD_FILE).is_file():
-                what = (
-                    "not found"
-                    if not model_dir.exists()
-                    else f"has no {VALUE_HEAD_FILE} (not a reward model)"
-                )
-                raise ScoreError(f"reward model folder {model_dir}: {what}")
+            model_dir = model_folder(model_dir, "reward model", reward=True)
         self.model_dir = model_dir
         self.dtype, self.attn_implementation = dtype, attn_implementation
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,24 +225,10 @@ class Scorer:
         """Load model and processor (once)."""
         if self.model is not None:
             return self
-        from transformers import AutoProcessor
-
+        from mpo.models import load_processor
         from reward.model import RewardModel
 
-        processor = AutoProcessor.from_pretrained(self.model_dir)
-        if self.min_pixels or self.max_pixels:
-            # transformers 5 takes the bounds as size={shortest_edge, longest_edge} (in pixels); the
-            # card's min_pixels=/max_pixels= keywords still load but warn on every processor call.
-            size = processor.image_processor.size
-            bounds = {
-                "shortest_edge": self.min_pixels or size.shortest_edge,
-                "longest_edge": self.max_pixels or size.longest_edge,
-            }
-            if bounds["shortest_edge"] > bounds["longest_edge"]:
-                raise ScoreError(
-                    f"min_pixels {bounds['shortest_edge']} exceeds max_pixels {bounds['longest_edge']}"
-                )
-            processor = AutoProcessor.from_pretrained(self.model_dir, size=bounds)
+        processor = load_processor(self.model_dir, self.min_pixels, self.max_pixels)
         model = RewardModel.from_pretrained(
             self.model_dir, dtype=self.dtype, attn_implementation=self.attn_implementation, device=self.device
         )

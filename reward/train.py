@@ -148,35 +148,12 @@ def load_start(path: Path, recipe, dtype: torch.dtype):
     attn = recipe.model.attn_implementation
     if (path / VALUE_HEAD_FILE).is_file():
         return RewardModel.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
     print(f"{path}: no {VALUE_HEAD_FILE}; starting from the backbone with a fresh value head")
-    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, use_safetensors=True
+    )
     torch.manual_seed(recipe.run.seed)
     return RewardModel(backbone)
-
-
-def model_folder(name: str) -> Path:
-    """A local folder, or a Hugging Face Hub id (``org/name``) fetched into the HF cache."""
-    import re
-
-    if Path(name).is_dir() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        if not Path(name).is_dir():
-            raise FileNotFoundError(f"{name}: model folder not found")
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name))
-    except (OSError, ValueError) as err:  # offline, unknown repo, no access: one line naming it
-        raise FileNotFoundError(f"{name}: no such folder, and not fetched from the Hub ({err})") from None
-
-
-def load_processor(path: Path, recipe):
-    from transformers import AutoProcessor
-
-    size = {"shortest_edge": recipe.model.min_pixels, "longest_edge": recipe.model.max_pixels}
-    return AutoProcessor.from_pretrained(path, size=size, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def training_arguments(recipe, stage, stage_dir: Path):
@@ -207,8 +184,9 @@ def training_arguments(recipe, stage, stage_dir: Path):
         save_steps=cfg.save_steps or 500,
         save_total_limit=1,
         seed=recipe.run.seed,
-        bf16=recipe.model.dtype == "bfloat16",
-        fp16=recipe.model.dtype == "float16",
+        # autocast where a GPU runs it (Trainer refuses bf16 on CPU); the weights train in float32
+        bf16=recipe.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=recipe.model.dtype == "float16" and torch.cuda.is_available(),
         remove_unused_columns=False,
         dataloader_num_workers=cfg.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -257,31 +235,42 @@ def save_stage_model(trainer, wrapper, peft_model, processor, out: Path, dtype: 
     accelerator.wait_for_everyone()
 
 
-def _prepare_metrics_file(path: Path, resume_step: int) -> None:
-    """Keep the lines of a resumed run up to its checkpoint; start afresh otherwise."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= resume_step))
+def stage_key(recipe, stage, init_dir: Path) -> dict:
+    """What a stage's checkpoints and model are made of: its start, its data files, the stage's and
+    the shared training settings (not logging, checkpoint cadence or workers)."""
+    from mpo.models import folder_identity
+
+    shared = recipe.reward_train.model_dump(mode="json")
+    for name in ("stages", "logging_steps", "save_steps", "num_workers", "summary_pairs"):
+        shared.pop(name)
+    model = recipe.model.model_dump(mode="json")
+    files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] if os.path.exists(p) else [p] for p in stage.data]
+    return {"stage": stage.model_dump(mode="json"), "init": folder_identity(init_dir), "data files": files,
+            "reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
+                                                                   "max_pixels")},
+            "run.seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json")}
 
 
-def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
+def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict:
     """Train one stage from ``init_dir`` into ``stage_dir``; returns its summary (``done.json``)."""
     from transformers import set_seed
 
     from mpo.chat import ChatEncoder
+    from mpo.models import recipe_processor
     from mpo.records import write_json, write_jsonl
-    from mpo.stages import last_complete_checkpoint
+    from mpo.stages import check_key, last_complete_checkpoint
+    from mpo.training import KEY_FILE, trim_metrics
     from reward.model import DTYPES
 
     cfg = recipe.reward_train
     set_seed(recipe.run.seed)
-    processor = load_processor(init_dir, recipe)
+    processor = recipe_processor(init_dir, recipe.model)
     encoder = ChatEncoder(processor)
     pairs = load_stage_pairs(stage.data, stage.modality, recipe.data.image_root, recipe.data.on_bad_image)
     pairs = drop_too_long(pairs, encoder, cfg.max_length, cfg.on_too_long)
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE)
     args = training_arguments(recipe, stage, stage_dir)
 
     reward = load_start(init_dir, recipe, torch.float32)
@@ -306,8 +295,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
     checkpoints = stage_dir / "checkpoints"
     checkpoint = last_complete_checkpoint(checkpoints)
     if trainer.accelerator.is_main_process:
-        resumed_at = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
-        _prepare_metrics_file(stage_dir / "metrics.jsonl", resumed_at)
+        trim_metrics(stage_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
     sample = _sample(pairs, cfg.summary_pairs, recipe.run.seed)
     # Scoring before train() would make DeepSpeed / FSDP wrap the model for inference first, which
     # the Trainer's later training set-up does not undo; those runs report only the "after" scores.
@@ -318,7 +306,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
     save_stage_model(trainer, wrapper, peft_model, processor, stage_dir, DTYPES[recipe.model.dtype])
 
     summary = {
-        "stage": stage.name, "init_from": str(init_dir), "config": stage.model_dump(),
+        "stage": stage.name, "init_from": str(init_dir), "config": stage.model_dump(), "key": key,
         "pairs": len(pairs.records), "multimodal_pairs": pairs.num_multimodal,
         "skipped": {reason: len(items) for reason, items in pairs.skipped.items()},
         "steps": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
@@ -360,36 +348,61 @@ def publish_final(stage_dir: Path, final_dir: Path) -> None:
 
 
 def run_stages(recipe) -> list[dict]:
-    """Run the recipe's stages in order, skipping finished ones; returns one summary per stage."""
+    """Run the recipe's stages in order, skipping finished ones; returns one summary per stage.
+
+    The output folder is locked while it trains. A finished stage is reused only if it was made
+    the same way (:func:`stage_key`); otherwise the run stops, naming what changed and what to delete."""
     from accelerate import PartialState
+
+    from mpo.config import save_resolved
+    from mpo.errors import MpoError, writing_into
+    from mpo.models import model_folder
+    from mpo.run_lock import run_lock
 
     cfg = recipe.reward_train
     if not cfg.stages:
-        raise ValueError("reward_train.stages is empty: nothing to train")
+        raise MpoError("reward_train.stages is empty: nothing to train")
     if not cfg.init_from:
-        raise ValueError("reward_train.init_from is not set: the first stage needs a model to start from")
+        raise MpoError("reward_train.init_from is not set: the first stage needs a model to start from")
     out = Path(recipe.run.output_dir)
     summaries, init_dir = [], None
-    for stage in cfg.stages:
-        stage_dir = out / stage.name
-        done = stage_dir / "done.json"
-        if done.is_file():
-            summary = json.loads(done.read_text(encoding="utf-8"))
-            if summary.get("config") != stage.model_dump():
-                print(f"stage {stage.name}: finished earlier with a different stage config; "
-                      f"kept as is (delete {stage_dir} to retrain)")
-            print(f"stage {stage.name}: finished earlier ({done}); skipped")
-            summary["skipped_rerun"] = True
-        else:
-            init_dir = init_dir or model_folder(cfg.init_from)
-            print(f"stage {stage.name}: training from {init_dir} on {', '.join(stage.data)} "
-                  f"({stage.modality} pairs)")
-            summary = run_stage(recipe, stage, init_dir, stage_dir)
-        summaries.append(summary)
-        init_dir = stage_dir
-    if PartialState().is_main_process:
-        publish_final(init_dir, out / "final")
+    with run_lock(out), writing_into(out, "reward-model training"):
+        if PartialState().is_main_process:
+            print(f"resolved recipe: {save_resolved(recipe, out)}")
+        for stage in cfg.stages:
+            init_dir = init_dir or model_folder(cfg.init_from, "reward_train.init_from")
+            summaries.append(_stage(recipe, stage, init_dir, out / stage.name))
+            init_dir = out / stage.name
+        if PartialState().is_main_process and _stale(init_dir, out / "final"):
+            publish_final(init_dir, out / "final")
     return summaries
+
+
+def _stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
+    """One stage: its summary when it finished earlier with the same key, else train it."""
+    from mpo.errors import RunFolderError
+
+    key = json.loads(json.dumps(stage_key(recipe, stage, init_dir)))
+    done = stage_dir / "done.json"
+    if not done.is_file():
+        print(f"stage {stage.name}: training from {init_dir} on {', '.join(stage.data)} ({stage.modality} pairs)")
+        return run_stage(recipe, stage, init_dir, stage_dir, key)
+    summary = json.loads(done.read_text(encoding="utf-8"))
+    if summary.get("key", key) != key or summary.get("config") != stage.model_dump():
+        later = [s.name for s in recipe.reward_train.stages]
+        after = later[later.index(stage.name):]
+        raise RunFolderError(
+            f"{done}: stage {stage.name} finished earlier with other settings, data or start model; rerun "
+            f"with those, or delete {', '.join(str(stage_dir.parent / name) for name in after)} to retrain"
+        )
+    print(f"stage {stage.name}: finished earlier ({done}); skipped")
+    return {**summary, "skipped_rerun": True}
+
+
+def _stale(stage_dir: Path, final_dir: Path) -> bool:
+    """``final/`` does not hold the last stage's finished model (its ``done.json`` differs)."""
+    done, published = stage_dir / "done.json", final_dir / "done.json"
+    return not (published.is_file() and published.read_bytes() == done.read_bytes())
 
 
 def format_summary(summaries: list[dict]) -> str:

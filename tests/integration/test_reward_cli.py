@@ -206,7 +206,7 @@ def test_score_missing_model_folder(tmp_path):
     result = invoke(
         "score", "--model", tmp_path / "nomodel", "--input", source, "--output", tmp_path / "o.jsonl"
     )
-    assert result.exit_code == 2 and "nomodel: not found" in result.output
+    assert result.exit_code == 2 and "nomodel: no such folder" in result.output
 
 
 # ---------------------------------------------------------------- eval

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mpo.cli import app
+from mpo.errors import MpoError
 from reward.model import VALUE_HEAD_FILE, RewardModel
 from reward.scorer import Scorer
 
@@ -289,9 +290,9 @@ def test_published_layout_loads(tiny_reward_dir, conversations, reference, tmp_p
 def test_missing_value_head_is_a_clear_error(tiny_reward_dir, tmp_path):
     folder = shutil.copytree(tiny_reward_dir, tmp_path / "no_head")
     (folder / VALUE_HEAD_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=r"no value_head\.safetensors"):
+    with pytest.raises(MpoError, match=r"no_head: no value_head\.safetensors \(not a reward model"):
         RewardModel.from_pretrained(folder)
-    with pytest.raises(ValueError, match=r"no_head.*value_head\.safetensors"):
+    with pytest.raises(MpoError, match=r"no_head: no value_head\.safetensors"):
         Scorer(folder)
 
 

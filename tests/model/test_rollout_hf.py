@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mpo.config import ModelConfig, RolloutConfig
+from mpo.errors import MpoError
 from mpo.records import Prompt, Rollout
 from mpo.rollout import HFBackend, RolloutError, make_backend, policy_label
 from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, save_policy
@@ -117,7 +118,7 @@ def test_refresh_loads_the_new_checkpoint(tmp_path, prompts):
     model = hf.model
     hf.refresh(new)  # the folder already served: nothing reloaded
     assert hf.model is model
-    with pytest.raises(RolloutError, match="not found"):
+    with pytest.raises(MpoError, match="missing: no such folder"):
         hf.refresh(tmp_path / "missing")
     hf.close()
     with pytest.raises(RolloutError, match="closed"):
@@ -125,8 +126,8 @@ def test_refresh_loads_the_new_checkpoint(tmp_path, prompts):
 
 
 def test_bad_policy_folder_and_backend(tmp_path):
-    with pytest.raises(RolloutError, match="not found"):
+    with pytest.raises(MpoError, match="nothing: no such folder"):
         make_backend(_config(), MODEL, tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RolloutError, match="config.json"):
+    with pytest.raises(MpoError, match="empty: not a model folder \\(no config.json\\)"):
         make_backend(_config(), MODEL, tmp_path / "empty")

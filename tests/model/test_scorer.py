@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mpo.errors import MpoError
 from reward.model import RewardModel
 from reward.scorer import ScoreError, Scorer, plan_batches
 
@@ -160,7 +161,7 @@ def test_pixel_bounds_override_the_processor(tiny_reward_dir, tmp_path):
         4 * 28 * 28,
         8 * 28 * 28,
     )  # floor kept from the folder
-    with pytest.raises(ScoreError, match="min_pixels 50176 exceeds max_pixels 3136"):
+    with pytest.raises(MpoError, match="min_pixels 50176 exceeds max_pixels 3136"):
         Scorer(tiny_reward_dir, min_pixels=64 * 28 * 28, max_pixels=4 * 28 * 28).load()
 
 
@@ -250,7 +251,7 @@ def test_bad_options_and_folders_are_errors(tiny_reward_dir, tmp_path):
         Scorer(tiny_reward_dir, dtype="int8")
     with pytest.raises(ScoreError, match="token_budget"):
         Scorer(tiny_reward_dir, token_budget=0)
-    with pytest.raises(ScoreError, match=r"nowhere: not found"):
+    with pytest.raises(MpoError, match=r"nowhere: no such folder"):
         Scorer(tmp_path / "nowhere")
 
 

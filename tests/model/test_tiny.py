@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpo.data import open_image
+from mpo.images import open_image
 from mpo.tiny import build_policy, save_policy, save_reward_model
 
 

@@ -60,7 +60,8 @@ def test_mpo_train_cli_lowers_loss_and_saves(tiny_policy_dir, tmp_path):
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "bco_delta: cumulative" in result.output  # the resolved config is printed
+    assert f"resolved recipe: {out / 'config.yaml'}" in result.output  # one line says where it is
+    assert "bco_delta: cumulative" in (out / "config.yaml").read_text()
     for name in (
         "config.yaml",
         "data_report.json",

@@ -13,7 +13,8 @@ def test_defaults_are_the_published_mpo_settings():
     assert recipe.model.min_pixels == 256 * 28 * 28 and recipe.model.max_pixels == 1280 * 28 * 28
 
 
-def test_yaml_plus_overrides_and_interpolation(tmp_path):
+def test_yaml_plus_overrides_and_interpolation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({
         "run": {"output_dir": "runs/x"},
@@ -25,7 +26,32 @@ def test_yaml_plus_overrides_and_interpolation(tmp_path):
     assert recipe.loss.weights == [1.0, 0.0, 0.5]
     assert recipe.rollout.temperature == 0.0
     assert recipe.train.lora.r == 8 and recipe.train.lora.alpha == 32
-    assert recipe.model.policy == "runs/x/policy"
+    assert recipe.model.policy == str(tmp_path / "runs/x/policy")
+
+
+def test_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    """Paths mean what they mean from where the command runs; model references that are no local
+    path stay Hub ids (the Hugging Face convention, made unambiguous)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "policy").mkdir(parents=True)
+    (tmp_path / "Qwen2").mkdir()
+    cases = {
+        "runs/policy": str(tmp_path / "runs/policy"),  # an existing folder is local
+        "runs/nope": str(tmp_path / "runs/nope"),  # its parent exists: local, even if missing
+        "./Qwen/Qwen2.5-VL-7B-Instruct": str(tmp_path / "Qwen/Qwen2.5-VL-7B-Instruct"),  # ./ forces local
+        "Qwen/Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",  # a bare org/name: a Hub id
+        "Qwen2/nothing-here": str(tmp_path / "Qwen2/nothing-here"),  # parent exists: local
+        "/abs/model": "/abs/model",
+        "deep/er/path": str(tmp_path / "deep/er/path"),  # not org/name: local
+    }
+    for given, stored in cases.items():
+        recipe = load_recipe(None, [f"model.policy={given}", f"train.reference_model={given}",
+                                    f"reward_train.init_from={given}"])
+        assert recipe.model.policy == recipe.train.reference_model == recipe.reward_train.init_from == stored
+    recipe = load_recipe(None, ["data.prompts=data/p.jsonl", "data.image_root=img", "run.output_dir=out"])
+    assert recipe.data.prompts == str(tmp_path / "data/p.jsonl")
+    assert recipe.data.image_root == str(tmp_path / "img") and recipe.run.output_dir == str(tmp_path / "out")
+    assert load_recipe(None).run.output_dir == str(tmp_path / "runs/mpo")
 
 
 @pytest.mark.parametrize(
