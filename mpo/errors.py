@@ -73,7 +73,8 @@ def writing_into(folder: str | os.PathLike, what: str):
         line = fault_line(err)
         if line is None:
             raise
-        raise RunFolderError(f"{folder}: {what} failed: {line} ({free_space(folder)} free)") from None
+        free = f" ({free_space(folder)} free)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise RunFolderError(f"{folder}: {what} failed: {line}{free}") from None
     except Exception as err:  # torch's RuntimeError, safetensors' SafetensorError
         text = str(err)
         writer = isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError"

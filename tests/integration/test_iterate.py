@@ -103,10 +103,30 @@ def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_poli
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for n in range(2):
         name = f"round_{n:03d}"
-        assert (run_dir / name / "pairs.jsonl").read_text() == (reference_dir / name / "pairs.jsonl").read_text()
-        assert (run_dir / name / "rollouts.jsonl").read_text() == (reference_dir / name / "rollouts.jsonl").read_text()
-    manifest = json.loads((run_dir / "round_001" / "manifest.json").read_text())
-    assert (Path(manifest["policy_out"]) / "config.json").exists()
+        for stage in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
+            assert (run_dir / name / stage).read_bytes() == (reference_dir / name / stage).read_bytes(), stage
+        # the training log holds each step once, with the uninterrupted run's values
+        assert _training_log(run_dir / name) == _training_log(reference_dir / name)
+        assert _untimed(json.loads((run_dir / name / "manifest.json").read_text()), run_dir) == \
+            _untimed(json.loads((reference_dir / name / "manifest.json").read_text()), reference_dir)
+        for weights in ("train/policy/model.safetensors",):
+            assert (run_dir / name / weights).read_bytes() == (reference_dir / name / weights).read_bytes()
+    summary, expected = (json.loads((d / "summary.json").read_text())["rounds"] for d in (run_dir, reference_dir))
+    assert [_untimed(r, run_dir) for r in summary] == [_untimed(r, reference_dir) for r in expected]
+
+
+def _training_log(round_dir):
+    """The per-step rows of metrics.jsonl without the wall-clock rate (tokens/s). (The Trainer's
+    end-of-training row averages its loss over the steps of the last process only, so it is left out.)"""
+    rows = [json.loads(line) for line in (round_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens/s"} for row in rows if "loss/preference" in row]
+
+
+def _untimed(obj, run_dir):
+    """A manifest or summary row without its timings, with the run folder's path made generic."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v, run_dir) for k, v in obj.items() if not k.startswith("time/")}
+    return obj.replace(str(run_dir), "RUN") if isinstance(obj, str) else obj
 
 
 def _recipe(run_dir, policy, reward, *extra):
@@ -168,3 +188,42 @@ def test_fixed_reference_and_wandb_offline(tmp_path, tiny_policy_dir, tiny_rewar
     data = log.read_bytes()
     for key in (b"round/reward/mean", b"round/pairs/kept", b"round/rollouts", b"rewards/margins"):
         assert key in data, key
+
+
+def test_second_iterate_on_the_same_folder_is_refused(tmp_path, tiny_policy_dir, tiny_reward_dir):
+    run_dir = tmp_path / "run"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    lock = run_dir / ".mpo.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.05)
+    second = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=900) == 0, first.stderr.read()[-2000:]
+    steps = [row["step"] for row in _training_log(run_dir / "round_000")]
+    assert steps == sorted(set(steps)) and steps  # every step's row written once
+    assert not lock.exists()
+
+
+def test_changed_reward_model_after_a_kill_in_scoring_is_refused(reference_run, tmp_path, tiny_policy_dir,
+                                                                tiny_reward_dir):
+    from mpo.tiny import save_reward_model
+
+    reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    round_dir = run_dir / "round_000"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir)
+    assert _kill_when(command, _env(), lambda: len(list((round_dir / "scored.jsonl.parts").glob("0*.jsonl"))) >= 2)
+    config = (run_dir / "config.yaml").read_bytes()
+    other = save_reward_model(tmp_path / "other_reward", seed=7)
+    changed = subprocess.run(_command(run_dir, tiny_policy_dir, other), capture_output=True, text=True, env=_env(),
+                             timeout=300)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert "round_000/scored.jsonl: made with other settings (model.reward_model changed)" in changed.stderr
+    assert f"delete {round_dir}/{{scored,pairs,train,manifest}}*" in changed.stderr
+    assert not (round_dir / "scored.jsonl").exists() and (run_dir / "config.yaml").read_bytes() == config
+    resumed = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (round_dir / "scored.jsonl").read_bytes() == (reference_dir / "round_000" / "scored.jsonl").read_bytes()
