@@ -318,7 +318,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         print(f"{out}: trained earlier with the same data and settings; nothing to do (policy: {out / 'policy'})")
         return out / "policy"
     if resume:
-        check_key(out, key, f"{out} to train afresh", key_file=key_file)
+        check_key(out, key, str(out), key_file=key_file)
     else:
         stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         for folder in stale:

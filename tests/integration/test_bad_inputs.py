@@ -173,10 +173,11 @@ def test_duplicate_prompt_id_is_caught_at_loading(case):
     assert not (case / "runs" / "it" / "round_000").exists()  # nothing ran, nothing to delete after the fix
 
 
-def test_image_count_mismatch_is_caught_at_loading(case):
-    _rewrite_first(case, "prompts.jsonl", images=["img/red.png", "img/blue.png"])
-    assert_one_line(mpo(case, *COMMANDS["iterate"]),
-                    r"prompts\.jsonl:1: field 'images': the messages have 1 image part\(s\) but 2 image\(s\)")
+@pytest.mark.parametrize("command", ["iterate", "train"])
+def test_image_count_mismatch_is_caught_at_loading(case, command):
+    _rewrite_first(case, INPUT[command], images=["img/red.png", "img/blue.png"])
+    assert_one_line(mpo(case, *COMMANDS[command]),
+                    rf"{INPUT[command]}:1: field 'images': the messages have 1 image part\(s\) but 2 image\(s\)")
 
 
 def test_too_long_prompt_is_caught_before_rollout(case):
@@ -210,3 +211,25 @@ def test_sixteen_bit_image_is_scored_as_its_eight_bit_equivalent(case):
     assert result.returncode == 0, result.stderr[-2000:]
     deep, grey, white = (json.loads(line)["reward"] for line in (case / "out.jsonl").read_text().splitlines())
     assert deep == grey and deep != white
+
+
+def test_too_long_response_in_eval(case):
+    assert_one_line(mpo(case, *COMMANDS["reward eval"], "--max-length", "40"),
+                    r"pairs\.jsonl:1 \(response 0\): \d+ tokens .* exceeds max_length 40")
+    result = mpo(case, *COMMANDS["reward eval"], "--max-length", "40", "--on-too-long", "skip")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 response(s) longer than the limit were not scored; their rows count as wrong" in result.stderr
+    assert "pairwise accuracy 0.0  0/2" in result.stdout
+
+
+def test_changed_settings_are_refused_by_train_resume_and_reward_train(case):
+    for command, change, pattern in (
+        ("train", ["--resume", "loss.beta=0.5"], r"runs/train: made with other settings \(loss\.beta: 0\.1 -> 0\.5\)"),
+        ("reward train", ["reward_train.max_grad_norm=0.5"],
+         r"runs/rm/s1/done\.json: stage s1 finished earlier with other settings.*delete .*runs/rm/s1 to retrain"),
+    ):
+        first = mpo(case, *COMMANDS[command])
+        assert first.returncode == 0, first.stderr[-2000:]
+        again = mpo(case, *COMMANDS[command])  # the same settings: finished, nothing to do
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert_one_line(mpo(case, *COMMANDS[command], *change), pattern)

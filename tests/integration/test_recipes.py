@@ -1,30 +1,22 @@
-"""Every recipe under ``recipes/`` resolves, opens with the command that runs it, and runs one step
-of that command on the tiny models (CPU, fp32) through the real entry points (``run_training``,
-``run_iterate``, ``reward.train.run_stages``). Only what a CPU test cannot have is overridden: the
-models and data (tiny ones), the step budget, the dtype, the output folder and W&B; everything else
-(LoRA, frozen parts, gradient checkpointing, pair strategy, pixel budgets of mpo train recipes,
-accumulation, reference mode) runs as the recipe says. ``recipes/accelerate/*.yaml`` (accelerate
-configs) and W&B sweep files are checked as YAML of their own kind; tests/integration/
-test_distributed_cpu.py launches with the accelerate configs."""
+"""Every recipe under ``recipes/`` resolves and opens with the command that runs it (which
+tests/integration/test_recipes_as_shipped.py runs, from the root of a copy of the repository).
+``recipes/accelerate/*.yaml`` (accelerate configs) and W&B sweep files are checked as YAML of their
+own kind; tests/integration/test_distributed_cpu.py launches with the accelerate configs."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mpo.config import load_recipe, resolve
+from mpo.config import load_recipe
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
-PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
-PROMPTS = REPO / "mpo" / "assets" / "demo" / "prompts.jsonl"
-REWARD_PAIRS = REPO / "mpo" / "assets" / "demo" / "reward_pairs.jsonl"
 # the last command of the first line: `mpo train|iterate|reward train RECIPE`, possibly after
 # `mpo tiny ... &&` or an `accelerate launch ... -m` prefix
 COMMAND = re.compile(r"\bmpo (train|iterate|reward train) (\S+\.yaml)")
@@ -64,6 +56,11 @@ def test_the_recipes_are_found():
     assert {command_of(p) for p in RUNNABLE} == {"train", "iterate", "reward train"}
 
 
+@pytest.mark.parametrize("path", RUNNABLE, ids=_id)
+def test_recipe_resolves_as_shipped(path):
+    load_recipe(path)
+
+
 @pytest.mark.parametrize("path", ACCELERATE, ids=_id)
 def test_accelerate_config_parses(path):
     data = _load(path)
@@ -100,61 +97,3 @@ def test_wandb_sweep_file_builds_valid_mpo_commands(path, monkeypatch):
         for name, value in zip(names, combo):
             section, key = name.split(".")
             assert dumped[section][key] == value
-
-
-def _train_overrides(out, policy):
-    return [f"model.policy={policy}", f"data.preferences={PAIRS}", "train.max_steps=1", "model.dtype=float32",
-            "run.report_to=none", f"run.output_dir={out}", "data.image_root=null"]
-
-
-def _iterate_overrides(out, policy, reward):
-    return [f"model.policy={policy}", f"model.reward_model={reward}", f"data.prompts={PROMPTS}",
-            "rollout.backend=hf", "rollout.num_samples=2", "rollout.max_tokens=4", "iterate.rounds=1",
-            "train.max_steps=1", "model.min_pixels=3136", "model.max_pixels=3136", "pairs.min_margin=0",
-            "model.dtype=float32", "run.report_to=none", f"run.output_dir={out}"]
-
-
-def _reward_recipe(path, out, reward):
-    """Each stage's data list -> the bundled colour pairs (overrides cannot index lists)."""
-    data = _load(path)
-    for stage in data["reward_train"]["stages"]:
-        stage["data"] = [str(REWARD_PAIRS)]
-    overrides = [f"reward_train.init_from={reward}", "reward_train.max_steps=1", "model.dtype=float32",
-                 "run.report_to=none", f"run.output_dir={out}"]
-    return resolve(data, overrides, source=str(path))
-
-
-@pytest.mark.parametrize("path", RUNNABLE, ids=_id)
-def test_recipe_runs_a_step_on_the_tiny_models(path, tmp_path, tiny_policy_dir, tiny_reward_dir):
-    command = command_of(path)
-    load_recipe(path)  # resolves exactly as shipped
-    out = tmp_path / "run"
-    if command == "train":
-        from mpo.training import run_training
-
-        recipe = load_recipe(path, _train_overrides(out, tiny_policy_dir))
-        policy = run_training(recipe)
-        assert (policy / "model.safetensors").is_file()
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "loss/preference" in r]
-        assert [r["step"] for r in steps] == [1] and steps[0]["loss"] == steps[0]["loss"]  # not NaN
-        assert (out / "adapter").is_dir() == (recipe.train.lora is not None)
-    elif command == "iterate":
-        from mpo.iterate import run_iterate
-
-        recipe = load_recipe(path, _iterate_overrides(out, tiny_policy_dir, tiny_reward_dir))
-        if recipe.pairs.strategy == "rule_first":  # random answers are rarely right: reward-only pairs too
-            recipe = load_recipe(path, [*_iterate_overrides(out, tiny_policy_dir, tiny_reward_dir),
-                                        "pairs.rule_fallback=reward"])
-        (manifest,) = run_iterate(recipe)
-        assert manifest["trained"], manifest["metrics"]
-        assert (Path(manifest["policy_out"]) / "model.safetensors").is_file()
-        assert (out / "round_000" / "train" / "metrics.jsonl").is_file()
-    else:
-        from reward.train import run_stages
-
-        recipe = _reward_recipe(path, out, tiny_reward_dir)
-        summaries = run_stages(recipe)
-        assert [s["stage"] for s in summaries] == [s.name for s in recipe.reward_train.stages]
-        assert all(s["steps"] == 1 for s in summaries)
-        assert (out / "final" / "value_head.safetensors").is_file()
