@@ -117,7 +117,7 @@ class ChatEncoder:
         for messages, pictures in zip(conversations, images, strict=True):
             self.check_images(messages, pictures)
         texts = [self.render_prompt(messages) for messages in conversations]
-        pil = [_as_image(image) for pictures in images for image in pictures]
+        pil = self.images([image for pictures in images for image in pictures])
         if not pil:
             rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             return [PromptEncoding(input_ids=list(ids), vision={}) for ids in rows]
@@ -137,17 +137,38 @@ class ChatEncoder:
             out.append(PromptEncoding(input_ids=ids.tolist(), vision=vision))
         return out
 
-    def prompt_length(self, messages: Sequence[dict], image_sizes: Sequence[tuple[int, int]] = ()) -> int:
+    def prompt_length(self, messages: Sequence[dict], images: Sequence[str | Path] = ()) -> int:
         """Tokens :meth:`encode_prompt` would give (image tokens included), from the text and the
-        images' ``(width, height)`` alone: nothing is decoded, no pixels are processed."""
+        image files' headers alone: nothing is decoded, no pixels are processed."""
         ids = self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"]
-        return len(ids) + sum(self.visual_tokens(width, height) - 1 for width, height in image_sizes)
+        return len(ids) + sum(self.visual_tokens(image) - 1 for image in images)
 
-    def visual_tokens(self, width: int, height: int) -> int:
-        """Tokens one image of this size becomes (after the processor's resize and patch merge)."""
+    def visual_tokens(self, image: str | Path) -> int:
+        """Tokens one image file becomes (after :func:`mpo.images.fit_image` and the processor's
+        patch merge), from its header."""
+        from mpo.images import fitted_size, image_size, resize_rule
+
         image_processor = self.processor.image_processor
+        width, height = image_size(image)
+        rule = resize_rule(image_processor)
+        if rule is not None:
+            width, height = fitted_size((width, height), rule, image)
         patches = image_processor.get_number_of_image_patches(height, width, {})
         return patches // image_processor.merge_size**2
+
+    def images(self, images: Sequence[Any]) -> list:
+        """Paths, open files or PIL images as the RGB images this processor is given: opened and
+        resized by :func:`mpo.images.fit_image`, the one image path of rollout, scoring and training."""
+        from mpo.images import fit_image
+
+        return [fit_image(image, self.processor.image_processor) for image in images]
+
+    def vision(self, images: Sequence[Any]) -> dict[str, Any]:
+        """The image half of :meth:`encode_prompt` alone (``pixel_values``, ``image_grid_thw``)."""
+        if not images:
+            return {}
+        processed = self.processor.image_processor(images=self.images(images), return_tensors="pt")
+        return {k: processed[k] for k in ("pixel_values", "image_grid_thw")}
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by the end-of-turn suffix."""
@@ -197,9 +218,3 @@ def mrope_positions(model, input_ids, attention_mask, image_grid_thw):
         input_ids, mm_token_type_ids=types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
     )
     return positions
-
-
-def _as_image(image: Any):
-    from mpo.images import open_image
-
-    return open_image(image) if isinstance(image, (str, Path)) else image

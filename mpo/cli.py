@@ -19,6 +19,9 @@ app = typer.Typer(
 tiny_app = typer.Typer(help="Build tiny random Qwen2.5-VL models offline (tests, demo, benchmarks).", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
 
+data_app = typer.Typer(help="Check a data set before booking GPUs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
 from reward.cli import app as reward_app  # noqa: E402  (import-light: no torch at module level)
 
 app.add_typer(reward_app, name="reward")
@@ -82,6 +85,32 @@ def train(
     from mpo.training import run_training
 
     run_training(load_recipe(recipe, overrides or []), resume=resume)
+
+
+@data_app.command("check")
+@guarded
+def data_check(
+    source: Annotated[Path, typer.Argument(help="A prompt or preference set: .jsonl, .parquet, MMPR meta.json, dataset folder.")],
+    recipe: Annotated[Path | None, typer.Argument(help="The recipe it is for (processor, pixel budget, limits).")] = None,
+    overrides: Overrides = None,
+    kind: Annotated[str | None, typer.Option(help="prompts or preferences (default: from the first row).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+):
+    """Rows, shapes, images and token lengths of a data set; exits 2 if any row is bad. Loads no model."""
+    from mpo.cli_common import fail
+    from mpo.config import load_recipe
+    from mpo.data_check import check_data, format_report
+    from mpo.errors import MpoError
+    from mpo.records import write_json
+
+    if kind not in (None, "prompts", "preferences"):
+        raise MpoError(f"--kind {kind}: expected prompts or preferences")
+    report = check_data(source, load_recipe(recipe, overrides or []) if recipe else None, kind)
+    typer.echo(format_report(report))
+    if json_out is not None:
+        write_json(json_out, report.as_dict())
+    if report.bad_rows:
+        fail(f"{len(report.bad_rows)} bad row(s) in {source} (listed above)")
 
 
 @app.command("demo")

@@ -188,7 +188,7 @@ class PairDataset(torch.utils.data.Dataset):
         plan = self.plans[index]
         if plan.ids is not None:
             prompt, chosen, rejected = (ids.tolist() for ids in plan.ids)
-            vision = self._vision(plan.pair.images)
+            vision = self.encoder.vision(plan.pair.images)
         else:
             pair = plan.pair
             encoded = self.encoder.encode_pair(pair.messages, pair.images, pair.chosen, pair.rejected)
@@ -209,16 +209,6 @@ class PairDataset(torch.utils.data.Dataset):
         if self.ref_logps is not None:
             item["ref_logps"] = self.ref_logps[index]
         return item
-
-    def _vision(self, images) -> dict:
-        """The processor's image half alone (what ``ChatEncoder.encode_prompt`` returns as ``vision``)."""
-        if not images:
-            return {}
-        from mpo.images import open_image
-
-        pil = [open_image(i) for i in images]
-        processed = self.encoder.processor.image_processor(images=pil, return_tensors="pt")
-        return {k: processed[k] for k in ("pixel_values", "image_grid_thw")}
 
 
 @dataclass

@@ -1,12 +1,8 @@
 """Prompts and preference sets from JSONL, MMPR ``meta.json``, parquet and local HF dataset folders.
 
-Row shapes accepted (any source):
-
-- prompts: the ``Prompt`` record (``prompt_id, messages, images, answer``), or the simple shape
-  ``{"id"?, "question", "image"? | "images"?, "answer"?}``;
-- preferences: the ``PreferencePair`` record, or the MMPR shape
-  ``{"image"? (str | [str]), "question", "chosen", "rejected"}``, where ``<image>`` marks in the
-  question say where each image goes (no mark: images lead the question).
+Rows of any source may take any of the shapes :mod:`mpo.row_shapes` accepts (this project's
+records, TRL's standard, conversational, implicit-prompt and prompt-only formats, MMPR's and a
+simple question shape); :attr:`Loaded.shapes` counts the rows of each.
 
 Image paths are resolved against ``image_root`` (MMPR: the dataset's ``root``; otherwise the data
 file's folder) and every image is opened and verified before anything runs. A missing or unreadable
@@ -16,7 +12,6 @@ counted instead. Images embedded in parquet / HF datasets are written once into 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,21 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpo.errors import MpoError
 from mpo.images import ImageError, check_image
-from mpo.records import (
-    PreferencePair,
-    Prompt,
-    RecordError,
-    atomic_write_bytes,
-    from_dict,
-    iter_jsonl,
-    read_text,
-)
-
-
-class DataError(MpoError):
-    """A data source or row that cannot be used; the message names file, row and field."""
+from mpo.records import iter_jsonl, read_text
+from mpo.row_shapes import DataError, build
 
 
 @dataclass
@@ -46,6 +29,7 @@ class Loaded:
     records: list
     sources: list[str] = field(default_factory=list)  # where each record came from: file:line / file:row N
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
+    shapes: dict[str, int] = field(default_factory=dict)  # row shape name -> rows of it (mpo.row_shapes)
 
 
 def _rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
@@ -109,116 +93,77 @@ def _hf_rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
             yield f"{label}:row {index}", row, path
 
 
-def _image_list(row: dict, where: str, image_cache: Path | None) -> list[str]:
-    value = row.get("images", row.get("image"))
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, dict) and item.get("bytes"):
-            out.append(_materialise(item["bytes"], where, image_cache))
-        elif isinstance(item, dict) and isinstance(item.get("path"), str):
-            out.append(item["path"])
-        elif isinstance(item, str):
-            out.append(item)
-        else:
-            raise DataError(f"{where}: field 'image': expected a path or a list of paths, got {type(item).__name__}")
-    return out
+@dataclass
+class Row:
+    """One row as :func:`scan` read it: its record, or what is wrong with it (``bad_image`` when
+    only an image is)."""
+
+    where: str
+    shape: str | None
+    record: object | None
+    problem: str | None = None
+    bad_image: bool = False
 
 
-def _materialise(data: bytes, where: str, image_cache: Path | None) -> str:
-    if image_cache is None:
-        raise DataError(f"{where}: row embeds image bytes; pass image_cache (a folder to write them to)")
-    target = image_cache / (hashlib.sha256(data).hexdigest()[:32] + ".img")
-    if not target.exists():
-        atomic_write_bytes(target, data)
-    return str(target)
+def guess_kind(path: str | os.PathLike) -> str:
+    """``preferences`` if the source's first row fits a preference shape, else ``prompts``."""
+    from mpo.row_shapes import PREFERENCE_SHAPES
+
+    for _, row, _ in _rows(Path(path)):
+        return "preferences" if isinstance(row, dict) and any(
+            s.fits({k: v for k, v in row.items() if v is not None}) for s in PREFERENCE_SHAPES) else "prompts"
+    raise DataError(f"{path}: no rows")
 
 
-def _question_messages(question: str, num_images: int) -> list[dict]:
-    """User turn from an InternVL-style question with ``<image>`` marks (or images first)."""
-    pieces = question.split("<image>")
-    content: list[dict] = []
-    if len(pieces) - 1 == num_images and num_images > 0:
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip("\n")})
-    else:
-        content = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": question.replace("<image>", "").strip()})
-    return [{"role": "user", "content": content}]
-
-
-def _require(row: dict, name: str, where: str) -> str:
-    value = row.get(name)
-    if not isinstance(value, str):
-        found = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"{where}: field {name!r}: expected a string, found {found}")
-    return value
-
-
-def _prompt(row: dict, where: str, index: int, stem: str, image_cache: Path | None) -> Prompt:
-    if "messages" in row:  # the record itself; columnar sources fill absent fields with None
-        return from_dict(Prompt, {k: v for k, v in row.items() if v is not None or k == "answer"}, where)
-    question = _require(row, "question", where) if "question" in row else _require(row, "prompt", where)
-    images = _image_list(row, where, image_cache)
-    answer = row.get("answer")
-    prompt_id = str(row.get("prompt_id", row.get("id", f"{stem}-{index}")))
-    return Prompt(prompt_id, _question_messages(question, len(images)), images, None if answer is None else str(answer))
-
-
-def _pair(row: dict, where: str, index: int, stem: str, image_cache: Path | None) -> PreferencePair:
-    if "messages" in row:
-        return from_dict(PreferencePair, row, where)
-    question = _require(row, "question", where)
-    chosen, rejected = _require(row, "chosen", where), _require(row, "rejected", where)
-    images = _image_list(row, where, image_cache)
-    prompt_id = str(row.get("prompt_id", row.get("id", f"{stem}-{index}")))
-    return PreferencePair(prompt_id, _question_messages(question, len(images)), images, chosen, rejected)
-
-
-def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
+def scan(path, kind: str, image_root=None, image_cache=None) -> Iterator[Row]:
+    """Every row of a source, checked (shape, prompt-id uniqueness, image count, every image), with
+    image paths made absolute. A bad row is yielded with its problem, not raised, so a caller can
+    list all of them (``mpo data check``) or stop at the first (the loaders)."""
     from mpo.chat import count_image_parts
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data source not found")
-    if on_bad_image not in ("error", "skip"):
-        raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     cache = Path(image_cache).absolute() if image_cache is not None else None
-    build = _prompt if kind == "prompts" else _pair
-    loaded = Loaded(records=[])
     first_seen: dict[str, str] = {}
-    for index, (where, row, default_root) in enumerate(_rows(path)):
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row, default_root in _rows(path):
         try:
-            record = build(row, where, index, path.stem, cache)
-        except RecordError as err:
-            raise DataError(str(err)) from None
-        if kind == "prompts":
-            if record.prompt_id in first_seen:
-                raise DataError(f"{where}: field 'prompt_id': {record.prompt_id!r} repeats "
-                                f"{first_seen[record.prompt_id]}; prompt ids must be unique")
-            first_seen[record.prompt_id] = where
+            shape, record = build(row, kind, where, cache)
+        except DataError as err:
+            yield Row(where, None, None, str(err))
+            continue
+        if kind == "prompts" and record.prompt_id in first_seen:
+            yield Row(where, shape, None, f"{where}: field 'prompt_id': {record.prompt_id!r} repeats "
+                                          f"{first_seen[record.prompt_id]}; prompt ids must be unique")
+            continue
+        first_seen.setdefault(record.prompt_id, where)
         parts = count_image_parts(record.messages)
         if parts != len(record.images):
-            raise DataError(f"{where}: field 'images': the messages have {parts} image part(s) but "
-                            f"{len(record.images)} image(s) are listed")
+            yield Row(where, shape, None, f"{where}: field 'images': the messages have {parts} image part(s) "
+                                          f"but {len(record.images)} image(s) are listed")
+            continue
         root = Path(image_root) if image_root is not None else default_root
         record.images = [os.path.abspath(p if Path(p).is_absolute() else root / p) for p in record.images]
         problem = _first_bad_image(record.images)
         if problem:
-            message = f"{where}: field 'images': {problem}"
-            if on_bad_image == "error":
-                raise DataError(message)
-            loaded.skipped.append(message)
+            yield Row(where, shape, record, f"{where}: field 'images': {problem}", bad_image=True)
             continue
-        loaded.records.append(record)
-        loaded.sources.append(where)
+        yield Row(where, shape, record)
+
+
+def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
+    if on_bad_image not in ("error", "skip"):
+        raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    loaded = Loaded(records=[])
+    for row in scan(path, kind, image_root, image_cache):
+        if row.problem and not (row.bad_image and on_bad_image == "skip"):
+            raise DataError(row.problem)
+        loaded.shapes[row.shape] = loaded.shapes.get(row.shape, 0) + 1
+        if row.problem:
+            loaded.skipped.append(row.problem)
+            continue
+        loaded.records.append(row.record)
+        loaded.sources.append(row.where)
     return loaded
 
 

@@ -1,4 +1,4 @@
-"""Images: opened, checked and converted in one place, for rollout, scoring and training alike.
+"""Images: opened, checked, converted and resized in one place, for rollout, scoring and training alike.
 
 :func:`check_image` runs before any model loads: the file exists, PIL can read its header and
 verify its data, and it is under PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
@@ -8,6 +8,16 @@ through PIL's ``convert("RGB")``), with one deliberate difference: 16-bit images
 modes, and 32-bit integer ``I``) are scaled to 8 bits (value v -> round(v * 255 / 65535)), where
 ``convert`` would clip everything above 255 to white. EXIF orientation is not applied, as neither
 ``qwen_vl_utils`` nor the Hugging Face processors apply it.
+
+:func:`fit_image` is the resize: for the Qwen family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V:
+processors that cut images into patches merged 2 x 2) it is ``qwen_vl_utils.fetch_image`` itself,
+given the processor's own pixel bounds and patch size: both sides rounded to the patch grid
+(28 pixels for 14-pixel patches), the area brought inside ``[min_pixels, max_pixels]`` with the aspect
+ratio kept, one PIL bicubic resize. The processor then finds the image already on its grid and does
+not resize it again, so HF rollout, vLLM rollout, scoring and training all see these pixels, the
+model card's. Images wider than 200:1 (``qwen_vl_utils``' limit) are refused, naming the file.
+A family whose processor resizes its own way (tiles, crops) has no rule here
+(:data:`RESIZE_RULES`): its images go to its processor as they are.
 """
 
 from __future__ import annotations
@@ -103,3 +113,63 @@ def open_image(image):
         except Exception as err:
             raise ImageError(f"image unreadable: {name} ({err})") from None
         return to_rgb(opened)
+
+
+def _qwen_rule(image_processor):
+    """``(min_pixels, max_pixels, patch_size)`` of a processor that resizes as Qwen2-VL does."""
+    size = image_processor.size
+    return size["shortest_edge"], size["longest_edge"], image_processor.patch_size
+
+
+# image processor class name (its prefix) -> the rule's parameters; one entry per family that
+# resizes as qwen_vl_utils does. Families not listed keep their processor's own resize.
+RESIZE_RULES = {
+    "Qwen2VLImageProcessor": _qwen_rule,  # Qwen2-VL and Qwen2.5-VL (and the "Fast" variant)
+    "Qwen3VLImageProcessor": _qwen_rule,
+    "Glm4vImageProcessor": _qwen_rule,
+}
+
+
+def resize_rule(image_processor):
+    """The Qwen-family rule's ``(min_pixels, max_pixels, patch_size)`` for this processor, or None."""
+    name = type(image_processor).__name__
+    for prefix, rule in RESIZE_RULES.items():
+        if name.startswith(prefix):
+            return rule(image_processor)
+    return None
+
+
+def check_aspect(size: tuple[int, int], name) -> None:
+    from qwen_vl_utils.vision_process import MAX_RATIO
+
+    width, height = size
+    if max(width, height) > MAX_RATIO * min(width, height):
+        raise ImageError(
+            f"image too thin: {name} is {width} x {height}, an aspect ratio over {MAX_RATIO}:1, which the "
+            "Qwen-family resize (qwen_vl_utils) refuses; crop or pad it"
+        )
+
+
+def fitted_size(size: tuple[int, int], rule, name="an image") -> tuple[int, int]:
+    """``(width, height)`` an image of ``size`` gets under ``rule`` (see :func:`fit_image`)."""
+    from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE, smart_resize
+
+    low, high, patch = rule
+    check_aspect(size, name)
+    height, width = smart_resize(size[1], size[0], factor=patch * SPATIAL_MERGE_SIZE, min_pixels=low,
+                                 max_pixels=high)
+    return width, height
+
+
+def fit_image(image, image_processor):
+    """An image (path, open file or PIL image) opened as RGB and resized for ``image_processor``:
+    by the Qwen-family rule (``qwen_vl_utils.fetch_image``) where it has one, else as it is."""
+    rgb = open_image(image)
+    rule = resize_rule(image_processor)
+    if rule is None:
+        return rgb
+    from qwen_vl_utils.vision_process import fetch_image
+
+    check_aspect(rgb.size, image if isinstance(image, (str, os.PathLike)) else "an embedded image")
+    low, high, patch = rule
+    return fetch_image({"image": rgb, "min_pixels": low, "max_pixels": high}, image_patch_size=patch)

@@ -159,7 +159,7 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str]) -> 
     """Prompts whose tokens (image tokens included) leave no room to generate under the policy's
     limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted."""
     from mpo.chat import ChatEncoder
-    from mpo.images import image_size
+    from mpo.images import ImageError
     from mpo.models import max_positions, model_folder, recipe_processor
 
     folder = model_folder(recipe.model.policy or "", "model.policy")
@@ -167,7 +167,10 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str]) -> 
     encoder = ChatEncoder(recipe_processor(folder, recipe.model))
     kept, skipped = [], []
     for prompt, where in zip(prompts, sources):
-        length = encoder.prompt_length(prompt.messages, [image_size(p) for p in prompt.images])
+        try:
+            length = encoder.prompt_length(prompt.messages, prompt.images)
+        except ImageError as err:  # an image the resize refuses (aspect ratio)
+            raise MpoError(f"{where}: field 'images': {err}") from None
         if length < limit:
             kept.append(prompt)
             continue

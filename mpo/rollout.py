@@ -52,12 +52,6 @@ def check_policy_dir(policy_dir: str | Path) -> Path:
     return model_folder(policy_dir, "policy")
 
 
-def load_images(prompt: Prompt) -> list:
-    from mpo.images import open_image
-
-    return [open_image(path) for path in prompt.images]
-
-
 class Backend:
     """What every rollout engine provides. Use as a context manager to ``close`` on exit."""
 
@@ -214,7 +208,7 @@ class HFBackend(Backend):
     def _generate_batch(self, prompts: Sequence[Prompt], n: int) -> list[Rollout]:
         import torch
 
-        inputs = self._collate([self.encoder.encode_prompt(p.messages, load_images(p)) for p in prompts])
+        inputs = self._collate([self.encoder.encode_prompt(p.messages, p.images) for p in prompts])
         gen_config = self.generation_config(n)
         with torch.no_grad():
             output = self.model.generate(**inputs, generation_config=gen_config)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.records import Rollout
-from mpo.rollout import Backend, RolloutError, load_images
+from mpo.rollout import Backend, RolloutError
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -161,7 +161,7 @@ class VLLMBackend(Backend):
                 )
             request: dict[str, Any] = {"prompt": self.encoder.render_prompt(prompt.messages)}
             if prompt.images:
-                request["multi_modal_data"] = {"image": load_images(prompt)}
+                request["multi_modal_data"] = {"image": self.encoder.images(prompt.images)}
             out.append(request)
         return out
 

@@ -64,7 +64,7 @@ def check_pair(record, where: str) -> None:
         raise PairDataError(f"{where}: chosen and rejected are the same response; the pair teaches nothing")
 
 
-def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error") -> StagePairs:
+def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error", image_cache=None) -> StagePairs:
     """Load, check and filter the pairs of one training stage."""
     from mpo.data import load_preferences
 
@@ -72,7 +72,7 @@ def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error
         raise PairDataError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     out = StagePairs(records=[], where=[])
     for path in map(Path, paths):
-        loaded = load_preferences(path, image_root=image_root, on_bad_image=on_bad_image)
+        loaded = load_preferences(path, image_root=image_root, on_bad_image=on_bad_image, image_cache=image_cache)
         if loaded.skipped:
             out.skipped.setdefault("bad image", []).extend(loaded.skipped)
         for record, where in zip(loaded.records, loaded.sources):
@@ -85,9 +85,7 @@ def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error
 
 def pair_length(encoder, record) -> int:
     """Tokens of the longer of the pair's two sequences (prompt with expanded images + response)."""
-    from mpo.images import image_size
-
-    prompt = encoder.prompt_length(record.messages, [image_size(path) for path in record.images])
+    prompt = encoder.prompt_length(record.messages, record.images)
     return prompt + max(len(encoder.response_ids(record.chosen)), len(encoder.response_ids(record.rejected)))
 
 

@@ -266,7 +266,8 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     set_seed(recipe.run.seed)
     processor = recipe_processor(init_dir, recipe.model)
     encoder = ChatEncoder(processor)
-    pairs = load_stage_pairs(stage.data, stage.modality, recipe.data.image_root, recipe.data.on_bad_image)
+    pairs = load_stage_pairs(stage.data, stage.modality, recipe.data.image_root, recipe.data.on_bad_image,
+                             image_cache=stage_dir.parent / "image_cache")
     pairs = drop_too_long(pairs, encoder, cfg.max_length, cfg.on_too_long)
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")

@@ -78,14 +78,13 @@ def test_greedy_equals_model_generate(tiny_policy_dir, prompts):
     on the prompt alone (no padding), token for token."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from mpo.rollout import load_images
 
     hf = make_backend(_config(temperature=0.0, max_tokens=10), MODEL, tiny_policy_dir, batch_size=6)
     rollouts = hf.generate(prompts, num_samples=2)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_policy_dir).eval()
     eos = model.generation_config.eos_token_id
     for i, prompt in enumerate(prompts):
-        enc = hf.encoder.encode_prompt(prompt.messages, load_images(prompt))
+        enc = hf.encoder.encode_prompt(prompt.messages, prompt.images)
         ids = torch.tensor([enc.input_ids])
         with torch.no_grad():
             out = model.generate(

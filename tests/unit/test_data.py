@@ -31,7 +31,13 @@ def test_simple_prompt_shape_text_only(tmp_path):
                     + json.dumps({"prompt": "Say hi."}) + "\n")
     records = load_prompts(path).records
     assert records[0] == Prompt("7", [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]}], [], "4")
-    assert records[1].prompt_id == "p-1" and records[1].answer is None
+    assert records[1].answer is None
+    # no id: a stable one from the prompt's content, the same wherever the row stands
+    moved = tmp_path / "q.jsonl"
+    moved.write_text("\n" + json.dumps({"prompt": "Say bye."}) + "\n" + json.dumps({"prompt": "Say hi."}) + "\n")
+    again = load_prompts(moved).records
+    assert records[1].prompt_id.startswith("sha-") and again[1].prompt_id == records[1].prompt_id
+    assert again[0].prompt_id != records[1].prompt_id
 
 
 def test_mmpr_meta_with_image_marks_repeat_and_text_rows():
@@ -127,10 +133,11 @@ def test_unreadable_image(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"question": "q", "chosen": "a"}, ":1: field 'rejected': expected a string, found missing"),
-        ({"question": "q", "chosen": 3, "rejected": "b"}, ":1: field 'chosen': expected a string, found a int"),
-        ({"question": "q", "chosen": "a", "rejected": "b", "image": 5}, ":1: field 'image': expected a path"),
-        ({"prompt_id": "x", "messages": [], "images": [], "chosen": "a"}, ":1: missing field 'rejected'"),
+        ({"question": "q", "chosen": "a"}, ":1: field 'rejected': missing (the row has chosen, question: "
+                                           "nearest shape MMPR); accepted preference shapes: record"),
+        ({"question": "q", "chosen": 3, "rejected": "b"}, ":1: field 'chosen': expected a string"),
+        ({"question": "q", "chosen": "a", "rejected": "b", "image": 5}, ":1: field 'images': expected paths"),
+        ({"prompt_id": "x", "messages": [], "images": [], "chosen": "a"}, ":1: field 'rejected': missing"),
     ],
 )
 def test_bad_preference_rows(tmp_path, row, message):

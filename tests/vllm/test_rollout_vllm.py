@@ -30,7 +30,7 @@ if _SPEC is None or _SPEC.origin in (None, "namespace"):
 
 from mpo.config import ModelConfig, RolloutConfig
 from mpo.records import Prompt
-from mpo.rollout import load_images, make_backend
+from mpo.rollout import make_backend
 from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_policy, save_policy
 
 pytestmark = pytest.mark.vllm
@@ -99,7 +99,7 @@ class HFReference:
 
     def logprobs(self, prompt: Prompt, continuation: list[int] = ()) -> torch.Tensor:
         """[len(continuation) + 1, V] next-token log-probs after the prompt and each continuation token."""
-        enc = self.encoder.encode_prompt(prompt.messages, load_images(prompt))
+        enc = self.encoder.encode_prompt(prompt.messages, prompt.images)
         ids = torch.tensor([enc.input_ids + list(continuation)])
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **enc.vision).logits[0]
