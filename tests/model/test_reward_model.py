@@ -70,20 +70,21 @@ def as_item(conv: dict) -> dict:
 
 
 def card_inputs(processor, conversations: list[dict], padding_side: str = "right"):
-    texts = []
+    """The model card's inputs: ``qwen_vl_utils.process_vision_info`` (each image with the
+    processor's own pixel bounds), then the processor."""
+    from qwen_vl_utils import process_vision_info
+
+    texts, images = [], []
+    size = processor.image_processor.size
     for conv in conversations:
+        image = {"type": "image", "image": str(conv["image"]), "min_pixels": size["shortest_edge"],
+                 "max_pixels": size["longest_edge"]}
         messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": conv["image"]},
-                    {"type": "text", "text": conv["question"]},
-                ],
-            },
+            {"role": "user", "content": [image, {"type": "text", "text": conv["question"]}]},
             {"role": "assistant", "content": conv["answer"]},
         ]
         texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
-    images = [Image.open(conv["image"]).convert("RGB") for conv in conversations]
+        images += process_vision_info(messages)[0]
     return processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
 
 
