@@ -16,6 +16,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also the libraries' logs, warnings and "
+                                          "weight-loading bars (hidden by default).")] = False,
+):
+    """Mixed Preference Optimization of vision-language policies, driven by a multimodal reward model."""
+    import os
+
+    if not verbose:  # read by transformers / huggingface_hub when they load, inside the commands
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 tiny_app = typer.Typer(help="Build tiny random Qwen2.5-VL models offline (tests, demo, benchmarks).", no_args_is_help=True)
 app.add_typer(tiny_app, name="tiny")
 

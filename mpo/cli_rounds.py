@@ -19,7 +19,7 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Recipe overrides
 
 def _layout(recipe: Path, overrides, round_index: int):
     from mpo.config import load_recipe
-    from mpo.iterate import RoundLayout
+    from mpo.round_layout import RoundLayout
 
     loaded = load_recipe(recipe, overrides or [])
     if not 0 <= round_index < loaded.iterate.rounds:

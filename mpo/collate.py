@@ -40,13 +40,15 @@ def describe(pair: PreferencePair, where: str | None) -> str:
 
 
 def pair_problem(pair: PreferencePair) -> str | None:
-    """What makes a pair unusable, or None."""
-    if not pair.chosen.strip():
-        return "chosen response is empty"
-    if not pair.rejected.strip():
-        return "rejected response is empty"
-    if pair.chosen == pair.rejected:
-        return "chosen and rejected are identical (no preference to learn)"
+    """What makes a pair unusable, or None: the one pair check of MPO and reward-model training.
+
+    Responses are compared after stripping surrounding whitespace (a pair that differs only there
+    teaches nothing)."""
+    for name in ("chosen", "rejected"):
+        if not getattr(pair, name).strip():
+            return f"field {name!r} is empty (a pair needs two non-empty responses)"
+    if pair.chosen.strip() == pair.rejected.strip():
+        return "chosen and rejected are the same response (nothing to learn)"
     expected = count_image_parts(pair.messages)
     if expected != len(pair.images):
         return f"messages have {expected} image part(s) but the pair lists {len(pair.images)} image(s)"
@@ -211,34 +213,43 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
+def pad_pairs(items: list[dict], pad_token_id: int) -> dict:
+    """What both pair collators build (this one and :class:`reward.collate.PairCollator`): rows
+    ``[prompt+chosen for each pair, prompt+rejected for each pair]`` right-padded into ``input_ids``
+    and ``attention_mask`` [2B, T], and each pair's images ONCE (``pixel_values`` and
+    ``image_grid_thw`` concatenated in pair order; text-only pairs add none). Also ``starts`` [2B]:
+    where each row's response begins."""
+    rows = [it["prompt_ids"] + it["chosen_ids"] for it in items]
+    rows += [it["prompt_ids"] + it["rejected_ids"] for it in items]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "starts": torch.tensor([len(it["prompt_ids"]) for it in items] * 2, dtype=torch.long)}
+    with_images = [it for it in items if "pixel_values" in it]
+    if with_images:
+        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
+        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+    return batch
+
+
 @dataclass
 class PairCollator:
-    """Collate :class:`PairDataset` items into one pair batch (see the module docstring)."""
+    """Collate :class:`PairDataset` items into one pair batch: :func:`pad_pairs`, plus what MPO needs
+    beyond the reward trainer: ``response_mask`` (the response tokens), the items' ``indices`` and the
+    precomputed reference log-probs."""
 
     pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict:
-        rows = [it["prompt_ids"] + it["chosen_ids"] for it in items]
-        rows += [it["prompt_ids"] + it["rejected_ids"] for it in items]
-        starts = [len(it["prompt_ids"]) for it in items] * 2
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (row, start) in enumerate(zip(rows, starts)):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = 1
-            response_mask[i, start : len(row)] = True
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        }
-        with_images = [it for it in items if "pixel_values" in it]
-        if with_images:
-            batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
-            batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+        batch = pad_pairs(items, self.pad_token_id)
+        starts = batch.pop("starts")
+        positions = torch.arange(batch["input_ids"].shape[1])
+        batch["response_mask"] = (positions >= starts[:, None]) & batch["attention_mask"].bool()
+        batch["indices"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         if all("ref_logps" in it for it in items):
             ref = torch.tensor([it["ref_logps"] for it in items], dtype=torch.float64)
             # Carried as the float64 bit pattern in an int64 tensor: Trainer casts float inputs to the

@@ -18,7 +18,7 @@ The language model forward goes through the (possibly DDP / DeepSpeed / PEFT-wra
 still receive gradients through the features. This works for single process, DDP and DeepSpeed
 ZeRO 1-3; FSDP (which only gathers parameters inside the root forward) is not supported by this path.
 
-``ℓ`` is the SUM of the response tokens' log-probs (REFERENCE.md §3); every token under the response
+``ℓ`` is the SUM of the response tokens' log-probs (the MPO paper's, arXiv 2411.10442); every token under the response
 mask counts, whatever its id (id 0 included). Text-only pairs (no images) go through the same path.
 """
 
@@ -187,11 +187,15 @@ def compute_reference_logps(
     if world > 1:  # same number of batches on every rank
         batches = -(-len(indices) // (world * batch_size))
         share = share + [share[-1] if share else indices[0]] * (batches * batch_size - len(share))
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     results = []
+    bar = tqdm(total=len(indices), desc="reference log-probs", unit="pair", disable=None if _ranked([])[1] == 0 else True)
     try:
         for start in range(0, len(share), batch_size):
+            bar.update(min(batch_size, len(share) - start) * world)
             batch = collator([dataset[i] for i in share[start : start + batch_size]])
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
             out = pair_logps(model, batch)
@@ -199,6 +203,7 @@ def compute_reference_logps(
             results += list(zip(idx, out.chosen.tolist(), out.rejected.tolist()))
     finally:
         model.train(was_training)
+        bar.close()
     return {i: (c, r) for i, c, r in _gather_objects(results)}
 
 

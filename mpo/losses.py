@@ -135,6 +135,20 @@ class MPOLoss:
     accuracies: torch.Tensor  # [B]
 
 
+def _check_arguments(weights, sft_reduction, chosen_token_logps, summed) -> None:
+    if len(weights) != 3:
+        raise ValueError(f"weights must be (preference, quality, generation), got {weights!r}")
+    if sft_reduction not in ("sequence", "token"):
+        raise ValueError(f"sft_reduction must be 'sequence' or 'token', got {sft_reduction!r}")
+    shapes = {t.shape for t in summed}
+    if len(shapes) != 1 or summed[0].dim() != 1:
+        raise ValueError(
+            f"the four summed log-prob tensors must all be [B], got shapes {sorted(map(tuple, shapes))}"
+        )
+    if chosen_token_logps.shape[0] != summed[0].shape[0]:
+        raise ValueError("chosen_token_logps and the summed log-probs disagree on the batch size")
+
+
 def mpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -158,20 +172,8 @@ def mpo_loss(
     ``loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=weights``, which sums
     ``per_sequence_loss.mean() * weight`` over the loss types (dpo_trainer.py:1386-1528).
     """
-    if len(weights) != 3:
-        raise ValueError(f"weights must be (preference, quality, generation), got {weights!r}")
-    if sft_reduction not in ("sequence", "token"):
-        raise ValueError(f"sft_reduction must be 'sequence' or 'token', got {sft_reduction!r}")
-    shapes = {
-        t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    }
-    if len(shapes) != 1 or policy_chosen_logps.dim() != 1:
-        raise ValueError(
-            f"the four summed log-prob tensors must all be [B], got shapes {sorted(map(tuple, shapes))}"
-        )
-    if chosen_token_logps.shape[0] != policy_chosen_logps.shape[0]:
-        raise ValueError("chosen_token_logps and the summed log-probs disagree on the batch size")
-
+    _check_arguments(weights, sft_reduction, chosen_token_logps,
+                     (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     preference = dpo_sigmoid(chosen_logratios, rejected_logratios, beta).mean()

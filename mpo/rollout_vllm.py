@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.records import Rollout
-from mpo.rollout import Backend, RolloutError
+from mpo.rollout_base import Backend, RolloutError
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

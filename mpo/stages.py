@@ -50,13 +50,16 @@ def run_chunked(
     *,
     chunk_size: int,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    desc: str | None = None,
 ) -> list[R]:
     """Process ``items`` chunk by chunk into ``output`` (JSONL of ``record_cls``), resumably.
 
     ``process(chunk, chunk_seed)`` returns the records of one chunk. If ``output`` already exists
-    the stage is finished and its records are returned without any work.
+    the stage is finished and its records are returned without any work. ``desc`` labels the
+    progress bar (shown on a terminal; counted in items, finished chunks included).
     """
+    from tqdm import tqdm
+
     output = Path(output)
     if output.exists():
         return read_jsonl(output, record_cls)
@@ -66,16 +69,16 @@ def run_chunked(
     _check_layout(parts, {"chunk_size": chunk_size, "num_items": len(items), "seed": seed})
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     records: list[R] = []
-    for index, chunk in enumerate(chunks):
-        part = parts / f"{index:05d}.jsonl"
-        if part.exists():
-            records.extend(read_jsonl(part, record_cls))
-        else:
-            produced = process(chunk, chunk_seed(seed, index))
-            write_jsonl(part, produced)
-            records.extend(produced)
-        if progress is not None:
-            progress(index + 1, len(chunks))
+    with tqdm(total=len(items), desc=desc, unit="item", disable=None if desc else True) as bar:
+        for index, chunk in enumerate(chunks):
+            part = parts / f"{index:05d}.jsonl"
+            if part.exists():
+                records.extend(read_jsonl(part, record_cls))
+            else:
+                produced = process(chunk, chunk_seed(seed, index))
+                write_jsonl(part, produced)
+                records.extend(produced)
+            bar.update(len(chunk))
     write_jsonl(output, records)
     shutil.rmtree(parts, ignore_errors=True)
     return records

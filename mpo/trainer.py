@@ -10,8 +10,10 @@ W&B reporting. What this class adds:
 - δ of the BCO quality loss (:class:`mpo.losses.DeltaTracker`): every micro-batch of an optimizer
   step uses the same δ; the rewards of the whole accumulation window are summed (and all-reduced
   across ranks) and folded in once per optimizer step, so δ does not depend on how a window is split
-  into micro-batches. Evaluation reads δ and never updates it. δ is written to
-  ``checkpoint-N/mpo_delta.json`` with every checkpoint and restored on resume.
+  into micro-batches. Evaluation reads δ and never updates it. δ is Trainer state
+  (:class:`DeltaState`, transformers' ``ExportableState``): it is written inside every checkpoint's
+  ``trainer_state.json`` (the file whose presence marks a checkpoint complete, so a complete
+  checkpoint always has δ) and restored on resume.
 - Metrics, each a mean over the micro-batches (losses) or pairs (rewards, log-probs) since the last
   log, all-reduced across ranks: ``loss/{preference,quality,generation}`` (raw),
   ``weighted/{...}`` (times their weights), ``delta``, ``rewards/{chosen,rejected,margins,accuracies}``
@@ -27,20 +29,19 @@ live reference model under ZeRO-3 (use the default precomputed reference).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from mpo.errors import MpoError
 from mpo.logprobs import PairLogps, pair_logps
 from mpo.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
+from mpo.trainer_setup import MetricsFile
 
-DELTA_FILE = "mpo_delta.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -86,15 +87,30 @@ class _WindowCallback(TrainerCallback):
         self.trainer.close_window()
 
 
-class _MetricsFileCallback(TrainerCallback):
-    """Appends every log to ``OUTPUT_DIR/metrics.jsonl`` on the main process."""
+class DeltaState(TrainerCallback, ExportableState):
+    """δ as Trainer state: ``state()`` goes into ``trainer_state.json`` (``stateful_callbacks``) with
+    every checkpoint; on resume transformers builds a new instance from it (``args``, then the
+    ``saved`` attribute) in place of this one (``restore_callback_states_from_checkpoint``)."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            path = Path(args.output_dir) / METRICS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+    def __init__(self, mode: str = "cumulative", ema_decay: float = 0.99):
+        self.tracker = DeltaTracker(mode, ema_decay)
+
+    @property
+    def saved(self) -> dict:
+        return self.tracker.state_dict()
+
+    @saved.setter
+    def saved(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)
+
+    def state(self) -> dict:
+        return {"args": {"mode": self.tracker.mode, "ema_decay": self.tracker.ema_decay},
+                "attributes": {"saved": self.saved}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and self.tracker.mode != "none" and "DeltaState" not in state.stateful_callbacks:
+            raise MpoError(f"{args.output_dir}: the checkpoint resumed at step {state.global_step} holds no δ state "
+                           f"(bco_delta={self.tracker.mode}); it cannot resume exactly: train afresh")
 
 
 def find_peft_model(model):
@@ -115,7 +131,7 @@ class MPOTrainer(Trainer):
     def __init__(self, *args, loss, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss
-        self.delta = DeltaTracker(loss.bco_delta, loss.ema_decay)
+        self.args.restore_callback_states_from_checkpoint = True  # δ comes back with the checkpoint
         self.ref_model = ref_model
         if ref_model is not None:
             ref_model.requires_grad_(False).eval().to(self.args.device)
@@ -125,8 +141,14 @@ class MPOTrainer(Trainer):
         self._grad_norms: list[float] = []
         self._tokens = torch.zeros((), dtype=torch.float64)
         self._last_log_time = time.perf_counter()
+        self.add_callback(DeltaState(loss.bco_delta, loss.ema_decay))
         self.add_callback(_WindowCallback(self))
-        self.add_callback(_MetricsFileCallback())
+        self.add_callback(MetricsFile(Path(self.args.output_dir) / METRICS_FILE))
+
+    @property
+    def delta(self) -> DeltaTracker:
+        """δ's tracker (held by the :class:`DeltaState` callback, which a resume replaces)."""
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, DeltaState)).tracker
 
     # ---- loss ---------------------------------------------------------------------------------
 
@@ -192,23 +214,6 @@ class MPOTrainer(Trainer):
         if n > 0:
             self.delta.update(reward_sum, n)
 
-    def _save_checkpoint(self, model, trial):
-        # δ goes in first: transformers writes trainer_state.json last, which is what marks a
-        # checkpoint complete (mpo.stages.last_complete_checkpoint), so a complete one always has δ.
-        if self.args.should_save:
-            from mpo.records import write_json
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / DELTA_FILE, self.delta.state_dict())
-        super()._save_checkpoint(model, trial)
-
-    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        result = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        if resume_from_checkpoint is not None:
-            self.load_delta(resume_from_checkpoint)
-        return result
-
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Full models: reload through ``from_pretrained``. transformers 5.23's Trainer loads
         ``model.safetensors`` with a raw, non-strict ``load_state_dict``, but checkpoints are saved
@@ -227,15 +232,6 @@ class MPOTrainer(Trainer):
         fresh = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
         target.load_state_dict(fresh.state_dict(), strict=True)
         return None
-
-    def load_delta(self, checkpoint: str | os.PathLike) -> None:
-        path = Path(checkpoint) / DELTA_FILE
-        if path.is_file():
-            self.delta.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
-        elif self.delta.mode != "none":
-            raise MpoError(
-                f"{path}: checkpoint has no δ state (bco_delta={self.delta.mode}); cannot resume exactly"
-            )
 
     # ---- metrics --------------------------------------------------------------------------------
 

@@ -1,79 +1,34 @@
 """One MPO training run from a recipe: what ``mpo train`` does.
 
-Steps: load and check the preference pairs (any source :mod:`mpo.data` reads) -> load the policy and
-processor -> freeze parts / add a LoRA adapter -> build :class:`mpo.trainer.MPOTrainer` ->
-reference log-probs (``train.reference: precomputed``, the default: one no-grad pass before
-training, cached in ``ref_logps.jsonl`` keyed by pair content and reference identity, so a rerun
-reuses it and only one model is in memory; ``live``: a frozen copy, or with LoRA the
-adapter-disabled model) -> train -> save.
+Steps (:func:`run_training`): load and check the preference pairs (any source :mod:`mpo.data`
+reads) -> load the policy and processor -> :func:`build_trainer` (freeze parts / add a LoRA adapter,
+:class:`mpo.trainer.MPOTrainer`) -> :func:`precompute_reference` (``train.reference: precomputed``,
+the default: one no-grad pass before training, cached in ``ref_logps.jsonl`` keyed by pair content
+and reference identity, so a rerun reuses it and only one model is in memory; ``live``: a frozen
+copy, or with LoRA the adapter-disabled model, nothing to precompute) -> train -> save.
 
 Run folder (``run.output_dir``): ``config.yaml`` (resolved recipe), ``data_report.json`` (pairs
 kept / truncated / skipped, with reasons), ``ref_logps.jsonl``, ``metrics.jsonl``,
-``checkpoint-N/`` (Trainer's, plus ``mpo_delta.json``), and at the end ``policy/`` (full model +
+``checkpoint-N/`` (Trainer's; δ inside its ``trainer_state.json``), and at the end ``policy/`` (full model +
 processor; with LoRA the adapter merged in), ``adapter/`` (LoRA only) and ``mpo_state.json`` (final δ).
 
-Parts for ``train.freeze`` (Qwen2.5-VL names): ``vision`` = ``model.visual`` without its merger,
-``projector`` = ``model.visual.merger``, ``language`` = ``model.language_model`` and ``lm_head``.
-With LoRA, frozen parts get no adapter; R1V2's adapter-only tuning is ``freeze: [vision, language]``
-without LoRA (only the merger trains).
+Parts for ``train.freeze``: see :mod:`mpo.trainer_setup`. With LoRA, frozen parts get no adapter;
+R1V2's adapter-only tuning is ``freeze: [vision, language]`` without LoRA (only the merger trains).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
-import os
+import sys
 from pathlib import Path
 
 from mpo.config import ConfigError
 
-WANDB_ENV = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP")
-PARTS = {
-    "projector": ("model.visual.merger.",),
-    "vision": ("model.visual.",),
-    "language": ("model.language_model.", "lm_head."),
-}
-# Regexes (matched against full module names) for LoRA's exclude_modules.
-_PART_PATTERNS = {
-    "projector": r".*visual\.merger.*",
-    "vision": r".*visual\.(?!merger).*",
-    "language": r".*(language_model|lm_head).*",
-}
-
-
-def part_of(name: str) -> str | None:
-    """Which freezable part a parameter name belongs to (the merger before the rest of visual)."""
-    for part, prefixes in PARTS.items():
-        if name.startswith(prefixes):
-            return part
-    return None
-
-
-def freeze_parts(model, parts) -> int:
-    """Set ``requires_grad=False`` on every parameter of the named parts; returns how many tensors."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        if part_of(name) in parts:
-            param.requires_grad_(False)
-            frozen += 1
-    return frozen
-
-
-def add_lora(model, lora, freeze):
-    from peft import LoraConfig, get_peft_model
-
-    exclude = "|".join(_PART_PATTERNS[p] for p in freeze) or None
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        exclude_modules=exclude,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
+                  "model.max_pixels", "model.policy", "run.seed", "data.on_bad_image")
+KEY_FILE = "run_key.json"
 
 
 def load_model(recipe, path, key: str = "model.policy"):
@@ -123,99 +78,72 @@ def reference_fingerprint(recipe) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
-def checkpointing_arguments(enabled: bool) -> dict:
-    """Activation checkpointing in ``TrainingArguments``: transformers 5.2x calls it
-    ``activation_checkpointing`` (``gradient_checkpointing`` a deprecated alias); 5.19 knows only
-    ``gradient_checkpointing``."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
-
-
-def training_arguments(recipe, resume: bool):
-    import torch
-    from transformers import TrainingArguments
+def training_arguments(recipe, resume: bool = False):
+    from mpo.trainer_setup import base_arguments, checkpointing_arguments
 
     t, run = recipe.train, recipe.run
-    # bf16 autocast on CUDA; on CPU, Trainer refuses bf16 unless use_cpu, and the weights are bf16 anyway.
-    autocast_bf16 = recipe.model.dtype == "bfloat16" and torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=run.output_dir,
-        run_name=Path(run.output_dir).name,
-        seed=run.seed,
-        report_to=run.report_to,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_strategy="steps",
-        logging_strategy="steps",
-        bf16=autocast_bf16,
+    return base_arguments(
+        run, run.output_dir, Path(run.output_dir).name, recipe.model.dtype,
+        learning_rate=t.learning_rate, num_train_epochs=t.num_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the steps
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        save_steps=t.save_steps, save_strategy="steps", disable_tqdm=not sys.stderr.isatty(),
         **checkpointing_arguments(t.gradient_checkpointing),
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
         # A text-only micro-batch leaves the vision tower without gradients: DDP must allow unused parameters.
         ddp_find_unused_parameters=True,
     )
 
 
-def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False, ref_cache=None):
-    """Dataset, trainer and reference log-probs for ``pairs``; returns ``(trainer, dataset)``."""
+def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False):
+    """Dataset and trainer for ``pairs`` (parts frozen, LoRA added, a live reference where the recipe
+    asks for one); returns ``(trainer, dataset)``. The precomputed reference is
+    :func:`precompute_reference`'s."""
     from mpo.chat import ChatEncoder
     from mpo.collate import PairCollator, PairDataset, pad_token_id
-    from mpo.logprobs import attach_reference_logps
-    from mpo.trainer import MPOTrainer, reference_context
+    from mpo.trainer import MPOTrainer
+    from mpo.trainer_setup import add_lora, freeze_parts
 
     t = recipe.train
     dataset = PairDataset(pairs, ChatEncoder(processor), t.max_length, t.on_too_long, wheres)
-    collator = PairCollator(pad_token_id(processor))
     if t.freeze:
-        freeze_parts(model, t.freeze)
-    # the reference: train.reference_model when set (e.g. pi_0 in later rounds), else the start policy
-    separate = load_model(recipe, t.reference_model, "train.reference_model").eval() if t.reference_model else None
+        counts = freeze_parts(model, t.freeze)
+        print("frozen: " + ", ".join(f"{part} ({n} tensors)" for part, n in counts.items()))
     live_copy = None
-    if t.reference == "live":
-        live_copy = separate if separate is not None else (copy.deepcopy(model).eval() if t.lora is None else None)
+    if t.reference == "live":  # train.reference_model when set (pi_0 in later rounds), else the start policy
+        if t.reference_model:
+            live_copy = load_model(recipe, t.reference_model, "train.reference_model").eval()
+        elif t.lora is None:
+            live_copy = copy.deepcopy(model).eval()
     if t.lora is not None:
         model = add_lora(model, t.lora, t.freeze)
-    trainer = MPOTrainer(
-        model=model,
-        args=training_arguments(recipe, resume),
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=processor,
-        loss=recipe.loss,
-        ref_model=live_copy,
-    )
-    if t.reference == "precomputed":
-        device = trainer.args.device
-        model.to(device)
-        cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
-        reference = separate.to(device) if separate is not None else model
-        with reference_context(reference):
-            computed = attach_reference_logps(
-                reference,
-                dataset,
-                collator,
-                t.per_device_batch_size,
-                cache,
-                reference_fingerprint(recipe),
-                device,
-            )
-        print(f"reference log-probs: {computed} computed, {len(dataset) - computed} reused from {cache}")
+    trainer = MPOTrainer(model=model, args=training_arguments(recipe, resume), train_dataset=dataset,
+                         data_collator=PairCollator(pad_token_id(processor)), processing_class=processor,
+                         loss=recipe.loss, ref_model=live_copy)
     return trainer, dataset
+
+
+def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
+    """``train.reference: precomputed``: the reference's log-probs of every pair, in one no-grad pass
+    (cached by pair content and the reference's identity, so only what is missing is computed), carried
+    in the dataset's items. The reference is ``train.reference_model`` where set, else the policy with
+    any adapter disabled. Returns how many were computed."""
+    from mpo.logprobs import attach_reference_logps
+    from mpo.trainer import reference_context
+
+    t = recipe.train
+    if t.reference != "precomputed":
+        return 0
+    device = trainer.args.device
+    model = trainer.model.to(device)
+    cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
+    reference = load_model(recipe, t.reference_model, "train.reference_model").eval().to(device) \
+        if t.reference_model else model
+    with reference_context(reference):
+        computed = attach_reference_logps(reference, dataset, trainer.data_collator, t.per_device_batch_size,
+                                          cache, reference_fingerprint(recipe), device)
+    print(f"reference log-probs: {computed} computed, {len(dataset) - computed} reused from {cache}")
+    return computed
 
 
 def save_outputs(trainer, processor, recipe) -> Path:
@@ -241,11 +169,6 @@ def save_outputs(trainer, processor, recipe) -> Path:
     return policy_dir
 
 
-TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
-                  "model.max_pixels", "model.policy", "run.seed", "data.on_bad_image")
-KEY_FILE = "run_key.json"
-
-
 def training_key(recipe, pairs) -> dict:
     """What a training run's checkpoints and outputs are made of: the pairs' content, the policy and
     reference folders and every setting that changes the weights (logging and W&B may change)."""
@@ -260,24 +183,6 @@ def training_key(recipe, pairs) -> dict:
         values = {field: dump[section][field]} if field else dump[section]
         key.update({f"{section}.{k}": v for k, v in values.items() if k not in ("save_steps",)})
     return key
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows of steps up to ``step`` (a resumed checkpoint's); a line cut short by a
-    kill is dropped. ``step`` 0 empties the file."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", step + 1) <= step:
-            kept.append(line + "\n")
-    from mpo.records import atomic_write_text
-
-    atomic_write_text(path, kept)
 
 
 def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = False, key: dict | None = None) -> Path:
@@ -307,6 +212,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     from mpo.errors import writing_into
     from mpo.records import write_json
     from mpo.stages import check_key, last_complete_checkpoint
+    from mpo.trainer_setup import trim_metrics, wandb_scope
 
     loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
                               on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache")
@@ -329,7 +235,8 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         write_json(key_file, json.loads(json.dumps(key, default=str)))
     print(f"resolved recipe: {save_resolved(recipe, out)}")
     model, processor = load_policy(recipe)
-    trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume, ref_cache)
+    trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume)
+    precompute_reference(trainer, dataset, recipe, ref_cache)
     report = dataset.report
     write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
     print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
@@ -342,39 +249,8 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    with writing_into(out, "training"), wandb_environment(recipe.run):
+    with writing_into(out, "training"), wandb_scope(recipe.run, out):
         trainer.train(resume_from_checkpoint=checkpoint)
         policy_dir = save_outputs(trainer, processor, recipe)
     print(f"policy saved to {policy_dir}")
     return policy_dir
-
-
-@contextlib.contextmanager
-def wandb_environment(run):
-    """W&B settings for transformers' callback (project, folder, group from the recipe, where the
-    environment does not already set them), restored afterwards; the run the trainer opens is
-    closed and wandb's per-process settings torn down, so several trainings in one process (rounds,
-    sweep points) each log where their recipe says. A run already open (``mpo iterate``'s) is left
-    open and receives the trainer's metrics."""
-    if run.report_to != "wandb":
-        yield
-        return
-    import wandb
-
-    saved = {key: os.environ.get(key) for key in WANDB_ENV}
-    os.environ.setdefault("WANDB_PROJECT", run.wandb_project)
-    os.environ.setdefault("WANDB_DIR", str(Path(run.output_dir).resolve()))
-    if run.wandb_group:
-        os.environ.setdefault("WANDB_RUN_GROUP", run.wandb_group)
-    owns_run = wandb.run is None
-    try:
-        yield
-    finally:
-        if owns_run:
-            wandb.finish()
-            wandb.teardown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

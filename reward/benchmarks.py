@@ -1,8 +1,10 @@
 """Reward-model benchmarks: VL-RewardBench, RewardBench and plain preference pairs.
 
 Model-agnostic on purpose: a benchmark file becomes a list of scoring items, a caller-supplied
-``score_fn(items) -> scores`` scores them all in one call, and the scoring rules of REFERENCE.md
-section 2 turn the scores into a JSON-serialisable results dict. No model code lives here.
+``score_fn(items) -> scores`` scores them all in one call, and each benchmark's published scoring
+rules (VL-RewardBench: Li et al. 2024, arXiv 2411.17451, overall and macro accuracy over its three
+categories; RewardBench: Lambert et al. 2024, arXiv 2403.13787, its section weights) turn the scores
+into a JSON-serialisable results dict. No model code lives here.
 
 A scoring item is ``{"messages", "images", "response"}``: HF chat messages holding the user turn
 (``{"type": "image"}`` parts take ``images`` in order), the image paths (relative ones resolved

@@ -50,18 +50,12 @@ class StagePairs:
 
 
 def check_pair(record, where: str) -> None:
-    """Refuse a pair that carries no preference (an empty response, chosen == rejected) or whose
-    image parts and images do not match in number."""
-    from mpo.chat import count_image_parts
+    """Refuse a pair :func:`mpo.collate.pair_problem` refuses, naming where it came from."""
+    from mpo.collate import pair_problem
 
-    parts = count_image_parts(record.messages)
-    if parts != len(record.images):
-        raise PairDataError(f"{where}: messages have {parts} image part(s) but {len(record.images)} image(s)")
-    for name in ("chosen", "rejected"):
-        if not getattr(record, name).strip():
-            raise PairDataError(f"{where}: field {name!r} is empty; a pair needs two non-empty responses")
-    if record.chosen.strip() == record.rejected.strip():
-        raise PairDataError(f"{where}: chosen and rejected are the same response; the pair teaches nothing")
+    problem = pair_problem(record)
+    if problem:
+        raise PairDataError(f"{where}: {problem}")
 
 
 def load_stage_pairs(paths, modality="all", image_root=None, on_bad_image="error", image_cache=None) -> StagePairs:
@@ -137,7 +131,9 @@ class PairDataset(torch.utils.data.Dataset):
 
 @dataclass
 class PairCollator:
-    """Batch pairs as ``[chosen rows..., rejected rows...]``, right-padded; images once per pair.
+    """Batch pairs as ``[chosen rows..., rejected rows...]``, right-padded; images once per pair
+    (:func:`mpo.collate.pad_pairs`, which the MPO collator shares), plus what the reward model
+    needs beyond it:
 
     ``mm_token_type_ids`` (0 text, 1 image, 2 video) is derived from the token ids: Qwen2.5-VL's
     multimodal rotary positions need it (without it transformers falls back to 1-D positions),
@@ -149,20 +145,12 @@ class PairCollator:
     video_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
-        rows = [e["prompt_ids"] + e["chosen_ids"] for e in examples]
-        rows += [e["prompt_ids"] + e["rejected_ids"] for e in examples]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[index, : len(row)] = 1
-        types = multimodal_token_types(input_ids, self.image_token_id, self.video_token_id)
-        batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types * mask}
-        with_images = [e for e in examples if "pixel_values" in e]
-        if with_images:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+        from mpo.collate import pad_pairs
+
+        batch = pad_pairs(examples, self.pad_id)
+        del batch["starts"]  # the score is read at the last real token; responses need no mask
+        types = multimodal_token_types(batch["input_ids"], self.image_token_id, self.video_token_id)
+        batch["mm_token_type_ids"] = types * batch["attention_mask"]
         return batch
 
 

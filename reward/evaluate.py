@@ -1,7 +1,7 @@
 """Reward-model evaluation: a :class:`reward.scorer.Scorer` wired into ``reward.benchmarks``.
 
 ``reward.benchmarks`` turns a benchmark file into scoring items and applies the benchmark's rules
-(REFERENCE.md section 2); this module supplies the model: one scorer, one model load, every item of
+(the benchmarks' own rules, see :mod:`reward.benchmarks`); this module supplies the model: one scorer, one model load, every item of
 the file scored in one batched call. For ``pairs`` files the items are each row's chosen and rejected
 responses; the row is right iff chosen scores strictly higher. With ``on_too_long="skip"``, items
 longer than the scorer's limit are left unscored, listed under ``scoring.skipped_too_long``, and

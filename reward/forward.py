@@ -17,6 +17,8 @@ Both read the value head at each row's last real token. Padding is 0 in ``mm_tok
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -118,6 +120,14 @@ def run_prompts(model, prompts: Sequence[PromptEncoding], pad_id: int, side: str
     return PromptPass(cache, mask, next_position)
 
 
+@functools.cache
+def cache_argument(model_class) -> str:
+    """The forward's name for a key/value cache: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` warns that it is deprecated) or ``past_key_values`` (5.19)."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def score_responses(
     model, prompts: PromptPass, slots: Sequence[int], responses: Sequence[list[int]], pad_id: int, device
@@ -136,8 +146,8 @@ def score_responses(
         input_ids=input_ids,
         attention_mask=torch.cat([prompts.mask[which], mask], dim=1),
         position_ids=(prompts.next_position[which][:, None] + steps).expand(3, -1, -1),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_argument(type(model.backbone.model)): cache},
     ).last_hidden_state
     last = hidden[torch.arange(len(responses), device=device), mask.sum(dim=1) - 1]
     return model.v_head(last).squeeze(-1)

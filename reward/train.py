@@ -1,9 +1,8 @@
 """Bradley-Terry reward-model training in stages (the Skywork-VL Reward recipe, arXiv 2505.07263).
 
-Loss: per pair ``-log sigmoid(r(x, y+) - r(x, y-))`` (Bradley & Terry 1952, as the paper trains),
-averaged over the batch; no score calibration. The paper: vision encoder frozen; projector (the
-visual merger), LM and value head trained with AdamW; stage 1 on multimodal pairs at lr 1e-5, stage
-2 on multimodal + text-only pairs at lr 1e-6; 2 epochs each; batch size 1.
+The paper: vision encoder frozen; projector (the visual merger), LM and value head trained with
+AdamW; stage 1 on multimodal pairs at lr 1e-5, stage 2 on multimodal + text-only pairs at lr 1e-6;
+2 epochs each; batch size 1. The loss and the Trainer are :mod:`reward.trainer`'s.
 
 :func:`run_stages`: stage k starts from stage k-1's folder (the first from ``reward_train.init_from``:
 a reward model folder, or a plain Qwen2.5-VL one that gets a fresh seeded value head), trains with
@@ -22,13 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from reward.collate import (
     PairCollator,
@@ -38,201 +34,6 @@ from reward.collate import (
     drop_too_long,
     load_stage_pairs,
 )
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Per-pair Bradley-Terry loss ``-log sigmoid(r+ - r-)``: [B], [B] -> [B] (reduce outside).
-
-    The pairwise objective of Skywork-VL Reward (arXiv 2505.07263, section on training)."""
-    return -nn.functional.logsigmoid(chosen.float() - rejected.float())
-
-
-def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """Accuracy (chosen strictly above rejected), mean margin and mean scores of scored pairs."""
-    chosen, rejected = chosen.double(), rejected.double()
-    return {
-        "accuracy": float((chosen > rejected).double().mean()),
-        "margin": float((chosen - rejected).mean()),
-        "chosen_score": float(chosen.mean()),
-        "rejected_score": float(rejected.mean()),
-        "loss": float(bradley_terry_loss(chosen, rejected).mean()),
-    }
-
-
-def _trainer_class():
-    from transformers import Trainer, TrainerCallback
-
-    class RewardTrainer(Trainer):
-        """``Trainer`` with the Bradley-Terry loss and pair metrics added to every training log."""
-
-        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by accumulation steps
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._window = torch.zeros(5, dtype=torch.float64)  # correct, margin, chosen, rejected, pairs
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            chosen, rejected = model(**inputs).float().chunk(2)  # rows: chosen..., rejected...
-            loss = bradley_terry_loss(chosen, rejected).mean()
-            if model.training:  # sums (not rows) are gathered: ranks may hold batches of different sizes
-                c, r = chosen.detach().double(), rejected.detach().double()
-                sums = torch.stack([(c > r).sum(), (c - r).sum(), c.sum(), r.sum(), c.new_tensor(len(c))])
-                self._window += self.accelerator.gather(sums[None]).sum(0).cpu()
-            return (loss, torch.stack([chosen, rejected], dim=-1)) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                chosen, rejected = model(**inputs).float().chunk(2)
-            loss = bradley_terry_loss(chosen, rejected).mean().detach()
-            return loss, torch.stack([chosen, rejected], dim=-1), None
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs and self._window[4] > 0:
-                correct, margin, chosen, rejected = (self._window[:4] / self._window[4]).tolist()
-                logs.update(accuracy=correct, margin=margin, chosen_score=chosen, rejected_score=rejected)
-                self._window.zero_()
-            super().log(logs, start_time)
-
-    class MetricsFile(TrainerCallback):
-        """Append each training log (loss, accuracy, margin, scores, lr, grad norm) to a JSONL file."""
-
-        def __init__(self, path: Path):
-            self.path = path
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs and "loss" in logs:
-                with self.path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    return RewardTrainer, MetricsFile
-
-
-def set_trainable(reward, freeze: list[str]) -> None:
-    """Freeze the named parts (vision = the ViT blocks, projector = the visual merger, language =
-    the decoder); the unused LM head is always frozen, the value head always trained."""
-    backbone = reward.backbone.model
-    parts = {
-        "vision": [p for n, p in backbone.visual.named_parameters() if not n.startswith("merger.")],
-        "projector": list(backbone.visual.merger.parameters()),
-        "language": list(backbone.language_model.parameters()),
-    }
-    for name, params in parts.items():
-        for param in params:
-            param.requires_grad_(name not in freeze)
-    reward.backbone.lm_head.requires_grad_(False)
-    reward.v_head.requires_grad_(True)
-
-
-def apply_lora(reward, lora, freeze: list[str]):
-    """Inject LoRA adapters into the backbone in place (frozen parts get none); returns the
-    ``PeftModel`` (for saving and merging). The value head stays fully trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    patterns = {"vision": r"visual\.(patch_embed|blocks)", "projector": r"visual\.merger",
-                "language": r"language_model"}
-    excluded = "|".join(rf".*{patterns[part]}\..*" for part in freeze) or None
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, exclude_modules=excluded)
-    peft_model = get_peft_model(reward.backbone, config)
-    reward.v_head.requires_grad_(True)
-    return peft_model
-
-
-def load_start(path: Path, recipe, dtype: torch.dtype):
-    """A :class:`RewardModel` from a reward folder, or from a plain backbone with a fresh head."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from reward.model import VALUE_HEAD_FILE, RewardModel
-
-    attn = recipe.model.attn_implementation
-    if (path / VALUE_HEAD_FILE).is_file():
-        return RewardModel.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    print(f"{path}: no {VALUE_HEAD_FILE}; starting from the backbone with a fresh value head")
-    backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn, use_safetensors=True
-    )
-    torch.manual_seed(recipe.run.seed)
-    return RewardModel(backbone)
-
-
-def training_arguments(recipe, stage, stage_dir: Path):
-    """``TrainingArguments`` for one stage (built before the model, so ZeRO-3 can shard its load)."""
-    from transformers import TrainingArguments
-
-    cfg = recipe.reward_train
-    report = recipe.run.report_to == "wandb"
-    if report:
-        os.environ["WANDB_PROJECT"] = recipe.run.wandb_project
-        os.environ.setdefault("WANDB_RUN_GROUP", recipe.run.wandb_group or Path(recipe.run.output_dir).name)
-    return TrainingArguments(
-        output_dir=str(stage_dir / "checkpoints"),
-        run_name=f"{Path(recipe.run.output_dir).name}/{stage.name}",
-        report_to=["wandb"] if report else [],
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_epochs,
-        max_steps=cfg.max_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=1,
-        seed=recipe.run.seed,
-        # autocast where a GPU runs it (Trainer refuses bf16 on CPU); the weights train in float32
-        bf16=recipe.model.dtype == "bfloat16" and torch.cuda.is_available(),
-        fp16=recipe.model.dtype == "float16" and torch.cuda.is_available(),
-        remove_unused_columns=False,
-        dataloader_num_workers=cfg.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=not os.isatty(1),
-    )
-
-
-def _sample(pairs, limit: int, seed: int) -> list[int]:
-    indices = list(range(len(pairs.records)))
-    if 0 <= limit < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    return indices
-
-
-def score_sample(trainer, pairs, indices, encoder) -> torch.Tensor:
-    """Scores ``[N, 2]`` (chosen, rejected) of the sampled pairs, model in eval mode."""
-    if not indices:
-        return torch.zeros(0, 2)
-    dataset = PairDataset([pairs.records[i] for i in indices], encoder, [pairs.where[i] for i in indices])
-    return torch.as_tensor(trainer.predict(dataset).predictions).float().reshape(-1, 2)
-
-
-def save_stage_model(trainer, wrapper, peft_model, processor, out: Path, dtype: torch.dtype) -> None:
-    """Write the Skywork layout (backbone + ``value_head.safetensors``) and the processor to ``out``."""
-    from safetensors.torch import save_file
-
-    from reward.model import VALUE_HEAD_FILE
-
-    accelerator = trainer.accelerator
-    if peft_model is not None:
-        if accelerator.is_main_process:
-            peft_model.save_pretrained(out / "adapter")
-        wrapper.reward.backbone = peft_model.merge_and_unload()
-    state = accelerator.get_state_dict(trainer.model_wrapped)
-    if accelerator.is_main_process:
-        def cast(tensor):
-            return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-        backbone = {k.removeprefix("reward.backbone."): cast(v) for k, v in state.items()
-                    if k.startswith("reward.backbone.")}
-        head = {k.removeprefix("reward."): cast(v).contiguous() for k, v in state.items()
-                if k.startswith("reward.v_head.")}
-        wrapper.reward.backbone.save_pretrained(out, state_dict=backbone)
-        save_file(head, str(out / VALUE_HEAD_FILE), metadata={"format": "pt"})
-        processor.save_pretrained(out)
-    accelerator.wait_for_everyone()
 
 
 def stage_key(recipe, stage, init_dir: Path) -> dict:
@@ -257,10 +58,9 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
 
     from mpo.chat import ChatEncoder
     from mpo.models import recipe_processor
-    from mpo.records import write_json, write_jsonl
-    from mpo.stages import check_key, last_complete_checkpoint
-    from mpo.training import KEY_FILE, trim_metrics
-    from reward.model import DTYPES
+    from mpo.stages import check_key
+    from mpo.trainer_setup import wandb_scope
+    from mpo.training import KEY_FILE
 
     cfg = recipe.reward_train
     set_seed(recipe.run.seed)
@@ -272,40 +72,69 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
     check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE)
-    args = training_arguments(recipe, stage, stage_dir)
+    with wandb_scope(recipe.run, recipe.run.output_dir, default_group=Path(recipe.run.output_dir).name):
+        trainer, wrapper, peft_model = _stage_trainer(recipe, stage, init_dir, stage_dir, pairs, encoder)
+        result, scores = _train_and_score(trainer, pairs, encoder, recipe, stage_dir)
+        from reward.model import DTYPES
+        from reward.trainer import save_stage_model
 
+        save_stage_model(trainer, wrapper, peft_model, processor, stage_dir, DTYPES[recipe.model.dtype])
+    summary = _finish_stage(trainer, recipe, stage, init_dir, stage_dir, key, pairs, result, scores)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encoder):
+    """``(trainer, wrapper, peft_model)`` for one stage: the start model, parts frozen, LoRA,
+    checkpointing, the pair collator and the metrics file."""
+    from mpo.trainer_setup import MetricsFile, enable_checkpointing
+    from reward.trainer import RewardTrainer, apply_lora, load_start, set_trainable, training_arguments
+
+    cfg = recipe.reward_train
+    args = training_arguments(recipe, stage, stage_dir)
     reward = load_start(init_dir, recipe, torch.float32)
-    set_trainable(reward, cfg.freeze)
+    counts = set_trainable(reward, cfg.freeze)
+    if counts:
+        print(f"stage {stage.name}: frozen " + ", ".join(f"{part} ({n} tensors)" for part, n in counts.items()))
     peft_model = apply_lora(reward, cfg.lora, cfg.freeze) if cfg.lora else None
     if cfg.gradient_checkpointing:
-        backbone, kwargs = reward.backbone, {"use_reentrant": False}
-        if hasattr(backbone, "activation_checkpointing_enable"):
-            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(reward.backbone)
     wrapper = PairwiseRewardModel(reward)
-    config = reward.config
     tokenizer = encoder.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    RewardTrainer, MetricsFile = _trainer_class()
     trainer = RewardTrainer(
         model=wrapper, args=args, train_dataset=PairDataset(pairs.records, encoder, pairs.where),
-        data_collator=PairCollator(pad_id, config.image_token_id, config.video_token_id),
-        callbacks=[MetricsFile(stage_dir / "metrics.jsonl")],
+        data_collator=PairCollator(pad_id, reward.config.image_token_id, reward.config.video_token_id),
+        callbacks=[MetricsFile(stage_dir / "metrics.jsonl", only_training_steps=True)],
     )
-    checkpoints = stage_dir / "checkpoints"
-    checkpoint = last_complete_checkpoint(checkpoints)
+    return trainer, wrapper, peft_model
+
+
+def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
+    """Resume from the newest complete checkpoint (metrics cut back to it), train, and score the
+    sampled pairs before and after: ``(train result, (sample, before, after))``."""
+    from mpo.stages import last_complete_checkpoint
+    from mpo.trainer_setup import trim_metrics
+    from reward.trainer import sample_pairs, score_sample
+
+    checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
     if trainer.accelerator.is_main_process:
         trim_metrics(stage_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
-    sample = _sample(pairs, cfg.summary_pairs, recipe.run.seed)
+    sample = sample_pairs(pairs, recipe.reward_train.summary_pairs, recipe.run.seed)
     # Scoring before train() would make DeepSpeed / FSDP wrap the model for inference first, which
     # the Trainer's later training set-up does not undo; those runs report only the "after" scores.
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     before = None if sharded else score_sample(trainer, pairs, sample, encoder)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    after = score_sample(trainer, pairs, sample, encoder)
-    save_stage_model(trainer, wrapper, peft_model, processor, stage_dir, DTYPES[recipe.model.dtype])
+    return result, (sample, before, score_sample(trainer, pairs, sample, encoder))
 
+
+def _finish_stage(trainer, recipe, stage, init_dir, stage_dir: Path, key, pairs, result, scores) -> dict:
+    """The stage's summary; on the main process ``pair_scores.jsonl`` and, last, ``done.json``."""
+    from mpo.records import write_json, write_jsonl
+    from reward.trainer import pair_metrics
+
+    sample, before, after = scores
     summary = {
         "stage": stage.name, "init_from": str(init_dir), "config": stage.model_dump(), "key": key,
         "pairs": len(pairs.records), "multimodal_pairs": pairs.num_multimodal,
@@ -325,11 +154,6 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
         ])
         write_json(stage_dir / "done.json", summary)  # last: its presence marks the stage finished
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
-    wandb = sys.modules.get("wandb")  # close the stage's run: the next stage opens its own
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-        wandb.teardown()  # wandb keeps per-process settings (its folder) until torn down
-    trainer.accelerator.wait_for_everyone()
     return summary
 
 

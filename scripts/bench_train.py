@@ -144,7 +144,7 @@ def trl_trainer(policy, pairs_file, args):
 def our_trainer(policy, pairs_file, args, live: bool):
     from mpo.config import load_recipe
     from mpo.data import load_preferences
-    from mpo.training import build_trainer, load_policy
+    from mpo.training import build_trainer, load_policy, precompute_reference
 
     recipe = load_recipe(
         None,
@@ -171,6 +171,7 @@ def our_trainer(policy, pairs_file, args, live: bool):
     model, processor = load_policy(recipe)
     loaded = load_preferences(pairs_file)
     trainer, dataset = build_trainer(recipe, loaded.records, None, model, processor)
+    precompute_reference(trainer, dataset, recipe)
     return trainer, dataset
 
 

@@ -160,9 +160,9 @@ def _row(**kw):
 @pytest.mark.parametrize(
     "row, message",
     [
-        (_row(prompt_id="e1", chosen="  "), "chosen response is empty"),
-        (_row(prompt_id="e2", rejected=""), "rejected response is empty"),
-        (_row(prompt_id="same", chosen="yes", rejected="yes"), "chosen and rejected are identical"),
+        (_row(prompt_id="e1", chosen="  "), "field 'chosen' is empty"),
+        (_row(prompt_id="e2", rejected=""), "field 'rejected' is empty"),
+        (_row(prompt_id="same", chosen="yes", rejected="yes"), "chosen and rejected are the same response"),
     ],
 )
 def test_bad_pairs_named_with_file_and_line(tmp_path, tiny_processor, row, message):

@@ -251,9 +251,8 @@ def test_collator_mixes_image_and_text_pairs(tiny_reward_dir, demo_pairs):
     from transformers import AutoProcessor
 
     from mpo.chat import ChatEncoder
-    from reward.collate import PairCollator, PairDataset
+    from reward.collate import PairCollator, PairDataset, PairwiseRewardModel
     from reward.model import RewardModel
-    from reward.train import PairwiseRewardModel
 
     pairs = [demo_pairs[0], demo_pairs[-1], demo_pairs[20]]  # image, text-only, image
     assert [bool(p.images) for p in pairs] == [True, False, True]
@@ -278,7 +277,7 @@ def test_collator_mixes_image_and_text_pairs(tiny_reward_dir, demo_pairs):
 def test_bradley_terry_loss_by_hand():
     import math
 
-    from reward.train import bradley_terry_loss
+    from reward.trainer import bradley_terry_loss
 
     loss = bradley_terry_loss(torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0]))
     expected = [math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(3))]

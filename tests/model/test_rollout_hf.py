@@ -11,7 +11,8 @@ import torch
 from mpo.config import ModelConfig, RolloutConfig
 from mpo.errors import MpoError
 from mpo.records import Prompt, Rollout
-from mpo.rollout import HFBackend, RolloutError, make_backend, policy_label
+from mpo.rollout import HFBackend, make_backend
+from mpo.rollout_base import RolloutError, policy_label
 from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, save_policy
 
 MODEL = ModelConfig(dtype="float32", min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)

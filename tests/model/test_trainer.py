@@ -14,7 +14,8 @@ import torch
 from transformers import TrainerCallback
 
 from mpo.config import load_recipe
-from mpo.training import build_trainer, load_policy, run_training
+from mpo.errors import MpoError
+from mpo.training import build_trainer, load_policy, precompute_reference, run_training
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny" / "mpo_offline.yaml"
@@ -41,8 +42,15 @@ def pairs_and_labels():
 def trainer_for(rec, resume=False):
     model, processor = load_policy(rec)
     pairs, wheres = pairs_and_labels()
-    trainer, _ = build_trainer(rec, pairs, wheres, model, processor, resume=resume)
+    trainer, dataset = build_trainer(rec, pairs, wheres, model, processor, resume=resume)
+    precompute_reference(trainer, dataset, rec)
     return trainer
+
+
+def saved_delta(checkpoint) -> dict:
+    """δ as a checkpoint holds it: inside trainer_state.json (transformers' stateful callbacks)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["stateful_callbacks"]["DeltaState"]["attributes"]["saved"]
 
 
 def test_mpo_train_cli_lowers_loss_and_saves(tiny_policy_dir, tmp_path):
@@ -71,9 +79,10 @@ def test_mpo_train_cli_lowers_loss_and_saves(tiny_policy_dir, tmp_path):
         "policy/model.safetensors",
         "policy/tokenizer.json",
         "policy/processor_config.json",
-        "checkpoint-6/mpo_delta.json",
+        "checkpoint-6/trainer_state.json",
     ):
         assert (out / name).is_file(), name
+    assert saved_delta(out / "checkpoint-6")["num_windows"] == 6  # a complete checkpoint holds δ
     rows = logged(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
     expected = {"loss", "grad_norm", "learning_rate", "tokens/s", "delta", "logps/chosen", "logps/rejected"}
@@ -179,7 +188,7 @@ def test_resume_logs_the_same_losses_and_delta(tiny_policy_dir, tmp_path, lora):
     first = trainer_for(recipe(tiny_policy_dir, broken, *settings))
     first.add_callback(_StopAt(3))  # 3 steps of 4 pairs: stops mid-epoch (16 pairs)
     first.train()
-    assert (broken / "checkpoint-3" / "mpo_delta.json").is_file()
+    assert saved_delta(broken / "checkpoint-3")["num_windows"] == 3
     resumed = trainer_for(recipe(tiny_policy_dir, broken, *settings), resume=True)
     resumed.train(resume_from_checkpoint=True)
 
@@ -307,7 +316,7 @@ def test_bad_pair_stops_mpo_train_with_file_and_line(tiny_policy_dir, tmp_path):
         ],
     )
     assert result.exit_code == 2
-    assert f"{bad}:2 (prompt_id 'text-1'): chosen and rejected are identical" in result.output
+    assert f"{bad}:2 (prompt_id 'text-1'): chosen and rejected are the same response" in result.output
 
 
 def test_evaluate_reads_delta_without_updating_it(tiny_policy_dir, tmp_path):
@@ -390,3 +399,16 @@ def test_separate_reference_model_is_the_reference(tiny_policy_dir, tmp_path, mo
                         "loss.bco_delta=none"))
     row = logged(own)[0]
     assert row["logps/chosen"] - row["rewards/chosen"] / 0.1 != pytest.approx(runs["separate"][0], abs=1e-3)
+
+
+def test_resume_from_a_checkpoint_without_delta_is_refused(tiny_policy_dir, tmp_path):
+    settings = ["train.max_steps=4", "train.save_steps=2", "loss.bco_delta=cumulative"]
+    out = tmp_path / "run"
+    run_training(recipe(tiny_policy_dir, out, *settings))
+    for checkpoint in out.glob("checkpoint-*"):  # a checkpoint from before δ was Trainer state
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        del state["stateful_callbacks"]["DeltaState"]
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (out / "mpo_state.json").unlink()
+    with pytest.raises(MpoError, match=r"the checkpoint resumed at step 4 holds no δ state \(bco_delta=cumulative\)"):
+        run_training(recipe(tiny_policy_dir, out, *settings), resume=True)

@@ -207,7 +207,7 @@ def test_reload_with_tied_embeddings(prompts, policies):
 
 
 def test_refused_settings(policies, prompts):
-    from mpo.rollout import RolloutError
+    from mpo.rollout_base import RolloutError
 
     with pytest.raises(RolloutError, match="data parallel"):
         make_backend(_config(data_parallel_size=2), MODEL, policies["a"], engine_kwargs=ENGINE)
