@@ -90,12 +90,13 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the last checkpoint in run.output_dir.")] = False,
     round_index: Annotated[int | None, typer.Option("--round", "-r", help="Train round N of an mpo iterate recipe.")] = None,
+    stage_only: Annotated[bool, typer.Option("--stage-only", hidden=True, help="Launched by mpo iterate: no manifest.")] = False,
 ):
     """MPO on a preference set (jsonl, MMPR meta.json, parquet, dataset folder), or on round N's pairs."""
     if round_index is not None:
         from mpo.cli_rounds import train_round
 
-        return train_round(recipe, overrides, round_index)
+        return train_round(recipe, overrides, round_index, stage_only)
     from mpo.config import load_recipe
     from mpo.training import run_training
 

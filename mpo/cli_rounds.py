@@ -27,6 +27,14 @@ def _layout(recipe: Path, overrides, round_index: int):
     return RoundLayout(loaded)
 
 
+def _stages(layout):
+    """Where the stage runs (``iterate.launch``); a launched job reads the resolved recipe from the run folder."""
+    from mpo.config import save_resolved
+    from mpo.engines import make_stages
+
+    return make_stages(layout.recipe, save_resolved(layout.recipe, layout.run_dir))
+
+
 def _need(path: Path, stage: str) -> Path:
     if not path.exists():
         raise MpoError(f"{path} not found: run `mpo {stage}` for this round first")
@@ -45,23 +53,23 @@ def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
 @guarded
 def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Sample responses for one round (writes round_NNN/rollouts.jsonl)."""
-    from mpo.iterate import Engines, check_models, load_round_prompts, stage_rollout
+    from mpo.iterate import check_models, load_round_prompts, stage_rollout
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir):
         check_models(layout.recipe)
-        engines = Engines(layout.recipe)
+        stages = _stages(layout)
         try:
-            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), engines)
+            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), stages)
         finally:
-            engines.close()
+            stages.close()
     typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, 'rollouts.jsonl')}")
 
 
 @guarded
 def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Score one round's rollouts with the reward model (writes round_NNN/scored.jsonl)."""
-    from mpo.iterate import Engines, check_models, load_round_prompts, stage_score
+    from mpo.iterate import check_models, load_round_prompts, stage_score
     from mpo.records import Rollout, read_jsonl
 
     layout = _layout(recipe, overrides, round_index)
@@ -69,7 +77,7 @@ def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
         check_models(layout.recipe)
         rollouts = read_jsonl(_need(layout.file(round_index, "rollouts.jsonl"), "rollout"), Rollout)
         prompts = load_round_prompts(layout.recipe)
-        scored = stage_score(layout, round_index, prompts, rollouts, Engines(layout.recipe))
+        scored = stage_score(layout, round_index, prompts, rollouts, _stages(layout))
     typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, 'scored.jsonl')}")
 
 
@@ -87,8 +95,9 @@ def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
                f"{layout.file(round_index, 'pairs.jsonl')}")
 
 
-def train_round(recipe: Path, overrides, round_index: int) -> None:
-    """``mpo train RECIPE --round N``: MPO on round N's pairs, then the round's manifest."""
+def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = False) -> None:
+    """``mpo train RECIPE --round N``: MPO on round N's pairs, then the round's manifest (not with
+    ``stage_only``: the launched training of ``iterate.launch: distributed``, whose driver writes it)."""
     from mpo.iterate import finish_round, load_round_prompts, stage_train
     from mpo.pairs import read_pair_stats
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
@@ -98,7 +107,7 @@ def train_round(recipe: Path, overrides, round_index: int) -> None:
         pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
         prompts = load_round_prompts(layout.recipe)
         policy = stage_train(layout, round_index, prompts, len(pairs))
-        if layout.manifest(round_index) is None:
+        if layout.manifest(round_index) is None and not stage_only:
             scored = read_jsonl(layout.file(round_index, "scored.jsonl"), ScoredRollout)
             stats = read_pair_stats(layout.file(round_index, "pair_stats.json"))
             finish_round(layout, round_index, scored, stats, policy, {}, {})

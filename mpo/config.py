@@ -161,6 +161,18 @@ class IterateConfig(Section):
     # Resumable units: finished chunks of prompts (rollout) and rollouts (scoring) survive a crash.
     rollout_chunk: int = Field(16, ge=1)
     score_chunk: int = Field(64, ge=1)
+    # inline: one process runs every stage (CPU, one GPU, the demo). distributed: each stage of each
+    # round is its own launch (torchrun for rollout replicas and scoring ranks, accelerate launch for
+    # training) that owns whole GPUs and exits when done; ranks share the stage's chunks.
+    launch: Literal["inline", "distributed"] = "inline"
+    nproc_per_node: int | None = Field(None, ge=1)  # default: the visible GPUs (required on CPU)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int | None = Field(None, ge=0)  # default: $NODE_RANK, $SLURM_NODEID, else 0
+    master_addr: str | None = None  # default: $MASTER_ADDR, else 127.0.0.1
+    master_port: int = Field(29511, ge=1, le=65535)
+    # the accelerate / DeepSpeed config training launches with (recipes/accelerate/*.yaml); None:
+    # plain data parallel over nproc_per_node x nnodes processes
+    accelerate_config: LocalPath | None = None
 
 
 class RewardStageConfig(Section):

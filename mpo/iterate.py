@@ -27,10 +27,10 @@ from mpo.config import Recipe
 from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
 from mpo.round_layout import RoundLayout
-from mpo.stages import check_key, chunk_seed, run_chunked
+from mpo.stages import check_key, chunk_seed
 
 
-def load_round_prompts(recipe: Recipe) -> list[Prompt]:
+def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
     """The recipe's prompts, checked before any model loads: ids, images and token lengths against
     the policy's limit, with ``rollout.on_too_long``."""
     from mpo.data import load_prompts
@@ -40,19 +40,19 @@ def load_round_prompts(recipe: Recipe) -> list[Prompt]:
     loaded = load_prompts(recipe.data.prompts, image_root=recipe.data.image_root,
                           on_bad_image=recipe.data.on_bad_image,
                           image_cache=Path(recipe.run.output_dir) / "image_cache")
-    for message in loaded.skipped:
+    for message in [] if quiet else loaded.skipped:
         print(f"skipped (bad image): {message}")
-    if loaded.skipped:
+    if loaded.skipped and not quiet:
         print(f"{len(loaded.skipped)} prompt(s) skipped for bad images, {len(loaded.records)} kept")
     prompts, sources = loaded.records, loaded.sources
     if prompts:
-        prompts = drop_too_long(recipe, prompts, sources)
+        prompts = drop_too_long(recipe, prompts, sources, quiet)
     if not prompts:
         raise MpoError(f"{recipe.data.prompts}: no usable prompts")
     return prompts
 
 
-def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str]) -> list[Prompt]:
+def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], quiet: bool = False) -> list[Prompt]:
     """Prompts whose tokens (image tokens included) leave no room to generate under the policy's
     limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted."""
     from mpo.chat import ChatEncoder
@@ -77,59 +77,27 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str]) -> 
             raise MpoError(f"{message}: shorten it, lower model.max_pixels, or skip such prompts "
                            "(rollout.on_too_long=skip)")
         skipped.append(message)
-    for message in skipped[:10]:
+    for message in [] if quiet else skipped[:10]:
         print(f"skipped (too long): {message}")
-    if skipped:
+    if skipped and not quiet:
         print(f"{len(skipped)} prompt(s) skipped as too long for the policy, {len(kept)} kept")
     return kept
 
 
-class Engines:
-    """The rollout backend and the scorer of a run, each built when a stage first needs them (a
-    finished run loads neither), and closed together."""
-
-    def __init__(self, recipe: Recipe, backend=None, scorer=None):
-        self.recipe, self._backend, self._scorer = recipe, backend, scorer
-
-    def backend(self, policy: Path):
-        if self._backend is None:
-            from mpo.rollout import make_backend
-
-            self._backend = make_backend(self.recipe.rollout, self.recipe.model, policy)
-        self._backend.refresh(policy)
-        return self._backend
-
-    def scorer(self):
-        if self._scorer is None:
-            self._scorer = make_scorer(self.recipe)
-        return self._scorer
-
-    def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-
-
-def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], engines: Engines) -> list[Rollout]:
+def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], stages) -> list[Rollout]:
     """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy."""
-    recipe = layout.recipe
     out = layout.file(n, "rollouts.jsonl")
     check_key(out, layout.rollout_key(n, prompts), layout.redo(n, "rollouts.jsonl"))
     if out.exists():
         return read_jsonl(out, Rollout)
-    backend = engines.backend(layout.policy(n))
-
-    def generate(chunk, seed):
-        return backend.generate(chunk, num_samples=recipe.rollout.num_samples, seed=seed)
-
-    rollouts = run_chunked(prompts, out, Rollout, generate, chunk_size=recipe.iterate.rollout_chunk,
-                           seed=chunk_seed(recipe.rollout.seed, "rollout", n), desc=f"round {n} rollout")
+    rollouts = stages.chunks(layout, n, "rollout", prompts, prompts)
     print(f"round {n}: {len(rollouts)} rollouts of {len(prompts)} prompts -> {out}")
     return rollouts
 
 
-def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], engines: Engines
+def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], stages
                 ) -> list[ScoredRollout]:
-    """Score every rollout with the in-process reward model (empty responses too: pairs counts them)."""
+    """Score every rollout with the reward model (empty responses too: pairs counts them)."""
     by_id = {p.prompt_id: p for p in prompts}
     out = layout.file(n, "scored.jsonl")
     check_key(out, layout.score_key(n, prompts), layout.redo(n, "scored.jsonl"))
@@ -139,15 +107,7 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
     if missing:
         raise MpoError(f"{layout.file(n, 'rollouts.jsonl')}: rollouts of prompts that are not in data.prompts "
                        f"({', '.join(map(repr, missing[:3]))}); delete {layout.redo(n, 'rollouts.jsonl')}")
-
-    def score(chunk, _seed):
-        items = [{"messages": by_id[r.prompt_id].messages, "images": by_id[r.prompt_id].images,
-                  "response": r.response, "where": f"{r.prompt_id}#{r.sample_idx}"} for r in chunk]
-        rewards = engines.scorer().score(items)
-        return [ScoredRollout(**r.__dict__, reward=float(value)) for r, value in zip(chunk, rewards)]
-
-    scored = run_chunked(rollouts, out, ScoredRollout, score, chunk_size=layout.recipe.iterate.score_chunk,
-                         desc=f"round {n} scoring")
+    scored = stages.chunks(layout, n, "score", rollouts, prompts)
     print(f"round {n}: {len(scored)} rollouts scored, mean reward {statistics.fmean(s.reward for s in scored):.3f} -> {out}")
     return scored
 
@@ -179,9 +139,11 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
     return recipe
 
 
-def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int) -> Path:
-    """MPO on the round's pairs; a round without pairs keeps its policy (counted in the manifest)."""
-    from mpo.training import KEY_FILE, run_training
+def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int, stages=None) -> Path:
+    """MPO on the round's pairs (in this process, or ``stages``' job); a round without pairs keeps
+    its policy (counted in the manifest)."""
+    from mpo.engines import InlineStages
+    from mpo.training import KEY_FILE
 
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
@@ -193,7 +155,10 @@ def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: i
         return train_dir / "policy"
     resume = any(train_dir.glob("checkpoint-*"))
     print(f"round {n}: MPO on {num_pairs} pairs")
-    return run_training(round_recipe(layout, n), resume=resume, quiet=True, key=key)
+    return (stages or InlineStages(layout.recipe)).train(layout, n, round_recipe(layout, n), key, resume)
+
+
+
 def rollout_metrics(scored: list[ScoredRollout]) -> dict:
     rewards = [s.reward for s in scored]
     deciles = statistics.quantiles(rewards, n=10, method="inclusive") if len(rewards) > 1 else rewards * 9
@@ -237,17 +202,17 @@ def finish_round(layout: RoundLayout, n: int, scored, stats, policy_out: Path, s
     return manifest
 
 
-def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], engines: Engines, extra_metrics=None) -> dict:
+def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], stages, extra_metrics=None) -> dict:
     """One round, every finished stage checked against its key and skipped; returns the manifest."""
     seconds = {}
     start = time.perf_counter()
-    rollouts = stage_rollout(layout, n, prompts, engines)
+    rollouts = stage_rollout(layout, n, prompts, stages)
     seconds["rollout"], start = time.perf_counter() - start, time.perf_counter()
-    scored = stage_score(layout, n, prompts, rollouts, engines)
+    scored = stage_score(layout, n, prompts, rollouts, stages)
     seconds["score"], start = time.perf_counter() - start, time.perf_counter()
     pairs, stats = stage_pairs(layout, n, prompts, scored)
     seconds["pairs"], start = time.perf_counter() - start, time.perf_counter()
-    policy_out = stage_train(layout, n, prompts, len(pairs))
+    policy_out = stage_train(layout, n, prompts, len(pairs), stages)
     seconds["train"] = time.perf_counter() - start
     done = layout.manifest(n)
     if done is not None:
@@ -270,33 +235,68 @@ def make_scorer(recipe: Recipe):
 
 
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
-    """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests."""
+    """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests.
+
+    With ``iterate.launch: distributed`` each stage runs as its own job (:mod:`mpo.engines`); on a
+    node other than 0 this only joins those jobs (:func:`follow_rounds`)."""
     from mpo.config import save_resolved
+    from mpo.engines import make_stages
     from mpo.report import RunReport
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
+    if recipe.iterate.launch == "distributed":
+        from mpo.launch import topology
+
+        if not topology(recipe.iterate).main_node:
+            return follow_rounds(layout)
     with run_lock(layout.run_dir):
         check_models(recipe)
         prompts = load_round_prompts(recipe)
         layout.check_finished(prompts)
-        print(f"resolved recipe: {save_resolved(recipe, layout.run_dir)}")
+        config = save_resolved(recipe, layout.run_dir)
+        print(f"resolved recipe: {config}")
         report = RunReport(recipe, layout.run_dir)
-        engines = Engines(recipe, backend, scorer)
+        stages = make_stages(recipe, config, backend, scorer)
         manifests = []
         try:
             for n in range(recipe.iterate.rounds):
                 finished = layout.manifest(n) is not None
                 if not finished:
                     report.start()
-                manifest = run_round(layout, n, prompts, engines, extra_metrics)
+                manifest = run_round(layout, n, prompts, stages, extra_metrics)
                 manifests.append(manifest)
                 if not finished:
                     report.round_done(manifest, layout.file(n, "scored.jsonl"), prompts)
         finally:
-            engines.close()
+            stages.close()
         report.finish(manifests)
     return manifests
+
+
+def follow_rounds(layout: RoundLayout) -> list[dict]:
+    """A node other than 0 of a distributed run: join each stage job node 0 starts (the same
+    launches, meeting at the rendezvous), and wait for node 0 to write what follows each."""
+    from mpo.engines import LaunchedStages
+    from mpo.launch import wait_for
+
+    config = layout.run_dir / "config.yaml"
+    wait_for(config, "the resolved recipe", 0)
+    stages = LaunchedStages(layout.recipe, config)
+    for n in range(layout.recipe.iterate.rounds):
+        if layout.manifest(n) is not None:
+            continue
+        for stage, name in (("rollout", "rollouts.jsonl"), ("score", "scored.jsonl")):
+            if not layout.file(n, name).exists():
+                stages.launch(layout, n, stage)
+            wait_for(layout.file(n, name), name, 0)
+        wait_for(layout.file(n, "pair_stats.json"), "pair_stats.json", 0)
+        trained = (layout.file(n, "train") / "mpo_state.json").exists()
+        if json.loads(layout.file(n, "pair_stats.json").read_text())["pairs_kept"] and not trained:
+            stages.launch(layout, n, "train")
+        wait_for(layout.file(n, "manifest.json"), "the round's manifest", 0)
+    print(f"node {stages.topology.node_rank}: every round finished")
+    return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 
 
 def check_models(recipe: Recipe) -> None:

@@ -5,7 +5,10 @@ the same folder and are renamed into place, so a file that exists is a finished 
 mid-write leaves only a ``.tmp`` behind, never a truncated JSONL.
 
 Reading checks each line against the record's fields (required fields present, no unknown fields,
-types as declared) and fails with ``file:line: what is wrong``.
+types as declared) and fails with ``file:line: what is wrong``. The checker is hand-written (50
+lines) rather than pydantic's: these are plain dataclasses, their JSON wants "int also for float, no
+bool for a number", and pydantic's strict mode refuses dicts for a dataclass while its lax mode turns
+``"0"`` into ``0``; getting both right needed per-field annotations on every record.
 """
 
 from __future__ import annotations

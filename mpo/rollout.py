@@ -96,6 +96,17 @@ class HFBackend(Backend):
     def closed(self) -> bool:
         return self.model is None
 
+    def sleep(self) -> None:
+        if self.model is not None and self.device.startswith("cuda"):
+            import torch
+
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.model is not None and self.device.startswith("cuda"):
+            self.model.to(self.device)
+
     def close(self) -> None:
         self.model = self.processor = self.encoder = None
 

