@@ -25,7 +25,7 @@ Messages are Hugging Face chat messages; each ``{"type": "image"}`` content part
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,16 @@ from mpo.errors import MpoError
 _SENTINEL = "\u2063MPO-RESPONSE\u2063"
 
 
+# Processor outputs that hold one value per token (padded with 0 beside input_ids); every other key
+# the processor returns is per image (pixel_values, image_grid_thw, image_sizes, ...).
+PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
+
+
 @dataclass
 class PromptEncoding:
     input_ids: list[int]
-    vision: dict[str, Any]  # pixel_values, image_grid_thw (absent for text-only prompts)
+    vision: dict[str, Any]  # the processor's per-image tensors (absent for text-only prompts)
+    token_types: dict[str, list[int]] = field(default_factory=dict)  # PER_TOKEN keys, one per prompt token
 
 
 @dataclass
@@ -45,6 +51,7 @@ class ResponseEncoding:
     input_ids: list[int]  # prompt + response + end-of-turn suffix
     response_start: int
     vision: dict[str, Any]
+    token_types: dict[str, list[int]] = field(default_factory=dict)  # the prompt's (responses are 0)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class PairEncoding:
     chosen_ids: list[int]  # response tokens only (with suffix)
     rejected_ids: list[int]
     vision: dict[str, Any]
+    token_types: dict[str, list[int]] = field(default_factory=dict)  # the prompt's (responses are 0)
 
 
 class ChatError(MpoError):
@@ -69,31 +77,55 @@ def count_image_parts(messages: Sequence[dict]) -> int:
 
 
 class ChatEncoder:
-    """Encode conversations for one processor (a Qwen2.5-VL processor or a plain tokenizer)."""
+    """Encode conversations for one processor (any family's, or a plain tokenizer).
 
-    def __init__(self, processor):
+    ``stop_ids``: the model's end-of-sequence ids (its ``generation_config``'s; the tokenizer's EOS
+    is always one). The end-of-turn suffix is read off the chat template; where the template puts no
+    stop token after an assistant turn (GLM-4.1V: nothing; LLaVA-1.5: a space), the tokenizer's EOS
+    follows it, so training teaches the model to stop."""
+
+    def __init__(self, processor, stop_ids=()):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.suffix = self._response_suffix()
+        self.stop_ids = {int(i) for i in stop_ids} | ({self.tokenizer.eos_token_id} - {None})
+        self.lead, self.suffix = self._response_frame()
+        self._counted: dict[tuple[int, int], int] = {}  # image size -> tokens, for families without a rule
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def _response_suffix(self) -> str:
+    def _response_frame(self) -> tuple[str, str]:
+        """``(lead, suffix)``: what the template puts between the generation prompt and an assistant
+        turn's text (LLaVA-1.5: a space), and after it, plus EOS where that holds no stop token. The
+        assistant text is tried as a list of parts, then as a string (templates differ)."""
         probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
         prompt = self._render(probe, True)
-        full = self._render(
-            probe + [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}], False
-        )
-        head, _, suffix = full.partition(_SENTINEL)
-        if head != prompt:
+        for content in ([{"type": "text", "text": _SENTINEL}], _SENTINEL):
+            full = self._render(probe + [{"role": "assistant", "content": content}], False)
+            head, found, suffix = full.partition(_SENTINEL)
+            if found and head.startswith(prompt) and not head[len(prompt):].strip():
+                break
+        else:
             raise ChatError(
                 "chat template: the prompt rendered with add_generation_prompt=True is not a prefix of the "
                 f"rendered conversation ({prompt[-40:]!r} vs {head[-40:]!r})"
             )
-        return suffix
+        ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        if not self.stop_ids & set(ids) and self.tokenizer.eos_token:
+            suffix += self.tokenizer.eos_token
+        return head[len(prompt):], suffix
+
+    def response_text(self, generated: str) -> str:
+        """A generated continuation of the prompt as the response it is (without the template's lead)."""
+        return generated[len(self.lead):] if self.lead and generated.startswith(self.lead) else generated
+
+    def _special_tokens(self, text: str) -> bool:
+        """Whether the tokenizer adds its special tokens (a BOS) to ``text``: not where the template
+        already wrote the BOS (Gemma 3), so no prompt gets two."""
+        bos = self.tokenizer.bos_token
+        return bool(bos) and not text.startswith(bos)
 
     def render_prompt(self, messages: Sequence[dict]) -> str:
         """The prompt text with unexpanded image placeholders (what vLLM takes)."""
@@ -119,23 +151,37 @@ class ChatEncoder:
         texts = [self.render_prompt(messages) for messages in conversations]
         pil = self.images([image for pictures in images for image in pictures])
         if not pil:
-            rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            return [PromptEncoding(input_ids=list(ids), vision={}) for ids in rows]
-        batch = self.processor(text=texts, images=pil, padding=len(texts) > 1, return_tensors="pt")
+            return [PromptEncoding(list(self.tokenizer(text, add_special_tokens=self._special_tokens(text))
+                                        ["input_ids"]), {}) for text in texts]
+        if "image_grid_thw" not in self._image_keys():  # no way to split a batch's pixels: one call each
+            return [self._one(text, self.images(pictures)) for text, pictures in zip(texts, images)]
+        batch = self.processor(text=texts, images=pil, padding=len(texts) > 1, return_tensors="pt",
+                               add_special_tokens=self._special_tokens(texts[0]))
         out, image, patch = [], 0, 0
         for row, pictures in enumerate(images):
             vision = {}
             if pictures:
                 grid = batch["image_grid_thw"][image : image + len(pictures)]
                 patches = int(grid.prod(dim=-1).sum())
-                vision = {
-                    "pixel_values": batch["pixel_values"][patch : patch + patches],
-                    "image_grid_thw": grid,
-                }
+                vision = {"pixel_values": batch["pixel_values"][patch : patch + patches], "image_grid_thw": grid}
                 image, patch = image + len(pictures), patch + patches
-            ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
-            out.append(PromptEncoding(input_ids=ids.tolist(), vision=vision))
+            real = batch["attention_mask"][row].bool()
+            out.append(PromptEncoding(batch["input_ids"][row][real].tolist(), vision,
+                                      {k: batch[k][row][real].tolist() for k in PER_TOKEN if k in batch}))
         return out
+
+    def _one(self, text: str, pil: list) -> PromptEncoding:
+        """One prompt through the processor: its ids, per-token types and every per-image output."""
+        batch = self.processor(text=[text], images=pil or None, return_tensors="pt",
+                               add_special_tokens=self._special_tokens(text))
+        vision = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", *PER_TOKEN)}
+        return PromptEncoding(batch["input_ids"][0].tolist(), vision,
+                              {k: batch[k][0].tolist() for k in PER_TOKEN if k in batch})
+
+    def _image_keys(self) -> set[str]:
+        """The per-image keys this processor's image processor returns (its model_input_names)."""
+        names = getattr(self.processor.image_processor, "model_input_names", None) or ()
+        return set(names)
 
     def prompt_length(self, messages: Sequence[dict], images: Sequence[str | Path] = ()) -> int:
         """Tokens :meth:`encode_prompt` would give (image tokens included), from the text and the
@@ -144,17 +190,28 @@ class ChatEncoder:
         return len(ids) + sum(self.visual_tokens(image) - 1 for image in images)
 
     def visual_tokens(self, image: str | Path) -> int:
-        """Tokens one image file becomes (after :func:`mpo.images.fit_image` and the processor's
-        patch merge), from its header."""
+        """Tokens one image file adds to a prompt, its placeholder included, from its header: for the
+        Qwen family from the size :func:`mpo.images.fit_image` gives it and the processor's patch
+        merge; for a family that resizes its own way, counted once per size by its processor."""
         from mpo.images import fitted_size, image_size, resize_rule
 
         image_processor = self.processor.image_processor
         width, height = image_size(image)
         rule = resize_rule(image_processor)
-        if rule is not None:
-            width, height = fitted_size((width, height), rule, image)
+        if rule is None:
+            if (width, height) not in self._counted:
+                self._counted[(width, height)] = self._count(width, height)
+            return self._counted[(width, height)]
+        width, height = fitted_size((width, height), rule, image)
         patches = image_processor.get_number_of_image_patches(height, width, {})
         return patches // image_processor.merge_size**2
+
+    def _count(self, width: int, height: int) -> int:
+        from PIL import Image
+
+        probe = self.render_prompt([{"role": "user", "content": [{"type": "image"}]}])
+        plain = len(self.tokenizer(probe, add_special_tokens=self._special_tokens(probe))["input_ids"])
+        return len(self._one(probe, self.images([Image.new("RGB", (width, height))])).input_ids) - plain + 1
 
     def images(self, images: Sequence[Any]) -> list:
         """Paths, open files or PIL images as the RGB images this processor is given: opened and
@@ -164,11 +221,12 @@ class ChatEncoder:
         return [fit_image(image, self.processor.image_processor) for image in images]
 
     def vision(self, images: Sequence[Any]) -> dict[str, Any]:
-        """The image half of :meth:`encode_prompt` alone (``pixel_values``, ``image_grid_thw``)."""
+        """The image half of :meth:`encode_prompt` alone: the processor's per-image outputs for these
+        images (they do not depend on the text around them)."""
         if not images:
             return {}
-        processed = self.processor.image_processor(images=self.images(images), return_tensors="pt")
-        return {k: processed[k] for k in ("pixel_values", "image_grid_thw")}
+        probe = [{"role": "user", "content": [{"type": "image"} for _ in images]}]
+        return self.encode_prompt(probe, images).vision
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by the end-of-turn suffix."""
@@ -176,7 +234,7 @@ class ChatEncoder:
 
     def responses_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """:meth:`response_ids` of several responses in one tokenizer call."""
-        texts = [response + self.suffix for response in responses]
+        texts = [self.lead + response + self.suffix for response in responses]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def encode_response(
@@ -184,18 +242,14 @@ class ChatEncoder:
     ) -> ResponseEncoding:
         prompt = self.encode_prompt(messages, images)
         ids = prompt.input_ids + self.response_ids(response)
-        return ResponseEncoding(input_ids=ids, response_start=len(prompt.input_ids), vision=prompt.vision)
+        return ResponseEncoding(ids, len(prompt.input_ids), prompt.vision, prompt.token_types)
 
     def encode_pair(
         self, messages: Sequence[dict], images: Sequence[Any], chosen: str, rejected: str
     ) -> PairEncoding:
         prompt = self.encode_prompt(messages, images)
-        return PairEncoding(
-            prompt_ids=prompt.input_ids,
-            chosen_ids=self.response_ids(chosen),
-            rejected_ids=self.response_ids(rejected),
-            vision=prompt.vision,
-        )
+        return PairEncoding(prompt.input_ids, self.response_ids(chosen), self.response_ids(rejected), prompt.vision,
+                            prompt.token_types)
 
 
 def multimodal_token_types(input_ids, image_token_id: int, video_token_id: int, attention_mask=None):

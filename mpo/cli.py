@@ -49,8 +49,23 @@ RealVocab = Annotated[bool, typer.Option("--real-vocab", help="Use the real Qwen
 
 @tiny_app.command("policy")
 @guarded
-def tiny_policy(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
-    """Build a tiny Qwen2.5-VL policy (model + processor) into OUT_DIR."""
+def tiny_policy(
+    out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False,
+    family: Annotated[str, typer.Option(help="qwen2_5_vl, qwen2_vl, qwen3_vl, internvl, llava, gemma3 or glm4v "
+                                             "(each with its processor class and its checkpoint's chat template).")]
+    = "qwen2_5_vl",
+):
+    """Build a tiny policy (model + processor) into OUT_DIR: Qwen2.5-VL, or another family."""
+    from mpo.errors import MpoError
+
+    if family != "qwen2_5_vl":
+        from mpo.tiny_families import save_family_policy
+
+        if vllm_compatible or real_vocab:
+            raise MpoError("--vllm-compatible / --real-vocab: for --family qwen2_5_vl only")
+        path = save_family_policy(out_dir, family, seed)
+        typer.echo(f"tiny {family} policy written to {path}")
+        return
     from mpo.tiny import save_policy
 
     path = save_policy(out_dir, seed, vllm_compatible=vllm_compatible, real_vocab=real_vocab)

@@ -115,6 +115,7 @@ class _Plan:
     rejected_len: int
     prompt_len: int
     ids: tuple[array, array, array] | None = None  # prompt, chosen, rejected (truncated)
+    types: dict[str, array] | None = None  # the prompt's per-token types (mpo.chat.PER_TOKEN)
 
 
 def _plan(pair, where, encoded, max_length: int, policy: str, report: LengthReport) -> _Plan | None:
@@ -171,6 +172,7 @@ class PairDataset(torch.utils.data.Dataset):
                     array("i", encoded.chosen_ids[: plan.chosen_len]),
                     array("i", encoded.rejected_ids[: plan.rejected_len]),
                 )
+                plan.types = {k: array("b", v) for k, v in encoded.token_types.items()}
             self.plans.append(plan)
         self.report.kept = len(self.plans)
         if not self.plans:
@@ -190,13 +192,14 @@ class PairDataset(torch.utils.data.Dataset):
         plan = self.plans[index]
         if plan.ids is not None:
             prompt, chosen, rejected = (ids.tolist() for ids in plan.ids)
+            types = {k: v.tolist() for k, v in plan.types.items()}
             vision = self.encoder.vision(plan.pair.images)
         else:
             pair = plan.pair
             encoded = self.encoder.encode_pair(pair.messages, pair.images, pair.chosen, pair.rejected)
             if len(encoded.prompt_ids) != plan.prompt_len:
                 raise PairError(f"{describe(pair, plan.where)}: prompt re-encoded to a different length")
-            prompt, vision = encoded.prompt_ids, encoded.vision
+            prompt, vision, types = encoded.prompt_ids, encoded.vision, encoded.token_types
             chosen, rejected = (
                 encoded.chosen_ids[: plan.chosen_len],
                 encoded.rejected_ids[: plan.rejected_len],
@@ -206,6 +209,7 @@ class PairDataset(torch.utils.data.Dataset):
             "prompt_ids": prompt,
             "chosen_ids": chosen,
             "rejected_ids": rejected,
+            "prompt_types": types,
             **vision,
         }
         if self.ref_logps is not None:
@@ -213,12 +217,17 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
+ITEM_KEYS = ("index", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_types", "ref_logps")
+
+
 def pad_pairs(items: list[dict], pad_token_id: int) -> dict:
     """What both pair collators build (this one and :class:`reward.collate.PairCollator`): rows
     ``[prompt+chosen for each pair, prompt+rejected for each pair]`` right-padded into ``input_ids``
-    and ``attention_mask`` [2B, T], and each pair's images ONCE (``pixel_values`` and
-    ``image_grid_thw`` concatenated in pair order; text-only pairs add none). Also ``starts`` [2B]:
-    where each row's response begins."""
+    and ``attention_mask`` [2B, T]; the prompts' per-token types (``mm_token_type_ids``,
+    ``token_type_ids``: whatever the family's processor returns) along them, 0 over responses and
+    padding; and each pair's per-image tensors ONCE (every other key the processor returned,
+    ``pixel_values``, ``image_grid_thw``, ``image_sizes``...; concatenated in pair order; text-only
+    pairs add none). Also ``starts`` [2B]: where each row's response begins."""
     rows = [it["prompt_ids"] + it["chosen_ids"] for it in items]
     rows += [it["prompt_ids"] + it["rejected_ids"] for it in items]
     width = max(len(r) for r in rows)
@@ -229,10 +238,14 @@ def pad_pairs(items: list[dict], pad_token_id: int) -> dict:
         attention_mask[i, : len(row)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "starts": torch.tensor([len(it["prompt_ids"]) for it in items] * 2, dtype=torch.long)}
-    with_images = [it for it in items if "pixel_values" in it]
-    if with_images:
-        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
-        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+    for key in sorted({k for it in items for k in it.get("prompt_types", {})}):
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, it in enumerate(items + items):
+            given = it.get("prompt_types", {}).get(key, [0] * len(it["prompt_ids"]))
+            types[i, : len(given)] = torch.tensor(given, dtype=torch.long)
+        batch[key] = types
+    for key in sorted({k for it in items for k in it if k not in ITEM_KEYS}):
+        batch[key] = torch.cat([it[key] for it in items if key in it])
     return batch
 
 

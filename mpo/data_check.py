@@ -58,12 +58,12 @@ def _encoder(recipe):
     """The recipe's processor (as rollout, scoring and training build it), or the bundled one."""
     from mpo.chat import ChatEncoder
     from mpo.config import load_recipe
-    from mpo.models import model_folder, recipe_processor
+    from mpo.models import model_folder, recipe_processor, stop_ids
 
     recipe = recipe or load_recipe(None)
     if recipe.model.policy:
         folder = model_folder(recipe.model.policy, "model.policy")
-        return ChatEncoder(recipe_processor(folder, recipe.model)), str(folder), folder
+        return ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder)), str(folder), folder
     from mpo.tiny import build_processor, load_real_vocab_tokenizer
 
     processor = build_processor(load_real_vocab_tokenizer(), recipe.model.min_pixels, recipe.model.max_pixels)

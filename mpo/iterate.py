@@ -57,11 +57,11 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
     limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted."""
     from mpo.chat import ChatEncoder
     from mpo.images import ImageError
-    from mpo.models import max_positions, model_folder, recipe_processor
+    from mpo.models import max_positions, model_folder, recipe_processor, stop_ids
 
     folder = model_folder(recipe.model.policy or "", "model.policy")
     limit = recipe.rollout.max_model_len or max_positions(folder)
-    encoder = ChatEncoder(recipe_processor(folder, recipe.model))
+    encoder = ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder))
     kept, skipped = [], []
     for prompt, where in zip(prompts, sources):
         try:

@@ -3,11 +3,13 @@
 Chosen and rejected share the prompt and its images. A naive pass (TRL's) runs the whole model on
 ``[prompt+chosen; prompt+rejected]`` and so runs the vision tower twice on the same pixels. Here:
 
-1. the images of the batch's pairs go through the vision tower once
-   (``Qwen2_5_VLForConditionalGeneration.get_image_features``);
-2. those features are repeated for the rejected rows and handed to the model forward as
-   ``mm_encoder_outputs`` (transformers >= 5.2x scatters them into the ``<|image_pad|>`` positions,
-   checking the count), with M-RoPE position ids computed by the model's own ``get_rope_index``;
+1. the images of the batch's pairs go through the vision tower once (the family's
+   ``get_image_features``: Qwen2/2.5/3-VL, GLM-4.1V, InternVL, LLaVA, Gemma 3 alike);
+2. that output is repeated for the rejected rows, whatever its structure (per-image tuples, a
+   tensor of tiles, Qwen3-VL's deepstack features), and handed to the model forward as
+   ``mm_encoder_outputs`` (transformers scatters it into the image-token positions, checking the
+   count), with the processor's per-token types (Gemma 3's ``token_type_ids``: image tokens attend
+   both ways) and, for the Qwen family, M-RoPE position ids from the model's own ``get_rope_index``;
 3. only the positions whose next token is a response token are projected onto the vocabulary, so
    the [2B, T, V] logits tensor is never built: ``logits_to_keep`` as a boolean [2B, T] mask where
    transformers accepts one (``slice_logits_to_keep``, 5.2x), else as the 1-D union of the kept
@@ -71,10 +73,34 @@ def unwrap(model):
     return model
 
 
-def image_features(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """Run the vision tower once: [num_patches, C] pixels -> [num_image_tokens, hidden] features."""
-    out = unwrap(model).get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return torch.cat(list(out.pooler_output), dim=0)
+# What a collated pair batch holds besides the processor's per-token and per-image outputs.
+BATCH_KEYS = ("input_ids", "attention_mask", "response_mask", "indices", "ref_logps_bits")
+
+
+def image_features(model, images: dict):
+    """The vision tower once over a batch's images: the family's ``get_image_features`` called with
+    the per-image inputs it takes (``pixel_values`` and, by family, ``image_grid_thw``,
+    ``image_sizes``...), its output object as the model's forward would hold it."""
+    import inspect
+
+    encode = unwrap(model).get_image_features
+    accepted = inspect.signature(encode).parameters
+    return encode(**{k: v for k, v in images.items() if k in accepted}, return_dict=True)
+
+
+def repeated(output):
+    """An image encoder's output for both rows of each pair (chosen rows, then rejected rows), whatever
+    its structure: a tensor [images or tiles, ...], or a tuple / list of per-image tensors; and the
+    deepstack features (Qwen3-VL), per layer."""
+    def twice(value):
+        if torch.is_tensor(value):
+            return torch.cat([value, value])
+        return type(value)([*value, *value])
+
+    fields = {"pooler_output": twice(output.pooler_output)}
+    if getattr(output, "deepstack_features", None) is not None:
+        fields["deepstack_features"] = [twice(layer) for layer in output.deepstack_features]
+    return type(output)(**fields)
 
 
 def _accepts_mask_keep() -> bool:
@@ -86,35 +112,36 @@ def _accepts_mask_keep() -> bool:
 _MASK_KEEP = _accepts_mask_keep()
 
 
-def _image_outputs(features: torch.Tensor):
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
-
-
 def pair_logps(model, batch: dict) -> PairLogps:
     """Log-probs of a collated pair batch (see :mod:`mpo.collate`), one vision encode per pair.
 
-    ``batch``: ``input_ids``, ``attention_mask``, ``response_mask`` [2B, T]; optional
-    ``pixel_values`` [P, C] and ``image_grid_thw`` [I, 3] for the B pairs' images, in pair order.
+    ``batch``: ``input_ids``, ``attention_mask``, ``response_mask`` [2B, T]; the processor's
+    per-token types (``mm_token_type_ids``, ``token_type_ids``) [2B, T] where the family has them;
+    and, where the pairs have images, the processor's per-image tensors for the B pairs' images in pair
+    order (``pixel_values`` and, by family, ``image_grid_thw``, ``image_sizes``...).
     """
+    from mpo.chat import PER_TOKEN
+
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     response_mask = batch["response_mask"].bool()
-    kwargs = {}
+    kwargs = {k: batch[k] for k in PER_TOKEN if k in batch}  # Gemma 3: image tokens attend both ways
+    images = {k: v for k, v in batch.items() if k not in BATCH_KEYS and k not in PER_TOKEN}
     grid = None
-    if batch.get("pixel_values") is not None:
-        features = image_features(model, batch["pixel_values"], batch["image_grid_thw"])
-        kwargs["mm_encoder_outputs"] = _image_outputs(torch.cat([features, features]))
-        grid = torch.cat([batch["image_grid_thw"], batch["image_grid_thw"]])
+    if images.get("pixel_values") is not None:
+        kwargs["mm_encoder_outputs"] = {"image": repeated(image_features(model, images))}
+        twice = {k: torch.cat([v, v]) for k, v in images.items() if k != "pixel_values"}
+        grid = twice.pop("image_grid_thw", None)  # read by the rotary positions below
+        kwargs.update(twice)  # image_sizes and the like, one per image of each row
     position_ids = mrope_positions(unwrap(model), input_ids, attention_mask, grid)
     # Position t predicts token t+1: keep the positions just before each response token.
     keep = torch.zeros_like(response_mask)
     keep[:, :-1] = response_mask[:, 1:]
     columns = None if _MASK_KEEP else keep.any(dim=0).nonzero().squeeze(-1)
+    if position_ids is not None:  # the Qwen family's 3-D (M-RoPE) positions; other families' are 1-D
+        kwargs["position_ids"] = position_ids
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
         logits_to_keep=keep if columns is None else columns,
         use_cache=False,
         **kwargs,
@@ -135,12 +162,16 @@ def _gather(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.
     return PairLogps(token_logps=token_logps, response_mask=response_mask, sums=token_logps.sum(dim=-1))
 
 
-def naive_sequence_logps(model, input_ids, response_start: int, vision: dict | None = None) -> torch.Tensor:
+def naive_sequence_logps(model, input_ids, response_start: int, vision: dict | None = None,
+                         token_types: dict | None = None) -> torch.Tensor:
     """Reference implementation for tests: a full forward on ONE sequence [1, T] (its own vision
-    encode, the model's own positions), summed log-probs of tokens from ``response_start`` on."""
+    encode, the model's own positions), summed log-probs of tokens from ``response_start`` on.
+    ``token_types``: the prompt's per-token types (the response's are 0)."""
     ids = torch.as_tensor(input_ids)[None]
     kwargs = dict(vision or {})
-    if kwargs:
+    for key, types in (token_types or {}).items():
+        kwargs[key] = torch.tensor(list(types) + [0] * (ids.shape[1] - len(types)))[None]
+    if "image_grid_thw" in kwargs and "mm_token_type_ids" not in kwargs:
         from mpo.chat import multimodal_token_types
 
         config = unwrap(model).config

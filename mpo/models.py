@@ -150,6 +150,15 @@ def folder_identity(value: str | os.PathLike) -> list:
     return [str(folder), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
 
+def stop_ids(folder: str | os.PathLike) -> list[int]:
+    """The model's end-of-sequence ids: its ``generation_config.json``'s (an id or a list), if any."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = _read_json(path, "model", "").get("eos_token_id")
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+
+
 def max_positions(folder: str | os.PathLike) -> int:
     """The longest sequence the model's config allows (``max_position_embeddings``)."""
     config = _read_json(Path(folder) / "config.json", "model", "not a model folder (no config.json)")
@@ -157,16 +166,30 @@ def max_positions(folder: str | os.PathLike) -> int:
     return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or 32768)
 
 
+_NOTED: set[str] = set()  # folders whose "budget does not apply" line was printed
+
+
 def load_processor(folder: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, budget_given: bool = False):
     """The folder's processor with a per-image pixel budget (None: the processor's own bound).
 
-    transformers 5 takes the bounds as ``size={shortest_edge, longest_edge}`` (in pixels); the model
-    card's ``min_pixels=`` / ``max_pixels=`` keywords still load but warn on every call."""
+    The budget is the Qwen family's (a processor :mod:`mpo.images` has a resize rule for);
+    transformers 5 takes it as ``size={shortest_edge, longest_edge}`` (in pixels; the model card's
+    ``min_pixels=`` / ``max_pixels=`` keywords still load but warn on every call). Another family
+    keeps its processor's own resizing and tiling, never a crop to a budget it was not made for;
+    where a budget was asked for (``budget_given``), one line says it does not apply."""
     from transformers import AutoProcessor
+
+    from mpo.images import resize_rule
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if min_pixels is None and max_pixels is None:
+        return processor
+    if resize_rule(processor.image_processor) is None:
+        if budget_given and str(folder) not in _NOTED:
+            _NOTED.add(str(folder))
+            print(f"{folder}: {type(processor).__name__} sizes images its own way (a fixed size or tiles); "
+                  "model.min_pixels / max_pixels do not apply to it (they do to a Qwen-family reward model)")
         return processor
     size = processor.image_processor.size
     bounds = {"shortest_edge": min_pixels or size["shortest_edge"], "longest_edge": max_pixels or size["longest_edge"]}
@@ -177,4 +200,6 @@ def load_processor(folder: str | os.PathLike, min_pixels: int | None = None, max
 
 def recipe_processor(folder: str | os.PathLike, model_config):
     """:func:`load_processor` with a recipe's ``model`` section (its pixel budget, remote code)."""
-    return load_processor(folder, model_config.min_pixels, model_config.max_pixels, model_config.trust_remote_code)
+    given = bool({"min_pixels", "max_pixels"} & model_config.model_fields_set)
+    return load_processor(folder, model_config.min_pixels, model_config.max_pixels, model_config.trust_remote_code,
+                          budget_given=given)

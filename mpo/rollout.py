@@ -79,12 +79,12 @@ class HFBackend(Backend):
 
         mc = self.model_config
         self.processor = recipe_processor(policy_dir, mc)
-        self.encoder = ChatEncoder(self.processor)
         self.model = AutoModelForImageTextToText.from_pretrained(
             policy_dir, dtype=getattr(torch, mc.dtype), attn_implementation=mc.attn_implementation,
             trust_remote_code=mc.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
-        self.eos_ids = _eos_ids(self.model.generation_config, self.encoder.tokenizer)
+        self.eos_ids = _eos_ids(self.model.generation_config, getattr(self.processor, "tokenizer", self.processor))
+        self.encoder = ChatEncoder(self.processor, self.eos_ids)
         tokenizer = self.encoder.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -170,27 +170,29 @@ class HFBackend(Backend):
         return Rollout(
             prompt_id=prompt.prompt_id,
             sample_idx=sample_idx,
-            response=self.encoder.tokenizer.decode(kept, skip_special_tokens=True),
+            response=self.encoder.response_text(self.encoder.tokenizer.decode(kept, skip_special_tokens=True)),
             num_tokens=len(tokens) if stop is None else stop + 1,
             finish_reason="length" if stop is None else "stop",
             policy=self.policy,
         )
 
     def _collate(self, encodings) -> dict:
-        """Left-pad prompt ids; concatenate the prompts' vision tensors in order."""
+        """Left-pad prompt ids and their per-token types (0 on padding); concatenate the prompts'
+        per-image tensors (whatever the family's processor returns) in order."""
         import torch
 
         width = max(len(e.input_ids) for e in encodings)
         ids = torch.full((len(encodings), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(encodings), width), dtype=torch.long)
+        types = {k: torch.zeros((len(encodings), width), dtype=torch.long) for e in encodings for k in e.token_types}
         for row, enc in enumerate(encodings):
             ids[row, width - len(enc.input_ids):] = torch.tensor(enc.input_ids)
             mask[row, width - len(enc.input_ids):] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
-        for key in ("pixel_values", "image_grid_thw"):
-            parts = [e.vision[key] for e in encodings if key in e.vision]
-            if parts:
-                batch[key] = torch.cat(parts)
+            for key, values in enc.token_types.items():
+                types[key][row, width - len(values):] = torch.tensor(values)
+        batch = {"input_ids": ids, "attention_mask": mask, **types}
+        for key in sorted({k for e in encodings for k in e.vision}):
+            batch[key] = torch.cat([e.vision[key] for e in encodings if key in e.vision])
         dtype = self.model.dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
 

@@ -102,9 +102,9 @@ class VLLMBackend(Backend):
         from vllm import LLM
 
         from mpo.chat import ChatEncoder
-        from mpo.models import recipe_processor
+        from mpo.models import recipe_processor, stop_ids
 
-        self.encoder = ChatEncoder(recipe_processor(policy_dir, self.model_config))
+        self.encoder = ChatEncoder(recipe_processor(policy_dir, self.model_config), stop_ids(policy_dir))
         self.llm = LLM(**self.engine_args(policy_dir))
         self._asleep = False
         self._tied = _tied_embeddings(policy_dir)
@@ -197,7 +197,7 @@ class VLLMBackend(Backend):
                 rollouts.append(Rollout(
                     prompt_id=prompt.prompt_id,
                     sample_idx=k,
-                    response=sample.text,
+                    response=self.encoder.response_text(sample.text),
                     num_tokens=len(sample.token_ids),
                     finish_reason=_finish_reason(prompt.prompt_id, sample.finish_reason),
                     policy=self.policy,

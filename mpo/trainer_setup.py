@@ -2,8 +2,9 @@
 set up the same way on ``transformers.Trainer``.
 
 - **Parts** for ``train.freeze`` / ``reward_train.freeze``: ``vision`` = the vision tower without its
-  merger, ``projector`` = the merger (``visual.merger``), ``language`` = the language model and its
-  LM head. :func:`freeze_parts` freezes them and counts the tensors of each; a part that matches no
+  merger, ``projector`` = what maps its features into the language model (``visual.merger``,
+  Qwen3-VL's deepstack mergers, ``multi_modal_projector``), ``language`` = the language model and its
+  LM head; one table for every family (:data:`PART_PATTERNS`). :func:`freeze_parts` freezes them and counts the tensors of each; a part that matches no
   parameter is an error. :func:`lora_exclude` is the one rule that keeps LoRA adapters out of frozen
   parts, for both trainers.
 - **Activation checkpointing**: :func:`checkpointing_arguments` (the ``TrainingArguments`` keys; 5.2x
@@ -29,11 +30,14 @@ from transformers import TrainerCallback
 
 from mpo.errors import MpoError
 
-# Part -> regex on a parameter (or module) name, matched at a name boundary; the merger is checked
+# Part -> regex on a parameter (or module) name, matched at a name boundary, for every family: the
+# Qwen family and GLM-4.1V keep vision tower and merger under ``model.visual`` (Qwen3-VL adds its
+# deepstack mergers, which project features into the language model: projector); InternVL, LLaVA and
+# Gemma 3 have ``model.vision_tower`` and ``model.multi_modal_projector``. The projector is matched
 # before the rest of the vision tower.
 PART_PATTERNS = {
-    "projector": r"visual\.merger",
-    "vision": r"visual\.(?!merger)",
+    "projector": r"(visual\.(merger|deepstack_merger)|multi_modal_projector)",
+    "vision": r"(visual\.(?!merger|deepstack_merger)|vision_tower)",
     "language": r"(language_model|lm_head)",
 }
 WANDB_ENV = ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP")

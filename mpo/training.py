@@ -105,7 +105,9 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
     from mpo.trainer_setup import add_lora, freeze_parts
 
     t = recipe.train
-    dataset = PairDataset(pairs, ChatEncoder(processor), t.max_length, t.on_too_long, wheres)
+    stops = getattr(model.generation_config, "eos_token_id", None) if model.generation_config is not None else None
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    dataset = PairDataset(pairs, ChatEncoder(processor, stops), t.max_length, t.on_too_long, wheres)
     if t.freeze:
         counts = freeze_parts(model, t.freeze)
         print("frozen: " + ", ".join(f"{part} ({n} tensors)" for part, n in counts.items()))

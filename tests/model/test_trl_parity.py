@@ -1,4 +1,5 @@
-"""``mpo train`` against TRL 1.16's DPOTrainer as the oracle, on the same tiny Qwen2.5-VL (fp32, CPU).
+"""``mpo train`` against TRL 1.16's DPOTrainer as the oracle, on the same tiny Qwen2.5-VL and the same
+tiny Gemma 3 (fp32, CPU).
 
 TRL 1.16 expresses MPO as ``DPOConfig(loss_type=["sigmoid", "bco_pair", "sft"],
 loss_weights=[0.8, 0.2, 1.0], beta=0.1)`` with no δ and a token-mean SFT over the micro-batch, so our
@@ -58,7 +59,7 @@ def _trl_dataset(path: Path):
 
 
 def _run_trl(policy_dir, path: Path, out: Path) -> list[dict]:
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(
@@ -82,7 +83,7 @@ def _run_trl(policy_dir, path: Path, out: Path) -> list[dict]:
         beta=0.1,
         disable_tqdm=True,
     )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir)
+    model = AutoModelForImageTextToText.from_pretrained(policy_dir)
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -118,11 +119,22 @@ def _run_ours(policy_dir, path: Path, out: Path) -> list[dict]:
     return [r for r in rows if "rewards/chosen" in r]
 
 
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+    from mpo.tiny_families import save_family_policy
+
+    return save_family_policy(tmp_path_factory.mktemp("gemma3") / "policy", "gemma3")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
 @pytest.mark.parametrize("kind", ["images", "text"])
-def test_first_steps_match_trl_dpo_trainer_mpo(tiny_policy_dir, tmp_path, kind):
+def test_first_steps_match_trl_dpo_trainer_mpo(tiny_policy_dir, request, tmp_path, kind, family):
+    """Qwen2.5-VL, and a family of another build (Gemma 3: SigLIP tower, token_type_ids, its BOS in
+    the template and an end-of-turn token that is not the tokenizer's EOS)."""
+    policy = tiny_policy_dir if family == "qwen2_5_vl" else request.getfixturevalue("gemma3_dir")
     path = _pairs(kind, tmp_path)
-    trl_rows = _run_trl(tiny_policy_dir, path, tmp_path / "trl")
-    ours = _run_ours(tiny_policy_dir, path, tmp_path / "ours")
+    trl_rows = _run_trl(policy, path, tmp_path / "trl")
+    ours = _run_ours(policy, path, tmp_path / "ours")
     assert len(trl_rows) == len(ours) == 3
     for step, (theirs, mine) in enumerate(zip(trl_rows, ours), start=1):
         for key in KEYS:
