@@ -8,7 +8,9 @@ reuses it and only one model is in memory; ``live``: a frozen copy, or with LoRA
 adapter-disabled model) -> train -> save.
 
 Run folder (``run.output_dir``): ``config.yaml`` (resolved recipe), ``data_report.json`` (pairs
-kept / truncated / skipped, with reasons), ``ref_logps.jsonl``, ``metrics.jsonl``,
+kept / truncated / skipped, with reasons; after training also ``padding``: the pair forward used and
+the padding fraction of the micro-batches this process trained, from step ``from_step`` on),
+``ref_logps.jsonl``, ``metrics.jsonl``,
 ``checkpoint-N/`` (Trainer's, plus ``mpo_delta.json``), and at the end ``policy/`` (full model +
 processor; with LoRA the adapter merged in), ``adapter/`` (LoRA only) and ``mpo_state.json`` (final δ).
 
@@ -173,9 +175,11 @@ def training_arguments(recipe, resume: bool):
 
 def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False, ref_cache=None):
     """Dataset, trainer and reference log-probs for ``pairs``; returns ``(trainer, dataset)``."""
+    from mpo.batching import pair_lengths
     from mpo.chat import ChatEncoder
     from mpo.collate import PairCollator, PairDataset, pad_token_id
     from mpo.logprobs import attach_reference_logps
+    from mpo.shared_prefix import choose_pair_forward
     from mpo.trainer import MPOTrainer, reference_context
 
     t = recipe.train
@@ -190,6 +194,9 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
         live_copy = separate if separate is not None else (copy.deepcopy(model).eval() if t.lora is None else None)
     if t.lora is not None:
         model = add_lora(model, t.lora, t.freeze)
+    forward = choose_pair_forward(model, t.share_prompt)  # train.share_prompt, or why not
+    print(f"pair forward: {forward.describe()}")
+    lengths = pair_lengths(dataset)
     trainer = MPOTrainer(
         model=model,
         args=training_arguments(recipe, resume),
@@ -198,6 +205,8 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
         processing_class=processor,
         loss=recipe.loss,
         ref_model=live_copy,
+        pair_forward=forward,
+        pair_lengths=lengths if t.group_by_length else None,
     )
     if t.reference == "precomputed":
         device = trainer.args.device
@@ -213,6 +222,8 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False,
                 cache,
                 reference_fingerprint(recipe),
                 device,
+                forward if separate is None else choose_pair_forward(separate, t.share_prompt),
+                lengths,
             )
         print(f"reference log-probs: {computed} computed, {len(dataset) - computed} reused from {cache}")
     return trainer, dataset
@@ -331,13 +342,15 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     model, processor = load_policy(recipe)
     trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume, ref_cache)
     report = dataset.report
-    write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
+    data_report = {**report.__dict__, "bad_images_skipped": loaded.skipped}
+    write_json(out / "data_report.json", data_report)
     print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
     checkpoint = last_complete_checkpoint(out) if resume else None
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
+    from_step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
     if trainer.is_world_process_zero():
-        trim_metrics(out / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
+        trim_metrics(out / "metrics.jsonl", from_step)
     if quiet:
         from transformers.trainer_callback import PrinterCallback
 
@@ -345,6 +358,9 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     with writing_into(out, "training"), wandb_environment(recipe.run):
         trainer.train(resume_from_checkpoint=checkpoint)
         policy_dir = save_outputs(trainer, processor, recipe)
+        # the padding of this run's training micro-batches (mpo.batching), once they have run
+        padding = {**trainer.padding_report(), "from_step": from_step}
+        write_json(out / "data_report.json", {**data_report, "padding": padding})
     print(f"policy saved to {policy_dir}")
     return policy_dir
 
