@@ -20,6 +20,8 @@ ZeRO 1-3; FSDP (which only gathers parameters inside the root forward) is not su
 
 ``ℓ`` is the SUM of the response tokens' log-probs (REFERENCE.md §3); every token under the response
 mask counts, whatever its id (id 0 included). Text-only pairs (no images) go through the same path.
+:mod:`mpo.shared_prefix` computes the same from the same batch with each prompt run once
+(``train.share_prompt``, the default); this two-row path is its fallback and its test oracle.
 """
 
 from __future__ import annotations

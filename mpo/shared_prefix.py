@@ -152,15 +152,17 @@ def _kept_positions(packed: PackedPairs, response_mask: torch.Tensor) -> tuple[t
 
 
 def _pad_id(model) -> int:
-    """A token id for packed padding (never attended to): the model's pad, else eos, else 0."""
+    """A token id for packed padding (never attended to, never an image or video placeholder, which
+    the model would count): the model's pad, else its eos, else 0."""
     config = unwrap(model).config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(text, name, None) or getattr(config, name, None)
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
+    media = {getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)}
+    for source in (text, config):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, name, None)
+            value = value[0] if isinstance(value, (list, tuple)) and value else value
+            if isinstance(value, int) and value not in media:
+                return value
     return 0
 
 

@@ -148,7 +148,7 @@ def parameter_counts(config) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()) - vision - embed, vision
 
 
-def path_flops(counts: dict, lm: int, vision: int) -> dict:
+def path_flops(counts: dict, lm: int, vision: int, vision_trained: bool = True) -> dict:
     """Model FLOPs of one step of each pair path, from the same token counts: 6 per parameter and
     token trained (2 forward + 4 backward), 2 per parameter and token for a forward alone; no
     attention-score FLOPs, no recompute, logits counted at every token.
@@ -157,9 +157,11 @@ def path_flops(counts: dict, lm: int, vision: int) -> dict:
       vision tower on each row's images (twice per pair), plus its live reference forward.
     - ``unshared`` (``train.share_prompt: false``): the same rows, the vision tower once per pair.
     - ``shared``: one packed row per pair (``P + C + R``), the vision tower once per pair.
-    Ours compute the reference once per run, before training (``reference_once``: a forward)."""
+    Ours compute the reference once per run, before training (``reference_once``: a forward).
+    ``vision_trained=False`` (``train.freeze=[vision]``): the vision tower runs forward only (2 per
+    parameter and patch; its small merger's backward is not counted)."""
     p, c, r, patches = (counts[k] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens", "patches"))
-    train = lambda tokens, images: 6 * lm * tokens + 6 * vision * images
+    train = lambda tokens, images: 6 * lm * tokens + (6 if vision_trained else 2) * vision * images
     forward = lambda tokens, images: 2 * lm * tokens + 2 * vision * images
     rows = {"trl": (2 * p + c + r, 2 * patches), "unshared": (2 * p + c + r, patches), "shared": (p + c + r, patches)}
     out = {}

@@ -155,6 +155,10 @@ def trl_trainer(policy, pairs_file, args):
     )
     dtype = "bfloat16" if args.gpu else "float32"
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=dtype)
+    if args.freeze_vision:  # what train.freeze=[vision] freezes: the vision tower but its merger
+        from mpo.training import freeze_parts
+
+        freeze_parts(model, ["vision"])
     return DPOTrainer(
         model=model,
         args=config,
@@ -192,6 +196,7 @@ def our_trainer(policy, pairs_file, args, live: bool, share: bool):
             f"train.reference={'live' if live else 'precomputed'}",
             f"train.share_prompt={share}",
             "train.save_steps=100000",
+            f"train.freeze={'[vision]' if args.freeze_vision else '[]'}",
         ],
     )
     model, processor = load_policy(recipe)
@@ -283,7 +288,7 @@ def spawn(side: str, args) -> dict:
         str(args.min_pixels),
         "--max-pixels",
         str(args.max_pixels),
-    ] + (["--gpu"] if args.gpu else [])
+    ] + (["--freeze-vision"] if args.freeze_vision else []) + (["--gpu"] if args.gpu else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -370,16 +375,16 @@ def pair_set(name: str, work: Path, args) -> tuple[Path, tuple[int, int]]:
     return synthetic_pairs(work, args.batch, words, name), BIG_PIXELS
 
 
-def flop_tables(policy, extra: dict, gpu_size: str | None) -> dict:
+def flop_tables(policy, extra: dict, gpu_size: str | None, vision_trained: bool) -> dict:
     """:func:`bench_models.path_flops` of the set's token counts for the benchmarked model and the
     published 3B / 7B shapes (parameter counts on the meta device)."""
     from transformers import AutoProcessor
 
-    tables = {gpu_size or "bench": extra["paths"]}
+    tables = {gpu_size or "bench": path_flops(extra, extra["lm_params"], extra["vision_params"], vision_trained)}
     tokenizer = AutoProcessor.from_pretrained(policy).tokenizer
     for size in ("3b", "7b"):
         if size != gpu_size:
-            tables[size] = path_flops(extra, *parameter_counts(qwen_vl_config(tokenizer, size)))
+            tables[size] = path_flops(extra, *parameter_counts(qwen_vl_config(tokenizer, size)), vision_trained)
     return tables
 
 
@@ -399,6 +404,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="processes per side, interleaved; medians reported"
     )
+    parser.add_argument(
+        "--freeze-vision", action="store_true", help="every side: the vision tower frozen but its merger "
+        "(train.freeze=[vision], what the shipped R1V / Qwen2.5-VL-7B recipes do)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: by name)"
@@ -417,7 +426,7 @@ def main(argv=None) -> int:
         print("bench_train --gpu: skipped, no CUDA device is available (CPU mode: run without --gpu)")
         return 0
     summary = {"mode": "gpu" if args.gpu else "cpu", "batch": args.batch, "steps_timed": args.steps,
-               "repeats": args.repeats, "sets": {}}
+               "repeats": args.repeats, "freeze_vision": args.freeze_vision, "sets": {}}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         args.work = work
         if args.gpu:
@@ -435,7 +444,9 @@ def main(argv=None) -> int:
         for set_name in args.sets.split(","):
             args.pairs_file, (args.min_pixels, args.max_pixels) = pair_set(set_name, Path(work), args)
             extra = tokens_and_flops(args.policy, args.pairs_file, args.min_pixels, args.max_pixels)
-            extra["flops"] = flop_tables(args.policy, extra, args.size if args.gpu else None)
+            size = args.size if args.gpu else None
+            extra["flops"] = flop_tables(args.policy, extra, size, not args.freeze_vision)
+            extra["paths"] = next(iter(extra["flops"].values()))
             if args.gpu:
                 extra["peak_flops"] = peak
             runs = {side: [] for side in sides}
