@@ -259,6 +259,13 @@ def test_unsupported_models_fall_back_with_a_reason(tiny_policy_dir, model):
     windowed = Qwen2_5_VLForConditionalGeneration(sliding)
     forward = choose_pair_forward(windowed, True)
     assert not forward.shared and "sliding-window" in forward.reason, forward
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text_only = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    forward = choose_pair_forward(text_only, True)
+    assert not forward.shared and "no get_rope_index" in forward.reason, forward
+    assert forward.describe().startswith("unshared (shared prompt not supported: ")
 
 
 # ---------------------------------------------------------------------------------------------
