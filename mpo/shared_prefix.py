@@ -95,8 +95,7 @@ def pack_pairs(batch: dict, pad_id: int) -> PackedPairs:
     rows = torch.where(from_rejected, pair + b, pair)
     columns = torch.where(from_rejected, k - chosen, k).clamp(max=ids.shape[1] - 1)
     valid = k < prompt + chosen + rejected
-    packed = torch.where(valid, ids[rows, columns], torch.full_like(ids[rows, columns], pad_id))
-    return PackedPairs(packed, valid, prompt, chosen, rejected)
+    return PackedPairs(ids[rows, columns].masked_fill(~valid, pad_id), valid, prompt, chosen, rejected)
 
 
 def pair_attention_mask(packed: PackedPairs, implementation: str, dtype: torch.dtype) -> torch.Tensor:
