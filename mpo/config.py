@@ -147,6 +147,11 @@ class TrainConfig(Section):
     freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+    # One packed [prompt, chosen, rejected] row per pair, the prompt computed once (mpo.shared_prefix);
+    # false: two rows per pair. Falls back to two rows, saying why, where the model cannot take it.
+    share_prompt: bool = True
+    # Micro-batches of pairs of similar length (mpo.batching); false: transformers' random order.
+    group_by_length: bool = True
     reference: Literal["precomputed", "live"] = "precomputed"
     # The reference policy's folder; default: the policy training starts from (model.policy).
     reference_model: ModelRef | None = None

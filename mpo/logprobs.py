@@ -22,6 +22,8 @@ ZeRO 1-3; FSDP (which only gathers parameters inside the root forward) is not su
 
 ``ℓ`` is the SUM of the response tokens' log-probs (the MPO paper's, arXiv 2411.10442); every token under the response
 mask counts, whatever its id (id 0 included). Text-only pairs (no images) go through the same path.
+:mod:`mpo.shared_prefix` computes the same from the same batch with each prompt run once
+(``train.share_prompt``, the default); this two-row path is its fallback and its test oracle.
 """
 
 from __future__ import annotations
@@ -205,16 +207,22 @@ def _gather_objects(local: list) -> list:
 
 @torch.no_grad()
 def compute_reference_logps(
-    model, dataset, collator, indices: list[int], batch_size: int, device=None
+    model, dataset, collator, indices: list[int], batch_size: int, device=None, forward=None, lengths=None
 ) -> dict:
     """``{index: (chosen ℓ, rejected ℓ)}`` for ``indices`` of a PairDataset, model in eval mode.
 
+    ``forward``: the pair log-prob function (default :func:`pair_logps`; a
+    :class:`mpo.shared_prefix.PairForward`); ``lengths``: per-pair row lengths, to batch each rank's
+    share in length order (less padding; results are keyed by index, so order does not matter).
     Distributed: every rank takes a strided share and runs the same number of batches (padded by
     repeating its last index, so ZeRO-3 collectives stay in step); results are all-gathered.
     """
     if not indices:
         return {}
+    forward = forward or pair_logps
     share, _, world = _ranked(indices)
+    if lengths is not None:
+        share = sorted(share, key=lambda i: lengths[i])
     if world > 1:  # same number of batches on every rank
         batches = -(-len(indices) // (world * batch_size))
         share = share + [share[-1] if share else indices[0]] * (batches * batch_size - len(share))
@@ -229,7 +237,7 @@ def compute_reference_logps(
             bar.update(min(batch_size, len(share) - start) * world)
             batch = collator([dataset[i] for i in share[start : start + batch_size]])
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-            out = pair_logps(model, batch)
+            out = forward(model, batch)
             idx = batch["indices"].tolist()
             results += list(zip(idx, out.chosen.tolist(), out.rejected.tolist()))
     finally:
@@ -261,15 +269,19 @@ def write_reference_cache(path, fingerprint: str, values: dict[str, tuple[float,
 
 
 def attach_reference_logps(
-    model, dataset, collator, batch_size: int, cache_path, fingerprint: str, device=None
+    model, dataset, collator, batch_size: int, cache_path, fingerprint: str, device=None, forward=None,
+    lengths=None,
 ) -> int:
     """Fill ``dataset.ref_logps`` from the cache, computing only the missing pairs; returns how many
-    were computed. Rank 0 rewrites the cache; the file holds only this reference's rows."""
+    were computed. Rank 0 rewrites the cache; the file holds only this reference's rows.
+    ``forward`` / ``lengths``: as for :func:`compute_reference_logps`."""
     keys = dataset.keys()
     cached = read_reference_cache(cache_path, fingerprint)
     missing = [i for i, key in enumerate(keys) if key not in cached]
     if missing:
-        computed = compute_reference_logps(model, dataset, collator, missing, batch_size, device)
+        computed = compute_reference_logps(
+            model, dataset, collator, missing, batch_size, device, forward, lengths
+        )
         cached.update({keys[i]: computed[i] for i in missing})
         _, rank, _ = _ranked([])
         if cache_path is not None and rank == 0:

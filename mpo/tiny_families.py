@@ -198,6 +198,7 @@ def build_llava():
 
 
 def build_gemma3():
+    import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -226,6 +227,9 @@ def build_gemma3():
         mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"))
     model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projection at zero (image tokens would carry nothing and the
+    # projector's norm get no gradient until it moves); a real checkpoint's is not zero
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
     return _stops(model, tok, ["<eos>", "<end_of_turn>"], "<pad>", "<bos>"), processor
 
 

@@ -4,8 +4,9 @@ What comes from ``transformers.Trainer`` unchanged: the optimizer and schedule, 
 accumulation, DDP / DeepSpeed launch, bf16 autocast, gradient checkpointing, checkpoints and resume,
 W&B reporting. What this class adds:
 
-- ``compute_loss``: policy log-probs of a pair batch with one vision encode per pair
-  (:func:`mpo.logprobs.pair_logps`), reference log-probs (precomputed and carried in the batch, a
+- ``compute_loss``: policy log-probs of a pair batch with one vision encode per pair and, with
+  ``train.share_prompt``, one prompt per pair (:mod:`mpo.shared_prefix`; else
+  :func:`mpo.logprobs.pair_logps`), reference log-probs (precomputed and carried in the batch, a
   frozen ``ref_model``, or the PEFT model with its adapter disabled), and :func:`mpo.losses.mpo_loss`.
 - δ of the BCO quality loss (:class:`mpo.losses.DeltaTracker`): every micro-batch of an optimizer
   step uses the same δ; the rewards of the whole accumulation window are summed (and all-reduced
@@ -38,8 +39,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from mpo.errors import MpoError
-from mpo.logprobs import PairLogps, pair_logps
+from mpo.logprobs import PairLogps
 from mpo.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
+from mpo.shared_prefix import PairForward
 from mpo.trainer_setup import MetricsFile
 
 METRICS_FILE = "metrics.jsonl"
@@ -125,11 +127,17 @@ class MPOTrainer(Trainer):
 
     Args (beyond ``Trainer``'s): ``loss`` a :class:`mpo.config.LossConfig`; ``ref_model`` a frozen
     reference for ``reference: live`` with full tuning (None when the batches carry precomputed
-    reference log-probs, or with PEFT, where the adapter-disabled model is the reference).
+    reference log-probs, or with PEFT, where the adapter-disabled model is the reference);
+    ``pair_forward`` the pair log-prob path (:func:`mpo.shared_prefix.choose_pair_forward`; default
+    the unshared :func:`mpo.logprobs.pair_logps`); ``pair_lengths`` per-pair row lengths for the
+    length-grouped train sampler (:mod:`mpo.batching`; None: transformers' own sampler).
     """
 
-    def __init__(self, *args, loss, ref_model=None, **kwargs):
+    def __init__(self, *args, loss, ref_model=None, pair_forward=None, pair_lengths=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.pair_forward = pair_forward or PairForward(False, "no pair_forward given")
+        self.pair_lengths = pair_lengths
+        self._padding = torch.zeros(3, dtype=torch.float64)  # tokens, slots, micro-batches (mpo.batching)
         self.loss_config = loss
         self.args.restore_callback_states_from_checkpoint = True  # δ comes back with the checkpoint
         self.ref_model = ref_model
@@ -153,7 +161,7 @@ class MPOTrainer(Trainer):
     # ---- loss ---------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = pair_logps(model, inputs)
+        policy = self.pair_forward(model, inputs)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs, policy)
         chosen_tokens, chosen_mask = policy.chosen_tokens
         cfg = self.loss_config
@@ -175,6 +183,7 @@ class MPOTrainer(Trainer):
             self._window_sum = self._window_sum.to(rewards.device) + rewards.sum()
             self._window_count += rewards.numel()
             self._tokens = self._tokens.to(rewards.device) + inputs["attention_mask"].sum()
+            self._padding = self._padding.to(rewards.device) + self.pair_forward.padding(inputs)
         self._record(out, policy, "train" if training else "eval")
         return (out.total, {"mpo": out}) if return_outputs else out.total
 
@@ -190,7 +199,7 @@ class MPOTrainer(Trainer):
 
     def _live_reference(self, model, inputs) -> PairLogps:
         if self.ref_model is not None:
-            return pair_logps(self.ref_model, inputs)
+            return self.pair_forward(self.ref_model, inputs)
         peft_model = find_peft_model(model)
         if peft_model is None:
             raise MpoError(
@@ -198,7 +207,25 @@ class MPOTrainer(Trainer):
                 "and the model has no adapter to disable (set train.reference or pass ref_model)"
             )
         with peft_model.disable_adapter():
-            return pair_logps(model, inputs)
+            return self.pair_forward(model, inputs)
+
+    # ---- length-grouped batches (mpo.batching) ------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.pair_lengths is None or (train_dataset is not None and train_dataset is not self.train_dataset):
+            return super()._get_train_sampler(train_dataset)
+        from mpo.batching import LengthGroupedPairSampler
+
+        a = self.args
+        step = a.train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
+        seed = a.data_seed if a.data_seed is not None else a.seed
+        return LengthGroupedPairSampler(self.pair_lengths, step, seed=seed)
+
+    def padding_report(self) -> dict:
+        """Tokens, slots and padding fraction of the training micro-batches run (all ranks)."""
+        from mpo.batching import padding_summary
+
+        return padding_summary(self._padding, self.pair_forward, self.pair_lengths is not None)
 
     # ---- δ window -------------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ and reference identity, so a rerun reuses it and only one model is in memory; ``
 copy, or with LoRA the adapter-disabled model, nothing to precompute) -> train -> save.
 
 Run folder (``run.output_dir``): ``config.yaml`` (resolved recipe), ``data_report.json`` (pairs
-kept / truncated / skipped, with reasons), ``ref_logps.jsonl``, ``metrics.jsonl``,
+kept / truncated / skipped, with reasons; after training also ``padding``: the pair forward used and
+the padding fraction of the micro-batches this process trained, from step ``from_step`` on),
+``ref_logps.jsonl``, ``metrics.jsonl``,
 ``checkpoint-N/`` (Trainer's; δ inside its ``trainer_state.json``), and at the end ``policy/`` (full model +
 processor; with LoRA the adapter merged in), ``adapter/`` (LoRA only) and ``mpo_state.json`` (final δ).
 
@@ -97,10 +99,12 @@ def training_arguments(recipe, resume: bool = False):
 
 def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False):
     """Dataset and trainer for ``pairs`` (parts frozen, LoRA added, a live reference where the recipe
-    asks for one); returns ``(trainer, dataset)``. The precomputed reference is
-    :func:`precompute_reference`'s."""
+    asks for one, the pair forward: prompt-shared or not, ``train.share_prompt``); returns
+    ``(trainer, dataset)``. The precomputed reference is :func:`precompute_reference`'s."""
+    from mpo.batching import pair_lengths
     from mpo.chat import ChatEncoder
     from mpo.collate import PairCollator, PairDataset, pad_token_id
+    from mpo.shared_prefix import choose_pair_forward
     from mpo.trainer import MPOTrainer
     from mpo.trainer_setup import add_lora, freeze_parts
 
@@ -119,9 +123,13 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
             live_copy = copy.deepcopy(model).eval()
     if t.lora is not None:
         model = add_lora(model, t.lora, t.freeze)
+    forward = choose_pair_forward(model, t.share_prompt)  # train.share_prompt, or why not
+    print(f"pair forward: {forward.describe()}")
+    lengths = pair_lengths(dataset)
     trainer = MPOTrainer(model=model, args=training_arguments(recipe, resume), train_dataset=dataset,
                          data_collator=PairCollator(pad_token_id(processor)), processing_class=processor,
-                         loss=recipe.loss, ref_model=live_copy)
+                         loss=recipe.loss, ref_model=live_copy, pair_forward=forward,
+                         pair_lengths=lengths if t.group_by_length else None)
     return trainer, dataset
 
 
@@ -130,7 +138,9 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
     (cached by pair content and the reference's identity, so only what is missing is computed), carried
     in the dataset's items. The reference is ``train.reference_model`` where set, else the policy with
     any adapter disabled. Returns how many were computed."""
+    from mpo.batching import pair_lengths
     from mpo.logprobs import attach_reference_logps
+    from mpo.shared_prefix import choose_pair_forward
     from mpo.trainer import reference_context
 
     t = recipe.train
@@ -139,11 +149,15 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
     device = trainer.args.device
     model = trainer.model.to(device)
     cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
-    reference = load_model(recipe, t.reference_model, "train.reference_model").eval().to(device) \
-        if t.reference_model else model
+    forward = trainer.pair_forward  # the same prompt-shared (or not) forward as training
+    reference = model
+    if t.reference_model:
+        reference = load_model(recipe, t.reference_model, "train.reference_model").eval().to(device)
+        forward = choose_pair_forward(reference, t.share_prompt)
     with reference_context(reference):
         computed = attach_reference_logps(reference, dataset, trainer.data_collator, t.per_device_batch_size,
-                                          cache, reference_fingerprint(recipe), device)
+                                          cache, reference_fingerprint(recipe), device, forward,
+                                          pair_lengths(dataset))
     print(f"reference log-probs: {computed} computed, {len(dataset) - computed} reused from {cache}")
     return computed
 
@@ -240,13 +254,15 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume)
     precompute_reference(trainer, dataset, recipe, ref_cache)
     report = dataset.report
-    write_json(out / "data_report.json", {**report.__dict__, "bad_images_skipped": loaded.skipped})
+    data_report = {**report.__dict__, "bad_images_skipped": loaded.skipped}
+    write_json(out / "data_report.json", data_report)
     print(f"data: {report.summary()}; {len(loaded.skipped)} skipped for bad images")
     checkpoint = last_complete_checkpoint(out) if resume else None
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
+    from_step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
     if trainer.is_world_process_zero():
-        trim_metrics(out / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
+        trim_metrics(out / "metrics.jsonl", from_step)
     if quiet:
         from transformers.trainer_callback import PrinterCallback
 
@@ -254,5 +270,8 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     with writing_into(out, "training"), wandb_scope(recipe.run, out):
         trainer.train(resume_from_checkpoint=checkpoint)
         policy_dir = save_outputs(trainer, processor, recipe)
+        # the padding of this run's training micro-batches (mpo.batching), once they have run
+        padding = {**trainer.padding_report(), "from_step": from_step}
+        write_json(out / "data_report.json", {**data_report, "padding": padding})
     print(f"policy saved to {policy_dir}")
     return policy_dir

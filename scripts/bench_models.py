@@ -81,8 +81,9 @@ def random_backbone(size: str, device: str):
     return model, tokenizer
 
 
-def synthetic_pairs(work: Path, count: int, words: int) -> Path:
-    """``count`` pairs on 448x448 noise images (256 visual tokens), responses of ``words`` words."""
+def synthetic_pairs(work: Path, count: int, words: int, name: str = "pairs") -> Path:
+    """``count`` pairs on 448x448 noise images (256 visual tokens), responses of ``words`` words,
+    written to ``work/name.jsonl`` (the images are shared by every set made in ``work``)."""
     import numpy as np
     from PIL import Image
 
@@ -94,7 +95,9 @@ def synthetic_pairs(work: Path, count: int, words: int) -> Path:
     rows = []
     for i in range(count):
         path = work / f"img{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(path)
+        if not path.exists():
+            pixels = np.random.default_rng(i).integers(0, 255, (448, 448, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
         rows.append(
             {
                 "prompt_id": f"g{i}",
@@ -104,15 +107,15 @@ def synthetic_pairs(work: Path, count: int, words: int) -> Path:
                 "rejected": text(),
             }
         )
-    path = work / "pairs.jsonl"
+    path = work / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def tokens_and_flops(policy, pairs_file, min_pixels: int, max_pixels: int) -> dict:
-    """Tokens and patches per step (the whole pair set is one batch), the model's parameter counts and
-    its training FLOPs per step (6 per parameter and token; the vision tower once per pair)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def pair_counts(policy, pairs_file, min_pixels: int, max_pixels: int) -> dict:
+    """Prompt, chosen and rejected tokens and vision patches summed over a pair set (the benchmarks'
+    one batch), encoded as training encodes them."""
+    from transformers import AutoProcessor
 
     from mpo.chat import ChatEncoder
     from mpo.data import load_preferences
@@ -120,22 +123,71 @@ def tokens_and_flops(policy, pairs_file, min_pixels: int, max_pixels: int) -> di
     processor = AutoProcessor.from_pretrained(
         policy, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
     )
-    encoder, tokens, patches = ChatEncoder(processor), 0, 0
+    encoder = ChatEncoder(processor)
+    counts = {"pairs": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "patches": 0}
     for pair in load_preferences(pairs_file).records:
         enc = encoder.encode_pair(pair.messages, pair.images, pair.chosen, pair.rejected)
-        tokens += 2 * len(enc.prompt_ids) + len(enc.chosen_ids) + len(enc.rejected_ids)
-        patches += int(enc.vision["pixel_values"].shape[0]) if enc.vision else 0
+        counts["pairs"] += 1
+        counts["prompt_tokens"] += len(enc.prompt_ids)
+        counts["chosen_tokens"] += len(enc.chosen_ids)
+        counts["rejected_tokens"] += len(enc.rejected_ids)
+        counts["patches"] += int(enc.vision["pixel_values"].shape[0]) if enc.vision else 0
+    return counts
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """``(language model without the input embedding, vision tower)`` parameters of a Qwen2.5-VL
+    config, counted on the meta device (nothing allocated)."""
     import torch
+    from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(policy))
+        model = AutoModelForImageTextToText.from_config(config)
     vision = sum(p.numel() for p in model.model.visual.parameters())
     embed = model.model.language_model.embed_tokens.weight.numel()
-    lm = sum(p.numel() for p in model.parameters()) - vision - embed
+    return sum(p.numel() for p in model.parameters()) - vision - embed, vision
+
+
+def path_flops(counts: dict, lm: int, vision: int, vision_trained: bool = True) -> dict:
+    """Model FLOPs of one step of each pair path, from the same token counts: 6 per parameter and
+    token trained (2 forward + 4 backward), 2 per parameter and token for a forward alone; no
+    attention-score FLOPs, no recompute, logits counted at every token.
+
+    - ``trl``: TRL 1.16 DPOTrainer, rows prompt+chosen and prompt+rejected (``2P + C + R`` tokens), the
+      vision tower on each row's images (twice per pair), plus its live reference forward.
+    - ``unshared`` (``train.share_prompt: false``): the same rows, the vision tower once per pair.
+    - ``shared``: one packed row per pair (``P + C + R``), the vision tower once per pair.
+    Ours compute the reference once per run, before training (``reference_once``: a forward).
+    ``vision_trained=False`` (``train.freeze=[vision]``): the vision tower runs forward only (2 per
+    parameter and patch; its small merger's backward is not counted)."""
+    p, c, r, patches = (counts[k] for k in ("prompt_tokens", "chosen_tokens", "rejected_tokens", "patches"))
+    train = lambda tokens, images: 6 * lm * tokens + (6 if vision_trained else 2) * vision * images
+    forward = lambda tokens, images: 2 * lm * tokens + 2 * vision * images
+    rows = {"trl": (2 * p + c + r, 2 * patches), "unshared": (2 * p + c + r, patches), "shared": (p + c + r, patches)}
+    out = {}
+    for path, (tokens, images) in rows.items():
+        step = train(tokens, images) + (forward(tokens, images) if path == "trl" else 0)
+        out[path] = {"lm_tokens": tokens, "vision_patches": images, "flops_per_step": step}
+        if path != "trl":
+            out[path]["reference_once_flops"] = forward(tokens, images)
+    return out
+
+
+def tokens_and_flops(policy, pairs_file, min_pixels: int, max_pixels: int) -> dict:
+    """Tokens and patches per step (the whole pair set is one batch), the model's parameter counts and
+    its training FLOPs per step (6 per parameter and token; the vision tower once per pair), for the
+    unshared rows; ``paths``: :func:`path_flops` of each path."""
+    from transformers import AutoConfig
+
+    counts = pair_counts(policy, pairs_file, min_pixels, max_pixels)
+    lm, vision = parameter_counts(AutoConfig.from_pretrained(policy))
+    paths = path_flops(counts, lm, vision)
     return {
-        "tokens_per_step": tokens,
-        "patches_per_step": patches,
+        **counts,
+        "tokens_per_step": paths["unshared"]["lm_tokens"],
+        "patches_per_step": counts["patches"],
         "lm_params": lm,
         "vision_params": vision,
-        "flops_per_step": 6 * lm * tokens + 6 * vision * patches,
+        "flops_per_step": paths["unshared"]["flops_per_step"],
+        "paths": paths,
     }

@@ -3,11 +3,21 @@
     python scripts/bench_train.py                   # CPU, tiny Qwen2.5-VL, 1 thread, table + JSON
     python scripts/bench_train.py --gpu --size 3b   # CUDA, random Qwen2.5-VL-3B-shaped model, bf16
 
-Both sides train the same model (same folder), on the same image pairs, with the same batch size,
-optimizer and schedule; each side runs in its own subprocess (so peak memory is its own) with
-``torch.set_num_threads(1)``. Three sides: ``trl`` (DPOTrainer, ``loss_type=["sigmoid","bco_pair",
-"sft"]``, live reference as TRL requires for vision data), ``ours`` (default: reference log-probs
-precomputed once before training) and ``ours-live`` (a live frozen reference copy, like TRL).
+Every side trains the same model (same folder), on the same image pairs, with the same batch size,
+pixel budget, optimizer and schedule; each side runs in its own subprocess (so peak memory is its
+own) with ``torch.set_num_threads(1)``. Sides: ``trl`` (DPOTrainer, ``loss_type=["sigmoid",
+"bco_pair","sft"]``, live reference as TRL requires for vision data), ``unshared`` (today's path,
+``train.share_prompt=false``: rows prompt+chosen and prompt+rejected, one vision encode per pair,
+reference log-probs precomputed once before training), ``shared`` (the default,
+``train.share_prompt=true``: one packed row per pair, :mod:`mpo.shared_prefix`), and on request
+``unshared-live`` / ``shared-live`` (a live frozen reference copy, like TRL).
+
+Pair sets (``--sets``), each one batch of ``--batch`` pairs on 448x448 images (256 visual tokens
+each, the ``--gpu`` pixel budget on CPU too): ``long-prompt`` (answers of ``--short-words`` words: the
+prompt is nearly all of each row) and ``long-answer`` (answers of ``--words`` words); ``colour``
+is the bundled colour pairs at the tiny pixel budget (4-64 visual tokens). For each set the script
+also prints the model FLOPs per step of each path from the same token counts
+(``bench_models.path_flops``), for the benchmarked model and for the Qwen2.5-VL-3B/7B shapes.
 
 What is measured:
 - step time: wall time between consecutive optimizer-step ends (``on_step_end``), so it includes data
@@ -43,10 +53,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench_models import SHAPES, random_backbone, synthetic_pairs, tokens_and_flops  # noqa: E402  (scripts/, beside this file)
+from bench_models import (  # noqa: E402  (scripts/, beside this file)
+    SHAPES,
+    parameter_counts,
+    path_flops,
+    qwen_vl_config,
+    random_backbone,
+    synthetic_pairs,
+    tokens_and_flops,
+)
 
 PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# side -> (live reference, share_prompt); "trl" is TRL's DPOTrainer
+OURS = {"unshared": (False, False), "shared": (False, True), "unshared-live": (True, False), "shared-live": (True, True)}
+BIG_PIXELS = (256 * 28 * 28, 1280 * 28 * 28)  # a 448x448 image -> 256 visual tokens
+TINY_PIXELS = (3136, 50176)
 
 
 class RssPeak:
@@ -133,15 +155,22 @@ def trl_trainer(policy, pairs_file, args):
     )
     dtype = "bfloat16" if args.gpu else "float32"
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=dtype)
+    if args.freeze_vision:  # what train.freeze=[vision] freezes: the vision tower but its merger
+        from mpo.training import freeze_parts
+
+        freeze_parts(model, ["vision"])
     return DPOTrainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(rows),
-        processing_class=AutoProcessor.from_pretrained(policy),
+        # the same pixel budget as ours (the saved processor's own budget may be smaller)
+        processing_class=AutoProcessor.from_pretrained(
+            policy, size={"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
+        ),
     )
 
 
-def our_trainer(policy, pairs_file, args, live: bool):
+def our_trainer(policy, pairs_file, args, live: bool, share: bool):
     from mpo.config import load_recipe
     from mpo.data import load_preferences
     from mpo.training import build_trainer, load_policy, precompute_reference
@@ -151,7 +180,7 @@ def our_trainer(policy, pairs_file, args, live: bool):
         [
             f"model.policy={policy}",
             f"data.preferences={pairs_file}",
-            f"run.output_dir={args.work}/ours-{live}",
+            f"run.output_dir={args.work}/ours-{live}-{share}",
             f"model.dtype={'bfloat16' if args.gpu else 'float32'}",
             f"model.min_pixels={args.min_pixels}",
             f"model.max_pixels={args.max_pixels}",
@@ -165,7 +194,9 @@ def our_trainer(policy, pairs_file, args, live: bool):
             "train.max_length=100000",
             f"train.gradient_checkpointing={args.gpu}",
             f"train.reference={'live' if live else 'precomputed'}",
+            f"train.share_prompt={share}",
             "train.save_steps=100000",
+            f"train.freeze={'[vision]' if args.freeze_vision else '[]'}",
         ],
     )
     model, processor = load_policy(recipe)
@@ -184,7 +215,7 @@ def run_side(side: str, args) -> dict:
     if side == "trl":
         trainer = trl_trainer(args.policy, args.pairs_file, args)
     else:
-        trainer, _ = our_trainer(args.policy, args.pairs_file, args, live=side == "ours-live")
+        trainer, _ = our_trainer(args.policy, args.pairs_file, args, *OURS[side])
     setup = time.perf_counter() - start
     timer = step_timer()
     trainer.add_callback(timer)
@@ -258,7 +289,7 @@ def spawn(side: str, args) -> dict:
         str(args.min_pixels),
         "--max-pixels",
         str(args.max_pixels),
-    ] + (["--gpu"] if args.gpu else [])
+    ] + (["--freeze-vision"] if args.freeze_vision else []) + (["--gpu"] if args.gpu else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -286,40 +317,76 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def report(results: dict, extra: dict, args) -> dict:
-    trl = results["trl"]
+BASES = (("trl", 5), ("today", 6))  # ratio columns: against TRL and against today's unshared path
+
+
+def _ratio(value: float, base: float) -> float:
+    return value / base if base > 0 else float("nan")
+
+
+def report(name: str, results: dict, extra: dict, args) -> dict:
+    """One set's table (each side against TRL and against today's unshared path) and summary."""
+    trl, today = results.get("trl"), results.get("unshared")
+    mem = "peak_cuda_mb" if "peak_cuda_mb" in next(iter(results.values())) else "peak_rss_delta_mb"
+    paths = extra["paths"]
     rows = []
     for r in results.values():
-        r["step_ratio_vs_trl"] = r["median_step_s"] / trl["median_step_s"]
-        r["cpu_step_ratio_vs_trl"] = r["median_step_cpu_s"] / trl["median_step_cpu_s"]
-        mem = "peak_cuda_mb" if "peak_cuda_mb" in trl else "peak_rss_delta_mb"
-        r["memory_ratio_vs_trl"] = r[mem] / trl[mem] if trl[mem] > 0 else float("nan")
-        if args.gpu:
+        path = paths["trl" if r["side"] == "trl" else r["side"].removesuffix("-live")]
+        for label, base in (("trl", trl), ("today", today)):
+            if base is not None:
+                r[f"step_ratio_vs_{label}"] = _ratio(r["median_step_s"], base["median_step_s"])
+                r[f"cpu_step_ratio_vs_{label}"] = _ratio(r["median_step_cpu_s"], base["median_step_cpu_s"])
+                r[f"memory_ratio_vs_{label}"] = _ratio(r[mem], base[mem])
+        r["lm_tokens_per_step"] = path["lm_tokens"]
+        r["model_flops_per_step"] = path["flops_per_step"]
+        if args.gpu:  # tokens of the unshared rows (the same work for every side) per second
             r["tokens_per_s"] = extra["tokens_per_step"] / r["median_step_s"]
-            r["mfu"] = extra["flops_per_step"] / r["median_step_s"] / extra["peak_flops"]
+            r["mfu"] = path["flops_per_step"] / r["median_step_s"] / extra["peak_flops"]
         rows.append(r)
-    mem_name = "peak CUDA MiB" if "peak_cuda_mb" in trl else "peak RSS delta MiB"
-    print(
-        f"{'side':10s} {'median step ms':>15s} {'p10-p90 ms':>16s} {'x TRL':>7s} {'thread CPU ms':>14s} {'x TRL':>7s} "
-        f"{mem_name:>20s} {'x TRL':>7s} {'setup s':>8s}"
-    )
+    counts = {k: extra[k] for k in ("pairs", "prompt_tokens", "chosen_tokens", "rejected_tokens", "patches")}
+    print(f"\n== {name}: {counts}")
+    mem_name = "peak CUDA MiB" if mem == "peak_cuda_mb" else "RSS delta MiB"
+    head = (f"{'side':13s} {'step ms':>8s} {'p10-p90':>13s} {'xTRL':>5s} {'xtoday':>6s} {'CPU ms':>7s} "
+            f"{'xTRL':>5s} {'xtoday':>6s} {mem_name:>14s} {'xTRL':>5s} {'xtoday':>6s} {'setup s':>7s} {'LM tok':>7s}")
+    print(head)
     for r in rows:
-        mem = r.get("peak_cuda_mb", r["peak_rss_delta_mb"])
-        spread = f"{1e3 * r['p10_step_s']:.1f}-{1e3 * r['p90_step_s']:.1f}"
+        spread = f"{1e3 * r['p10_step_s']:.0f}-{1e3 * r['p90_step_s']:.0f}"
+        x = lambda key, r=r: " ".join(f"{r.get(f'{key}_vs_{b}', float('nan')):{w}.2f}" for b, w in BASES)
         print(
-            f"{r['side']:10s} {1e3 * r['median_step_s']:15.1f} {spread:>16s} {r['step_ratio_vs_trl']:7.2f} "
-            f"{1e3 * r['median_step_cpu_s']:14.1f} {r['cpu_step_ratio_vs_trl']:7.2f} {mem:20.1f} {r['memory_ratio_vs_trl']:7.2f} {r['setup_s']:8.1f}"
+            f"{r['side']:13s} {1e3 * r['median_step_s']:8.1f} {spread:>13s} {x('step_ratio')} "
+            f"{1e3 * r['median_step_cpu_s']:7.1f} {x('cpu_step_ratio')} {r[mem]:14.1f} {x('memory_ratio')} "
+            f"{r['setup_s']:7.1f} {r['lm_tokens_per_step']:7d}"
             + (f"  {r['tokens_per_s']:.0f} tok/s  MFU {100 * r['mfu']:.1f}%" if args.gpu else "")
         )
-    summary = {
-        "mode": "gpu" if args.gpu else "cpu",
-        "batch": args.batch,
-        "steps_timed": args.steps,
-        "repeats": args.repeats,
-        **extra,
-        "sides": rows,
-    }
-    return summary
+    print("model FLOPs per step (6/param/token trained, 2 for a forward; TRL adds its live reference; ours "
+          "pay a reference forward once per run):")
+    for model_name, table in extra["flops"].items():
+        line = "  ".join(f"{path} {table[path]['flops_per_step']:.3g}" for path in ("trl", "unshared", "shared"))
+        ratio = table["shared"]["flops_per_step"] / table["unshared"]["flops_per_step"]
+        vs_trl = table["shared"]["flops_per_step"] / table["trl"]["flops_per_step"]
+        print(f"  {model_name:6s} {line}   shared/today {ratio:.2f}  shared/TRL {vs_trl:.2f}")
+    return {**extra, "sides": rows}
+
+
+def pair_set(name: str, work: Path, args) -> tuple[Path, tuple[int, int]]:
+    """The pairs file and pixel budget of one set."""
+    if name == "colour":
+        return bench_pairs(work, args.batch), TINY_PIXELS
+    words = {"long-prompt": args.short_words, "long-answer": args.words}[name]
+    return synthetic_pairs(work, args.batch, words, name), BIG_PIXELS
+
+
+def flop_tables(policy, extra: dict, gpu_size: str | None, vision_trained: bool) -> dict:
+    """:func:`bench_models.path_flops` of the set's token counts for the benchmarked model and the
+    published 3B / 7B shapes (parameter counts on the meta device)."""
+    from transformers import AutoProcessor
+
+    tables = {gpu_size or "bench": path_flops(extra, extra["lm_params"], extra["vision_params"], vision_trained)}
+    tokenizer = AutoProcessor.from_pretrained(policy).tokenizer
+    for size in ("3b", "7b"):
+        if size != gpu_size:
+            tables[size] = path_flops(extra, *parameter_counts(qwen_vl_config(tokenizer, size)), vision_trained)
+    return tables
 
 
 def main(argv=None) -> int:
@@ -331,10 +398,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (the whole set is one batch)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--words", type=int, default=150, help="--gpu: words per response")
-    parser.add_argument("--sides", default="trl,ours,ours-live")
+    parser.add_argument("--sets", default="long-prompt,long-answer", help="long-prompt, long-answer, colour")
+    parser.add_argument("--words", type=int, default=150, help="words per response, long-answer set")
+    parser.add_argument("--short-words", type=int, default=4, help="words per response, long-prompt set")
+    parser.add_argument("--sides", default="trl,unshared,shared", help=f"trl, {', '.join(OURS)}")
     parser.add_argument(
         "--repeats", type=int, default=3, help="processes per side, interleaved; medians reported"
+    )
+    parser.add_argument(
+        "--freeze-vision", action="store_true", help="every side: the vision tower frozen but its merger "
+        "(train.freeze=[vision], what the shipped R1V / Qwen2.5-VL-7B recipes do)"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here too")
     parser.add_argument(
@@ -342,8 +415,8 @@ def main(argv=None) -> int:
     )
     for hidden in ("--side", "--policy", "--pairs-file", "--work"):
         parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--min-pixels", type=int, default=3136, help=argparse.SUPPRESS)
-    parser.add_argument("--max-pixels", type=int, default=50176, help=argparse.SUPPRESS)
+    parser.add_argument("--min-pixels", type=int, default=TINY_PIXELS[0], help=argparse.SUPPRESS)
+    parser.add_argument("--max-pixels", type=int, default=TINY_PIXELS[1], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:  # a subprocess running one side
         print("RESULT " + json.dumps(run_side(args.side, args)), flush=True)
@@ -353,38 +426,36 @@ def main(argv=None) -> int:
     if args.gpu and not torch.cuda.is_available() and args.size != "tiny":
         print("bench_train --gpu: skipped, no CUDA device is available (CPU mode: run without --gpu)")
         return 0
+    summary = {"mode": "gpu" if args.gpu else "cpu", "batch": args.batch, "steps_timed": args.steps,
+               "repeats": args.repeats, "freeze_vision": args.freeze_vision, "sets": {}}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as work:
         args.work = work
-        extra = {}
         if args.gpu:
-            args.min_pixels, args.max_pixels = 256 * 28 * 28, 1280 * 28 * 28
-            args.policy, args.pairs_file = (
-                gpu_policy(Path(work), args.size),
-                synthetic_pairs(Path(work), args.batch, args.words),
-            )
-            extra = tokens_and_flops(args.policy, args.pairs_file, args.min_pixels, args.max_pixels)
+            args.policy = gpu_policy(Path(work), args.size)
             name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            peak = (
-                args.peak_tflops * 1e12
-                if args.peak_tflops
-                else next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
-            )
-            extra.update(device=name, size=args.size, peak_flops=peak)
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
+                (v for k, v in PEAK_BF16.items() if k in name), float("nan"))
+            summary.update(device=name, size=args.size)
         else:
             from mpo.tiny import save_policy
 
-            args.policy, args.pairs_file = (
-                save_policy(Path(work) / "policy", 0),
-                bench_pairs(Path(work), args.batch),
-            )
-            extra = {"device": "cpu, 1 thread", "size": "tiny"}
+            args.policy = save_policy(Path(work) / "policy", 0)
+            summary.update(device="cpu, 1 thread", size="tiny")
         sides = args.sides.split(",")
-        runs = {side: [] for side in sides}
-        for _ in range(args.repeats):  # interleaved, so slow drifts of the machine hit every side alike
-            for side in sides:
-                runs[side].append(spawn(side, args))
-        results = {side: aggregate(r) for side, r in runs.items()}
-    summary = report(results, extra, args)
+        for set_name in args.sets.split(","):
+            args.pairs_file, (args.min_pixels, args.max_pixels) = pair_set(set_name, Path(work), args)
+            extra = tokens_and_flops(args.policy, args.pairs_file, args.min_pixels, args.max_pixels)
+            size = args.size if args.gpu else None
+            extra["flops"] = flop_tables(args.policy, extra, size, not args.freeze_vision)
+            extra["paths"] = next(iter(extra["flops"].values()))
+            if args.gpu:
+                extra["peak_flops"] = peak
+            runs = {side: [] for side in sides}
+            for _ in range(args.repeats):  # interleaved, so slow drifts of the machine hit every side alike
+                for side in sides:
+                    runs[side].append(spawn(side, args))
+            results = {side: aggregate(r) for side, r in runs.items()}
+            summary["sets"][set_name] = report(set_name, results, extra, args)
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
