@@ -51,6 +51,20 @@ def score_chunks(prompts, scorer):
     return score
 
 
+def make_scorer(recipe):
+    """The run's reward model (a Skywork-layout folder) as a batched scorer."""
+    from mpo.errors import MpoError
+    from mpo.models import model_folder
+    from reward.scorer import Scorer
+
+    if not recipe.model.reward_model:
+        raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
+    folder = model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
+    return Scorer(folder, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+                  min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels, allow_empty=True,
+                  progress=False)
+
+
 class InlineStages:
     """Every stage in this process (see the module docstring)."""
 
@@ -69,8 +83,6 @@ class InlineStages:
         return self._backend
 
     def _reward_scorer(self):
-        from mpo.iterate import make_scorer
-
         if self._backend is not None:
             self._backend.sleep()
         self._scorer = self._scorer or make_scorer(self.recipe)

@@ -221,19 +221,6 @@ def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], stages, extra_
     return finish_round(layout, n, scored, stats, policy_out, seconds, extra)
 
 
-def make_scorer(recipe: Recipe):
-    from mpo.models import model_folder
-    from reward.scorer import Scorer
-
-    if not recipe.model.reward_model:
-        raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
-    folder = model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
-    return Scorer(folder, dtype=recipe.model.dtype,
-                  attn_implementation=recipe.model.attn_implementation,
-                  min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels,
-                  allow_empty=True, progress=False)
-
-
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
     """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests.
 

@@ -56,8 +56,8 @@ def run(stage: str, config: str, n: int) -> None:
     tensor_parallel = recipe.rollout.tensor_parallel_size if stage == "rollout" and recipe.rollout.backend == "vllm" else 1
     keep_gpus(local_rank, tensor_parallel)
 
-    from mpo.engines import chunk_spec, rollout_chunks, score_chunks
-    from mpo.iterate import load_round_prompts, make_scorer
+    from mpo.engines import chunk_spec, make_scorer, rollout_chunks, score_chunks
+    from mpo.iterate import load_round_prompts
     from mpo.records import Rollout, read_jsonl
     from mpo.rollout import make_backend
     from mpo.round_layout import RoundLayout
