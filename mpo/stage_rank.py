@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE")
@@ -49,6 +50,7 @@ def keep_gpus(local_rank: int, per_rank: int) -> None:
 
 
 def run(stage: str, config: str, n: int) -> None:
+    started = time.perf_counter()
     rank, world, local_rank = take_rank()
     from mpo.config import load_recipe
 
@@ -74,12 +76,16 @@ def run(stage: str, config: str, n: int) -> None:
         backend = None
         items = read_jsonl(layout.file(n, "rollouts.jsonl"), Rollout)
         process = score_chunks(prompts, make_scorer(recipe))
+    desc = f"round {n} {stage} rank {rank}/{world}"
+    loaded = time.perf_counter()
     try:
-        run_chunked(items, out, cls, process, chunk_size=chunk_size, seed=seed, share=(rank, world),
-                    desc=f"round {n} {stage} rank {rank}/{world}")
+        run_chunked(items, out, cls, process, chunk_size=chunk_size, seed=seed, share=(rank, world), desc=desc)
     finally:
         if backend is not None:
             backend.close()
+    # the rank's log ends with its timings (scripts/bench_round.py reads them)
+    print(f"{desc}: start-up {loaded - started:.2f} s, work {time.perf_counter() - loaded:.2f} s",
+          file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

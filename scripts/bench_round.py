@@ -3,10 +3,13 @@ distributed`` on CPU: each rank one process with one thread; tiny models built o
 
 For each world size the rollout and scoring stages of round 0 run as the launches ``mpo iterate``
 makes (``torchrun ... -m mpo.stage_rank``), each into a fresh run folder, timed from launch to exit
-(model loading included); the joined outputs must be the same bytes for every world size. Prints a
-table (seconds per stage, speed-up of 2 ranks over 1) and writes it as JSON.
+(model loading included); the joined outputs must be the same bytes for every world size. Each
+rank's last log line splits its time into start-up (imports, model, prompt checks) and work (its
+chunks); "work" below is the slowest rank's. Prints a table (seconds per stage, launch to exit and
+work alone, speed-ups of 2 ranks over 1; medians of ``--repeats`` runs) and writes it as JSON. Real rounds amortise the start-up
+(a minute on GPUs) over minutes to hours of work; on tiny models it is most of a stage's wall time.
 
-    python scripts/bench_round.py --prompts 32 --samples 8 --max-tokens 48 --output bench_round.json
+    python scripts/bench_round.py --prompts 128 --samples 8 --max-tokens 128 --output bench_round.json
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,14 +55,19 @@ def config_for(work: Path, world: int, inputs: dict, args) -> Path:
     return save_resolved(recipe, recipe.run.output_dir)
 
 
-def time_stage(stage: str, config: Path, world: int) -> float:
+def time_stage(stage: str, config: Path, world: int) -> dict:
+    """Launch-to-exit seconds, and the slowest rank's start-up and work from the ranks' last lines."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                "-m", "mpo.stage_rank", stage, str(config), "--round", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error"}
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, capture_output=True)
-    return time.perf_counter() - start
+    done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    ranks = re.findall(r"rank \d+/\d+: start-up ([\d.]+) s, work ([\d.]+) s", done.stderr + done.stdout)
+    if len(ranks) != world:
+        raise RuntimeError(f"expected {world} rank timing lines, found {len(ranks)}")
+    return {"wall": wall, "startup": max(float(s) for s, _ in ranks), "work": max(float(w) for _, w in ranks)}
 
 
 def join(stage: str, config: Path) -> bytes:
@@ -85,34 +95,47 @@ def _count(layout, stage: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rollout-chunk", type=int, default=2)
     parser.add_argument("--score-chunk", type=int, default=16)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every launch; medians are quoted")
     parser.add_argument("--output", type=Path, default=Path("bench_round.json"))
     args = parser.parse_args()
+    seconds, same = {}, True
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         inputs = prepare(work, args)
-        seconds, outputs = {}, {}
-        for world in args.ranks:
-            config = config_for(work, world, inputs, args)
-            for stage in ("rollout", "score"):
-                seconds[(stage, world)] = time_stage(stage, config, world)
-                outputs[(stage, world)] = join(stage, config)
-        same = all(outputs[(stage, w)] == outputs[(stage, args.ranks[0])] for stage in ("rollout", "score")
-                   for w in args.ranks)
+        for repeat in range(args.repeats):
+            outputs = {}
+            for world in args.ranks:
+                config = config_for(work / f"repeat{repeat}", world, inputs, args)
+                for stage in ("rollout", "score"):
+                    seconds.setdefault((stage, world), []).append(time_stage(stage, config, world))
+                    outputs[(stage, world)] = join(stage, config)
+            same &= all(outputs[(stage, w)] == outputs[(stage, args.ranks[0])] for stage in ("rollout", "score")
+                        for w in args.ranks)
+    seconds = {key: {kind: statistics.median(t[kind] for t in runs) for kind in runs[0]}
+               for key, runs in seconds.items()}
     first = args.ranks[0]
-    rows = [{"stage": stage, **{f"{w}_ranks_s": round(seconds[(stage, w)], 2) for w in args.ranks},
-             **{f"speedup_{w}_over_{first}": round(seconds[(stage, first)] / seconds[(stage, w)], 2)
-                for w in args.ranks if w != first}} for stage in ("rollout", "score")]
-    print(f"{'stage':<8}" + "".join(f"{f'{w} rank(s) s':>14}" for w in args.ranks)
-          + "".join(f"{f'speed-up {w}/{first}':>16}" for w in args.ranks if w != first))
+    rows = []
+    for stage in ("rollout", "score"):
+        row = {"stage": stage}
+        for w in args.ranks:
+            row |= {f"{w}_ranks_{k}_s": round(v, 2) for k, v in seconds[(stage, w)].items()}
+        for w in args.ranks[1:]:
+            for kind in ("wall", "work"):
+                row[f"speedup_{kind}_{w}_over_{first}"] = round(
+                    seconds[(stage, first)][kind] / seconds[(stage, w)][kind], 2)
+        rows.append(row)
+    columns = [(f"{w}r {kind} s", f"{w}_ranks_{kind}_s") for w in args.ranks for kind in ("wall", "startup", "work")]
+    columns += [(f"x{kind} {w}/{first}", f"speedup_{kind}_{w}_over_{first}") for w in args.ranks[1:]
+                for kind in ("wall", "work")]
+    print(f"{'stage':<8}" + "".join(f"{title:>14}" for title, _ in columns))
     for row in rows:
-        print(f"{row['stage']:<8}" + "".join(f"{row[f'{w}_ranks_s']:>14.2f}" for w in args.ranks)
-              + "".join(f"{row[f'speedup_{w}_over_{first}']:>16.2f}" for w in args.ranks if w != first))
+        print(f"{row['stage']:<8}" + "".join(f"{row[key]:>14.2f}" for _, key in columns))
     print(f"joined outputs identical across world sizes: {same}")
     result = {"settings": vars(args) | {"output": str(args.output)}, "stages": rows, "identical": same,
               "cpus": os.cpu_count()}
