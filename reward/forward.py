@@ -109,21 +109,23 @@ def run_prompts(model, prompts: Sequence[PromptEncoding], pad_id: int, side: str
     input_ids, mask = (t.to(device) for t in pad([p.input_ids for p in prompts], pad_id, side))
     vision = image_inputs(model, prompts, device)
     positions = mrope_positions(model.backbone, input_ids, mask, vision.get("image_grid_thw"))
-    cache = model.backbone.model(
+    output = model.backbone.model(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,  # given, so the model needs no mm_token_type_ids
         use_cache=True,
         **vision,
-    ).past_key_values
+    )
+    cache = getattr(output, cache_argument(type(model.backbone.model)))
     next_position = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
     return PromptPass(cache, mask, next_position)
 
 
 @functools.cache
 def cache_argument(model_class) -> str:
-    """The forward's name for a key/value cache: ``cache`` (transformers >= 5.24, where
-    ``past_key_values`` warns that it is deprecated) or ``past_key_values`` (5.19)."""
+    """The name of a key/value cache, in the forward's arguments and in its output: ``cache``
+    (transformers >= 5.24, where ``past_key_values`` warns that it is deprecated) or
+    ``past_key_values`` (5.19)."""
     parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
