@@ -69,6 +69,20 @@ def _qwen_like(tok, ids, vision: dict, rope: dict, config_class, processor_class
     return config_class(text_config=text, vision_config=vision, **config), processor
 
 
+def _qwen_tokenizer():
+    """The Qwen2-VL / Qwen3-VL tokenizer, its id lookup, and the config's pad and vision token ids."""
+    tok = tokenizer_with(QWEN_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    ids = tok.convert_tokens_to_ids
+    vision = {name: ids(f"<|{token}|>") for name, token in (
+        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"),
+        ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"))}
+    return tok, ids, {"pad": "<|endoftext|>", **vision}
+
+
+def _qwen_stops(model, tok):
+    return _stops(model, tok, ["<|im_end|>", "<|endoftext|>"], "<|endoftext|>", "<|endoftext|>")
+
+
 def build_qwen2_vl():
     from transformers import (
         Qwen2VLConfig,
@@ -77,17 +91,13 @@ def build_qwen2_vl():
         Qwen2VLVideoProcessor,
     )
 
-    tok = tokenizer_with(QWEN_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    ids = tok.convert_tokens_to_ids
+    tok, ids, tokens = _qwen_tokenizer()
     config, processor = _qwen_like(
         tok, ids, {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 64, "patch_size": 14,
                    "spatial_merge_size": 2, "temporal_patch_size": 2},
         {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}, Qwen2VLConfig, Qwen2VLProcessor,
-        Qwen2VLVideoProcessor, _template("qwen2_vl"), 14, pad="<|endoftext|>", image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"))
-    model = Qwen2VLForConditionalGeneration(config)
-    return _stops(model, tok, ["<|im_end|>", "<|endoftext|>"], "<|endoftext|>", "<|endoftext|>"), processor
+        Qwen2VLVideoProcessor, _template("qwen2_vl"), 14, **tokens)
+    return _qwen_stops(Qwen2VLForConditionalGeneration(config), tok), processor
 
 
 def build_qwen3_vl():
@@ -98,8 +108,7 @@ def build_qwen3_vl():
         Qwen3VLVideoProcessor,
     )
 
-    tok = tokenizer_with(QWEN_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    ids = tok.convert_tokens_to_ids
+    tok, ids, tokens = _qwen_tokenizer()
     # one deepstack feature, added after text layer 0 (one added after the last text layer would reach
     # no response logit, and its merger would never train)
     config, processor = _qwen_like(
@@ -107,13 +116,10 @@ def build_qwen3_vl():
                    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
                    "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
         {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-        Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor, _template("qwen3_vl"), 16, pad="<|endoftext|>",
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True)
+        Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor, _template("qwen3_vl"), 16, tie_word_embeddings=True,
+        **tokens)
     config.text_config.head_dim = 16
-    model = Qwen3VLForConditionalGeneration(config)
-    return _stops(model, tok, ["<|im_end|>", "<|endoftext|>"], "<|endoftext|>", "<|endoftext|>"), processor
+    return _qwen_stops(Qwen3VLForConditionalGeneration(config), tok), processor
 
 
 def build_glm4v():
