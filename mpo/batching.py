@@ -69,9 +69,9 @@ class LengthGroupedPairSampler(torch.utils.data.Sampler):
         return iter(self.order())
 
 
-def padded_fraction(lengths: list[int], order: list[int], micro_batch: int, rows_per_item: int = 1) -> float:
+def padded_fraction(lengths: list[int], order: list[int], micro_batch: int) -> float:
     """Padding share of micro-batches of ``micro_batch`` consecutive items of ``order`` (each padded
-    to its longest item); ``rows_per_item`` rows of each item's length (2 for the unshared layout)."""
+    to its longest item)."""
     tokens = slots = 0
     for start in range(0, len(order), micro_batch):
         chunk = [lengths[i] for i in order[start : start + micro_batch]]

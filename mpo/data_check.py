@@ -57,10 +57,8 @@ def _summary(values: list[int]) -> dict:
 def _encoder(recipe):
     """The recipe's processor (as rollout, scoring and training build it), or the bundled one."""
     from mpo.chat import ChatEncoder
-    from mpo.config import load_recipe
     from mpo.models import model_folder, recipe_processor, stop_ids
 
-    recipe = recipe or load_recipe(None)
     if recipe.model.policy:
         folder = model_folder(recipe.model.policy, "model.policy")
         return ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder)), str(folder), folder
@@ -101,7 +99,8 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
             report.bad_rows.append(f"{row.where}: field 'images': {err}")
             continue
         report.visual_tokens += tokens
-        length = encoder.prompt_length(record.messages, record.images)
+        # the text with one placeholder per image, plus each image's tokens beyond its placeholder
+        length = encoder.prompt_length(record.messages) + sum(n - 1 for n in tokens)
         if kind == "preferences":
             length += max(len(ids) for ids in encoder.responses_ids([record.chosen, record.rejected]))
         report.lengths.append(length)

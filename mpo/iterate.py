@@ -40,9 +40,9 @@ def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
     loaded = load_prompts(recipe.data.prompts, image_root=recipe.data.image_root,
                           on_bad_image=recipe.data.on_bad_image,
                           image_cache=Path(recipe.run.output_dir) / "image_cache")
-    for message in [] if quiet else loaded.skipped:
-        print(f"skipped (bad image): {message}")
     if loaded.skipped and not quiet:
+        for message in loaded.skipped:
+            print(f"skipped (bad image): {message}")
         print(f"{len(loaded.skipped)} prompt(s) skipped for bad images, {len(loaded.records)} kept")
     prompts, sources = loaded.records, loaded.sources
     if prompts:
@@ -77,9 +77,9 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
             raise MpoError(f"{message}: shorten it, lower model.max_pixels, or skip such prompts "
                            "(rollout.on_too_long=skip)")
         skipped.append(message)
-    for message in [] if quiet else skipped[:10]:
-        print(f"skipped (too long): {message}")
     if skipped and not quiet:
+        for message in skipped[:10]:
+            print(f"skipped (too long): {message}")
         print(f"{len(skipped)} prompt(s) skipped as too long for the policy, {len(kept)} kept")
     return kept
 
@@ -156,7 +156,6 @@ def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: i
     resume = any(train_dir.glob("checkpoint-*"))
     print(f"round {n}: MPO on {num_pairs} pairs")
     return (stages or InlineStages(layout.recipe)).train(layout, n, round_recipe(layout, n), key, resume)
-
 
 
 def rollout_metrics(scored: list[ScoredRollout]) -> dict:
@@ -268,7 +267,7 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
     from mpo.launch import wait_for
 
     config = layout.run_dir / "config.yaml"
-    wait_for(config, "the resolved recipe", 0)
+    wait_for(config, "the resolved recipe")
     stages = LaunchedStages(layout.recipe, config)
     for n in range(layout.recipe.iterate.rounds):
         if layout.manifest(n) is not None:
@@ -276,12 +275,12 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
         for stage, name in (("rollout", "rollouts.jsonl"), ("score", "scored.jsonl")):
             if not layout.file(n, name).exists():
                 stages.launch(layout, n, stage)
-            wait_for(layout.file(n, name), name, 0)
-        wait_for(layout.file(n, "pair_stats.json"), "pair_stats.json", 0)
+            wait_for(layout.file(n, name), name)
+        wait_for(layout.file(n, "pair_stats.json"), "pair_stats.json")
         trained = (layout.file(n, "train") / "mpo_state.json").exists()
         if json.loads(layout.file(n, "pair_stats.json").read_text())["pairs_kept"] and not trained:
             stages.launch(layout, n, "train")
-        wait_for(layout.file(n, "manifest.json"), "the round's manifest", 0)
+        wait_for(layout.file(n, "manifest.json"), "the round's manifest")
     print(f"node {stages.topology.node_rank}: every round finished")
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 

@@ -175,7 +175,7 @@ def failed_rank(log_dir: Path, topo: Topology) -> str:
     return f"a rank was stopped (killed or out of memory: no error in its log); logs in {log_dir}"
 
 
-def wait_for(path: Path, what: str, job_seconds: float, poll: float = 2.0, timeout: float = 3600.0) -> None:
+def wait_for(path: Path, what: str, poll: float = 2.0, timeout: float = 3600.0) -> None:
     """On a node other than 0: wait until node 0 has written ``path`` (after the stage job ended)."""
     deadline = time.time() + timeout
     while not path.exists():

@@ -220,7 +220,7 @@ def compute_reference_logps(
     if not indices:
         return {}
     forward = forward or pair_logps
-    share, _, world = _ranked(indices)
+    share, rank, world = _ranked(indices)
     if lengths is not None:
         share = sorted(share, key=lambda i: lengths[i])
     if world > 1:  # same number of batches on every rank
@@ -231,15 +231,15 @@ def compute_reference_logps(
     was_training = model.training
     model.eval()
     results = []
-    bar = tqdm(total=len(indices), desc="reference log-probs", unit="pair", disable=None if _ranked([])[1] == 0 else True)
+    bar = tqdm(total=len(indices), desc="reference log-probs", unit="pair", disable=None if rank == 0 else True)
     try:
         for start in range(0, len(share), batch_size):
-            bar.update(min(batch_size, len(share) - start) * world)
             batch = collator([dataset[i] for i in share[start : start + batch_size]])
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
             out = forward(model, batch)
             idx = batch["indices"].tolist()
             results += list(zip(idx, out.chosen.tolist(), out.rejected.tolist()))
+            bar.update(len(idx) * world)
     finally:
         model.train(was_training)
         bar.close()

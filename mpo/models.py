@@ -150,13 +150,17 @@ def folder_identity(value: str | os.PathLike) -> list:
     return [str(folder), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
 
+def eos_list(eos) -> list[int]:
+    """An ``eos_token_id`` setting (an id, a list of ids, or None) as a list."""
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+
+
 def stop_ids(folder: str | os.PathLike) -> list[int]:
     """The model's end-of-sequence ids: its ``generation_config.json``'s (an id or a list), if any."""
     path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return []
-    eos = _read_json(path, "model", "").get("eos_token_id")
-    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+    return eos_list(_read_json(path, "model", "").get("eos_token_id"))
 
 
 def max_positions(folder: str | os.PathLike) -> int:

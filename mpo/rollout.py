@@ -199,10 +199,10 @@ class HFBackend(Backend):
 
 def _eos_ids(generation_config, tokenizer) -> list[int]:
     """End-of-sequence ids: the checkpoint's generation config, else the tokenizer's eos."""
-    eos = generation_config.eos_token_id if generation_config is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    from mpo.models import eos_list
+
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = eos_list(tokenizer.eos_token_id if eos is None else eos)
     if not ids:
         raise RolloutError("the policy has no end-of-sequence token (generation_config or tokenizer)")
     return ids

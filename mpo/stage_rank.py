@@ -79,7 +79,7 @@ def run(stage: str, config: str, n: int) -> None:
     desc = f"round {n} {stage} rank {rank}/{world}"
     loaded = time.perf_counter()
     try:
-        run_chunked(items, out, cls, process, chunk_size=chunk_size, seed=seed, share=(rank, world), desc=desc)
+        run_chunked(items, out, cls, process, chunk_size=chunk_size, seed=seed, share=(rank, world))
     finally:
         if backend is not None:
             backend.close()

@@ -66,6 +66,11 @@ def freeze_parts(model, parts) -> dict[str, int]:
     return counts
 
 
+def frozen_summary(counts: dict[str, int]) -> str:
+    """:func:`freeze_parts`' counts as the line both trainers print: ``vision (390 tensors), ...``."""
+    return ", ".join(f"{part} ({n} tensors)" for part, n in counts.items())
+
+
 def lora_exclude(freeze) -> str | None:
     """LoRA's ``exclude_modules`` (a full-match regex on module names) for the frozen parts."""
     return "|".join(rf"(.*\.)?{PART_PATTERNS[part]}.*" for part in freeze) or None

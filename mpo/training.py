@@ -104,17 +104,17 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
     from mpo.batching import pair_lengths
     from mpo.chat import ChatEncoder
     from mpo.collate import PairCollator, PairDataset, pad_token_id
+    from mpo.models import eos_list
     from mpo.shared_prefix import choose_pair_forward
     from mpo.trainer import MPOTrainer
-    from mpo.trainer_setup import add_lora, freeze_parts
+    from mpo.trainer_setup import add_lora, freeze_parts, frozen_summary
 
     t = recipe.train
-    stops = getattr(model.generation_config, "eos_token_id", None) if model.generation_config is not None else None
-    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    stops = eos_list(getattr(model.generation_config, "eos_token_id", None))
     dataset = PairDataset(pairs, ChatEncoder(processor, stops), t.max_length, t.on_too_long, wheres)
     if t.freeze:
         counts = freeze_parts(model, t.freeze)
-        print("frozen: " + ", ".join(f"{part} ({n} tensors)" for part, n in counts.items()))
+        print(f"frozen: {frozen_summary(counts)}")
     live_copy = None
     if t.reference == "live":  # train.reference_model when set (pi_0 in later rounds), else the start policy
         if t.reference_model:

@@ -87,7 +87,8 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
 def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encoder):
     """``(trainer, wrapper, peft_model)`` for one stage: the start model, parts frozen, LoRA,
     checkpointing, the pair collator and the metrics file."""
-    from mpo.trainer_setup import MetricsFile, enable_checkpointing
+    from mpo.collate import pad_token_id
+    from mpo.trainer_setup import MetricsFile, enable_checkpointing, frozen_summary
     from reward.trainer import RewardTrainer, apply_lora, load_start, set_trainable, training_arguments
 
     cfg = recipe.reward_train
@@ -95,16 +96,15 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
     reward = load_start(init_dir, recipe, torch.float32)
     counts = set_trainable(reward, cfg.freeze)
     if counts:
-        print(f"stage {stage.name}: frozen " + ", ".join(f"{part} ({n} tensors)" for part, n in counts.items()))
+        print(f"stage {stage.name}: frozen {frozen_summary(counts)}")
     peft_model = apply_lora(reward, cfg.lora, cfg.freeze) if cfg.lora else None
     if cfg.gradient_checkpointing:
         enable_checkpointing(reward.backbone)
     wrapper = PairwiseRewardModel(reward)
-    tokenizer = encoder.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = RewardTrainer(
         model=wrapper, args=args, train_dataset=PairDataset(pairs.records, encoder, pairs.where),
-        data_collator=PairCollator(pad_id, reward.config.image_token_id, reward.config.video_token_id),
+        data_collator=PairCollator(pad_token_id(encoder.tokenizer), reward.config.image_token_id,
+                                   reward.config.video_token_id),
         callbacks=[MetricsFile(stage_dir / "metrics.jsonl", only_training_steps=True)],
     )
     return trainer, wrapper, peft_model

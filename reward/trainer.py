@@ -168,5 +168,3 @@ def save_stage_model(trainer, wrapper, peft_model, processor, out: Path, dtype: 
         save_file(head, str(out / VALUE_HEAD_FILE), metadata={"format": "pt"})
         processor.save_pretrained(out)
     accelerator.wait_for_everyone()
-
-
