@@ -58,7 +58,15 @@ def test_the_recipes_are_found():
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=_id)
 def test_recipe_resolves_as_shipped(path):
-    load_recipe(path)
+    """It loads, and sets what its command reads (a recipe missing it would fail only once run)."""
+    recipe = load_recipe(path)
+    needs = {
+        "train": {"model.policy": recipe.model.policy, "data.preferences": recipe.data.preferences},
+        "iterate": {"model.policy": recipe.model.policy, "model.reward_model": recipe.model.reward_model,
+                    "data.prompts": recipe.data.prompts},
+        "reward train": {"reward_train.stages": recipe.reward_train.stages},
+    }[command_of(path)]
+    assert all(needs.values()), f"{_id(path)}: unset: {[key for key, value in needs.items() if not value]}"
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=_id)
