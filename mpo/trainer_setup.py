@@ -111,7 +111,10 @@ def enable_checkpointing(model) -> None:
 def base_arguments(run, output_dir, run_name: str, dtype: str, **settings):
     """``TrainingArguments`` with what both trainers share; ``settings`` (schedule, batch, saving)
     are the trainer's own. Autocast (bf16 / fp16) only where CUDA runs it: on a CPU the Trainer
-    refuses it, and the weights train in their own dtype there."""
+    refuses it, and the weights train in their own dtype there. The Trainer's progress bar (on
+    stderr) shows where stderr is a terminal."""
+    import sys
+
     import torch
     from transformers import TrainingArguments
 
@@ -126,6 +129,7 @@ def base_arguments(run, output_dir, run_name: str, dtype: str, **settings):
         logging_strategy="steps",
         remove_unused_columns=False,
         dataloader_pin_memory=cuda,
+        disable_tqdm=not sys.stderr.isatty(),
         **settings,
     )
 

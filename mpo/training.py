@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from mpo.config import ConfigError
@@ -90,7 +89,7 @@ def training_arguments(recipe, resume: bool = False):
         per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the steps
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
-        save_steps=t.save_steps, save_strategy="steps", disable_tqdm=not sys.stderr.isatty(),
+        save_steps=t.save_steps, save_strategy="steps",
         **checkpointing_arguments(t.gradient_checkpointing),
         # A text-only micro-batch leaves the vision tower without gradients: DDP must allow unused parameters.
         ddp_find_unused_parameters=True,

@@ -111,8 +111,6 @@ def load_start(path: Path, recipe, dtype: torch.dtype):
 
 def training_arguments(recipe, stage, stage_dir: Path):
     """``TrainingArguments`` for one stage (built before the model, so ZeRO-3 can shard its load)."""
-    import os
-
     from mpo.trainer_setup import base_arguments
 
     cfg = recipe.reward_train
@@ -124,7 +122,7 @@ def training_arguments(recipe, stage, stage_dir: Path):
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=1,
-        dataloader_num_workers=cfg.num_workers, disable_tqdm=not os.isatty(1),
+        dataloader_num_workers=cfg.num_workers,
     )
 
 
