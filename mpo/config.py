@@ -71,6 +71,13 @@ class DataConfig(Section):
     preferences: LocalPath | None = None
     image_root: LocalPath | None = None
     on_bad_image: Literal["error", "skip"] = "error"
+    # A special token's text inside a prompt, response, chosen or rejected (<|im_end|>, <|image_pad|>):
+    # escape = tokenized as plain text, never as the control token (mpo.control_tokens); error = the
+    # row is refused before any model loads, naming file:line and field.
+    special_tokens: Literal["escape", "error"] = "escape"
+    # Which split of a DatasetDict folder (save_to_disk of train/test splits) prompts and preferences
+    # are read from; needed when it has more than one. Other sources ignore it.
+    split: str | None = None
 
 
 class RolloutConfig(Section):

@@ -7,7 +7,10 @@ simple question shape); :attr:`Loaded.shapes` counts the rows of each.
 Image paths are resolved against ``image_root`` (MMPR: the dataset's ``root``; otherwise the data
 file's folder) and every image is opened and verified before anything runs. A missing or unreadable
 image is an error naming file, row and path; with ``on_bad_image="skip"`` the row is skipped and
-counted instead. Images embedded in parquet / HF datasets are written once into ``image_cache``.
+counted instead. Images embedded in parquet / HF datasets (``Image()`` and ``Sequence(Image())``
+columns, read as stored, never decoded), given as ``data:image`` URIs or as ``http(s)://`` URLs
+are written once into ``image_cache``, and the records name those files. A ``DatasetDict`` folder
+(splits) is read one split at a time: ``split`` (``data.split``), or its only one.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ class Loaded:
     shapes: dict[str, int] = field(default_factory=dict)  # row shape name -> rows of it (mpo.row_shapes)
 
 
-def _rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
+def _rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict, Path]]:
     """Yield ``(where, row, image_root)`` for any supported source."""
     if path.is_dir():
-        yield from _hf_rows(path)
+        yield from _hf_rows(path, split)
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path)
     elif path.suffix == ".json":
@@ -70,27 +73,43 @@ def _mmpr_rows(meta_path: Path) -> Iterator[tuple[str, dict, Path]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for index, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable parquet file ({reason})") from None
+    for index, row in enumerate(table.to_pylist()):
         yield f"{path}:row {index}", row, path.parent
 
 
-def _hf_rows(path: Path) -> Iterator[tuple[str, dict, Path]]:
+def _hf_rows(path: Path, split: str | None) -> Iterator[tuple[str, dict, Path]]:
+    """Rows of a ``save_to_disk`` folder as stored: image columns (``Image()``, ``Sequence(Image())``,
+    anywhere in a row) as ``{bytes, path}``, never decoded. A ``DatasetDict`` folder is read one
+    split at a time: ``split``, or its only split."""
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
         raise DataError(f"{path}: not a dataset folder saved with save_to_disk ({err})") from None
-    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
-    for split, dataset in splits:
-        for column, feature in dataset.features.items():
-            if isinstance(feature, datasets.Image):
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        label = f"{path}[{split}]" if split else str(path)
-        for index, row in enumerate(dataset):
+    label = str(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in loaded:
+            given = f"data.split {split!r} is not one of them" if split else "choose one with data.split"
+            raise DataError(f"{path}: a DatasetDict folder with splits {', '.join(names)}; {given} "
+                            f"(or name a split's folder, e.g. {path / names[0]})")
+        loaded, label = loaded[split], f"{path}[{split}]"
+    index = 0
+    for batch in loaded.with_format("arrow").iter(batch_size=256):
+        for row in batch.to_pylist():
             yield f"{label}:row {index}", row, path
+            index += 1
 
 
 @dataclass
@@ -105,17 +124,19 @@ class Row:
     bad_image: bool = False
 
 
-def guess_kind(path: str | os.PathLike) -> str:
-    """``preferences`` if the source's first row fits a preference shape, else ``prompts``."""
+def guess_kind(path: str | os.PathLike, split: str | None = None) -> str:
+    """``preferences`` if the source's first row fits a preference shape or has ``chosen`` or
+    ``rejected`` (a bad pair is reported as a pair, not as a prompt), else ``prompts``."""
     from mpo.row_shapes import PREFERENCE_SHAPES
 
-    for _, row, _ in _rows(Path(path)):
-        return "preferences" if isinstance(row, dict) and any(
-            s.fits({k: v for k, v in row.items() if v is not None}) for s in PREFERENCE_SHAPES) else "prompts"
+    for _, row, _ in _rows(Path(path), split):
+        present = {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else {}
+        pair = "chosen" in present or "rejected" in present or any(s.fits(present) for s in PREFERENCE_SHAPES)
+        return "preferences" if pair else "prompts"
     raise DataError(f"{path}: no rows")
 
 
-def scan(path, kind: str, image_root=None, image_cache=None) -> Iterator[Row]:
+def scan(path, kind: str, image_root=None, image_cache=None, split=None) -> Iterator[Row]:
     """Every row of a source, checked (shape, prompt-id uniqueness, image count, every image), with
     image paths made absolute. A bad row is yielded with its problem, not raised, so a caller can
     list all of them (``mpo data check``) or stop at the first (the loaders)."""
@@ -126,7 +147,7 @@ def scan(path, kind: str, image_root=None, image_cache=None) -> Iterator[Row]:
         raise DataError(f"{path}: data source not found")
     cache = Path(image_cache).absolute() if image_cache is not None else None
     first_seen: dict[str, str] = {}
-    for where, row, default_root in _rows(path):
+    for where, row, default_root in _rows(path, split):
         try:
             shape, record = build(row, kind, where, cache)
         except DataError as err:
@@ -151,11 +172,11 @@ def scan(path, kind: str, image_root=None, image_cache=None) -> Iterator[Row]:
         yield Row(where, shape, record)
 
 
-def _load(path, kind, image_root, on_bad_image, image_cache) -> Loaded:
+def _load(path, kind, image_root, on_bad_image, image_cache, split) -> Loaded:
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     loaded = Loaded(records=[])
-    for row in scan(path, kind, image_root, image_cache):
+    for row in scan(path, kind, image_root, image_cache, split):
         if row.problem and not (row.bad_image and on_bad_image == "skip"):
             raise DataError(row.problem)
         loaded.shapes[row.shape] = loaded.shapes.get(row.shape, 0) + 1
@@ -176,11 +197,13 @@ def _first_bad_image(paths: list[str]) -> str | None:
     return None
 
 
-def load_prompts(path, *, image_root=None, on_bad_image: str = "error", image_cache=None) -> Loaded:
-    """Load ``Prompt`` records from any supported source, checking every image up front."""
-    return _load(path, "prompts", image_root, on_bad_image, image_cache)
+def load_prompts(path, *, image_root=None, on_bad_image: str = "error", image_cache=None, split=None) -> Loaded:
+    """Load ``Prompt`` records from any supported source, checking every image up front (``split``:
+    which split of a ``DatasetDict`` folder)."""
+    return _load(path, "prompts", image_root, on_bad_image, image_cache, split)
 
 
-def load_preferences(path, *, image_root=None, on_bad_image: str = "error", image_cache=None) -> Loaded:
-    """Load ``PreferencePair`` records from any supported source, checking every image up front."""
-    return _load(path, "preferences", image_root, on_bad_image, image_cache)
+def load_preferences(path, *, image_root=None, on_bad_image: str = "error", image_cache=None, split=None) -> Loaded:
+    """Load ``PreferencePair`` records from any supported source, checking every image up front
+    (``split``: which split of a ``DatasetDict`` folder)."""
+    return _load(path, "preferences", image_root, on_bad_image, image_cache, split)

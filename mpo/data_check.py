@@ -76,7 +76,7 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
     from mpo.models import max_positions
 
     recipe = recipe or load_recipe(None)
-    kind = kind or guess_kind(source)
+    kind = kind or guess_kind(source, recipe.data.split)
     encoder, described, folder = _encoder(recipe)
     report = DataReport(str(source), kind, described)
     if kind == "preferences":
@@ -84,7 +84,8 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
     else:
         report.limit = recipe.rollout.max_model_len or (max_positions(folder) if folder else 32768)
         report.limit_name = "rollout.max_model_len" if recipe.rollout.max_model_len else "max_position_embeddings"
-    for row in scan(source, kind, recipe.data.image_root, image_cache=Path(recipe.run.output_dir) / "image_cache"):
+    cache = Path(recipe.run.output_dir) / "image_cache"
+    for row in scan(source, kind, recipe.data.image_root, image_cache=cache, split=recipe.data.split):
         report.rows += 1
         if row.shape:
             report.shapes[row.shape] += 1

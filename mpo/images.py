@@ -15,7 +15,15 @@ given the processor's own pixel bounds and patch size: both sides rounded to the
 (28 pixels for 14-pixel patches), the area brought inside ``[min_pixels, max_pixels]`` with the aspect
 ratio kept, one PIL bicubic resize. The processor then finds the image already on its grid and does
 not resize it again, so HF rollout, vLLM rollout, scoring and training all see these pixels, the
-model card's. Images wider than 200:1 (``qwen_vl_utils``' limit) are refused, naming the file.
+model card's. Images wider than 200:1 (``qwen_vl_utils``' limit) are refused by :func:`check_image`
+at load, for every family (the Qwen resize and the Qwen2.5-VL reward model cannot take them; no
+family's resize leaves such a strip readable), naming the file. An animated image (GIF, APNG, WebP)
+is used by its first frame, as the processors and ``qwen_vl_utils`` use it; :func:`check_image`
+says so once per file.
+
+Images given as ``data:image/...;base64,`` URIs are decoded as ``qwen_vl_utils`` decodes them
+(:func:`data_uri_bytes`), and ``http(s)://`` images are fetched once (:func:`fetch_url`); the data
+loaders write both into the run's image cache, so every stage reads the same file.
 A family whose processor resizes its own way (tiles, crops) has no rule here
 (:data:`RESIZE_RULES`): its images go to its processor as they are.
 """
@@ -23,22 +31,32 @@ A family whose processor resizes its own way (tiles, crops) has no rule here
 from __future__ import annotations
 
 import os
+import sys
 
 from mpo.errors import MpoError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_RATIO = 200  # qwen_vl_utils.vision_process.MAX_RATIO (a test keeps them equal; importing it loads torch)
+FETCH_TIMEOUT_S = 30
+FETCH_MAX_BYTES = 256 << 20
+_ANIMATED_NOTED: set[str] = set()
 
 
 class ImageError(MpoError):
     """An image that cannot be used; the message names the file (the caller adds file:line)."""
 
 
-def _opened(path):
+def _name(image, default: str = "embedded image"):
+    """What a message calls an image: its path, an open file's ``name``, else ``default``."""
+    return image if isinstance(image, (str, os.PathLike)) else getattr(image, "name", default)
+
+
+def _opened(path, name=None):
     """``Image.open`` with every failure as one :class:`ImageError` naming the path (an open file:
     its ``name``, or "embedded image")."""
     from PIL import Image, UnidentifiedImageError
 
-    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "embedded image")
+    name = name or _name(path)
     try:
         return Image.open(path)
     except FileNotFoundError:
@@ -48,7 +66,8 @@ def _opened(path):
     except IsADirectoryError:
         raise ImageError(f"image not found: {name} is a folder") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"image unreadable: {name} ({str(err).replace(repr(path), str(name))})") from None
+        said = str(name) if isinstance(path, (str, os.PathLike)) else ""  # not a BytesIO's repr
+        raise ImageError(f"image unreadable: {name} ({str(err).replace(repr(path), said).strip()})") from None
 
 
 def _too_large(path, size: tuple[int, int]) -> None:
@@ -63,16 +82,72 @@ def _too_large(path, size: tuple[int, int]) -> None:
 
 
 def check_image(path: str | os.PathLike) -> tuple[int, int]:
-    """Verify an image file without keeping it decoded; returns its ``(width, height)``."""
+    """Verify an image file without keeping it decoded (size, aspect ratio, data); returns its
+    ``(width, height)``. An animated image is noted once on stderr: its first frame is used."""
     image = _opened(path)
     with image:
         size = image.size
         _too_large(path, size)
+        check_aspect(size, path)
+        frames = getattr(image, "n_frames", 1)
         try:
             image.verify()
         except Exception as err:  # PIL raises many kinds for corrupt data
             raise ImageError(f"image unreadable: {path} ({err})") from None
+    if frames > 1 and str(path) not in _ANIMATED_NOTED:
+        _ANIMATED_NOTED.add(str(path))
+        print(f"note: {path} is animated ({frames} frames); its first frame is used", file=sys.stderr)
     return size
+
+
+def check_bytes(data: bytes, name: str) -> None:
+    """That ``data`` is an image PIL can identify; the error calls it ``name``."""
+    import io
+
+    _opened(io.BytesIO(data), name).close()
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters for a message (a data URI's base64 is never printed whole)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URI, decoded as ``qwen_vl_utils.fetch_image``
+    does: everything after the first ``base64,``, by ``base64.b64decode``."""
+    import base64
+    import binascii
+
+    _, found, payload = uri.partition("base64,")
+    if not found:
+        raise ImageError(f"data URI without base64 data: {shown(uri)} (expected data:image/<type>;base64,<data>)")
+    try:
+        return base64.b64decode(payload)
+    except (binascii.Error, ValueError) as err:
+        raise ImageError(f"data URI is not valid base64: {shown(uri)} ({err})") from None
+
+
+def fetch_url(url: str) -> bytes:
+    """The bytes at an ``http(s)://`` URL (at most ``FETCH_MAX_BYTES``, ``FETCH_TIMEOUT_S`` per
+    read), or one :class:`ImageError` saying why they could not be fetched."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "mpo-vl"})
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
+            data = response.read(FETCH_MAX_BYTES + 1)
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        reason = str(err.reason)
+    except (OSError, ValueError) as err:  # timeouts, resets, malformed URLs
+        reason = str(err) or type(err).__name__
+    else:
+        if len(data) <= FETCH_MAX_BYTES:
+            return data
+        reason = f"larger than {FETCH_MAX_BYTES >> 20} MB"
+    raise ImageError(f"could not fetch {shown(url, 200)}: {reason}")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -104,7 +179,7 @@ def open_image(image):
 
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    name = image if isinstance(image, (str, os.PathLike)) else getattr(image, "name", "embedded image")
+    name = _name(image)
     opened = _opened(image)
     with opened:
         _too_large(name, opened.size)
@@ -140,8 +215,6 @@ def resize_rule(image_processor):
 
 
 def check_aspect(size: tuple[int, int], name) -> None:
-    from qwen_vl_utils.vision_process import MAX_RATIO
-
     width, height = size
     if max(width, height) > MAX_RATIO * min(width, height):
         raise ImageError(
@@ -170,6 +243,6 @@ def fit_image(image, image_processor):
         return rgb
     from qwen_vl_utils.vision_process import fetch_image
 
-    check_aspect(rgb.size, image if isinstance(image, (str, os.PathLike)) else "an embedded image")
+    check_aspect(rgb.size, _name(image, "an embedded image"))
     low, high, patch = rule
     return fetch_image({"image": rgb, "min_pixels": low, "max_pixels": high}, image_patch_size=patch)

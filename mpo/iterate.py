@@ -39,7 +39,7 @@ def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
         raise MpoError("data.prompts: a prompt set (jsonl, parquet or dataset folder) is required")
     loaded = load_prompts(recipe.data.prompts, image_root=recipe.data.image_root,
                           on_bad_image=recipe.data.on_bad_image,
-                          image_cache=Path(recipe.run.output_dir) / "image_cache")
+                          image_cache=Path(recipe.run.output_dir) / "image_cache", split=recipe.data.split)
     if loaded.skipped and not quiet:
         for message in loaded.skipped:
             print(f"skipped (bad image): {message}")

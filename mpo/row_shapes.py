@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,56 @@ def image_list(row: dict, where: str, image_cache: Path | None) -> list[str]:
         elif isinstance(item, (bytes, bytearray)):
             out.append(_materialise(bytes(item), where, image_cache))
         elif isinstance(item, dict) and isinstance(item.get("path"), str):
-            out.append(item["path"])
+            out.append(_named(item["path"], where, image_cache))
         elif isinstance(item, str):
-            out.append(item)
+            out.append(_named(item, where, image_cache))
+        elif _is_pil(item):
+            out.append(_materialise(_png_bytes(item), where, image_cache))
         else:
-            raise DataError(f"{where}: field 'images': expected paths, image features or bytes, got {type(item).__name__}")
+            raise DataError(f"{where}: field 'images': expected paths, URLs, image features or bytes, "
+                            f"got {type(item).__name__}")
     return out
+
+
+def _is_pil(item: Any) -> bool:
+    return type(item).__module__.startswith("PIL.")
+
+
+def _png_bytes(image) -> bytes:
+    """A decoded image (a ``datasets`` row read with decoding on) as PNG bytes, its pixels unchanged."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _named(text: str, where: str, image_cache: Path | None) -> str:
+    """A path as it is; a ``file://`` URI as its path; a ``data:image`` URI decoded and an
+    ``http(s)://`` URL fetched (once: a URL's cache file is reused, so every stage and every rerun
+    reads the same bytes) into the image cache."""
+    from mpo.images import ImageError, check_bytes, data_uri_bytes, fetch_url, shown
+
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    if not text.startswith(("data:image", "http://", "https://")):
+        return text
+    what = "a data URI" if text.startswith("data:") else "a URL"
+    if image_cache is None:
+        raise DataError(f"{where}: row names an image by {what}; pass image_cache (a folder to write it to)")
+    try:
+        if what == "a data URI":
+            data = data_uri_bytes(text)
+            check_bytes(data, shown(text))
+            return _materialise(data, where, image_cache)
+        target = image_cache / f"url-{hashlib.sha256(text.encode()).hexdigest()[:32]}.img"
+        if not target.exists():
+            data = fetch_url(text)
+            check_bytes(data, text)
+            atomic_write_bytes(target, data)
+        return str(target)
+    except ImageError as err:
+        raise DataError(f"{where}: field 'images': {err}") from None
 
 
 def _materialise(data: bytes, where: str, image_cache: Path | None) -> str:
@@ -129,9 +174,40 @@ def _materialise(data: bytes, where: str, image_cache: Path | None) -> str:
     return str(target)
 
 
-def _prompt_id(row: dict, messages: list[dict], images: list[str]) -> str:
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: Any, where: str, name: str) -> None:
+    """A conversation: a non-empty list of ``{role, content}`` with a known role and string or
+    list-of-parts content."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: field {name!r}: expected a list of chat messages, got {type(messages).__name__}")
+    if not messages:
+        raise DataError(f"{where}: field {name!r}: empty; a conversation needs at least one message")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field {name!r}: message {number}: expected an object with role and "
+                            f"content, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: field {name!r}: message {number}: role {message.get('role')!r} is not one "
+                            f"of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), (str, list)):
+            raise DataError(f"{where}: field {name!r}: message {number}: content must be a string or a list "
+                            f"of parts, got {type(message.get('content')).__name__}")
+
+
+def _text_of(value: Any, where: str, name: str) -> str:
+    """An id or answer as text; NaN and infinities (JSON's ``NaN``, a parquet float column) refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r}: {json.dumps(value)} is not a usable {name.replace('_', ' ')}; "
+                        "give a string or a finite number")
+    return str(value)
+
+
+def _prompt_id(row: dict, messages: list[dict], images: list[str], where: str = "") -> str:
     if row.get("prompt_id") is not None or row.get("id") is not None:
-        return str(row.get("prompt_id", row.get("id")))
+        name = "prompt_id" if "prompt_id" in row else "id"
+        return _text_of(row[name], where, name)
     given = row.get("images", row.get("image"))
     named = [g if isinstance(g, str) else _image_key(g) for g in (given if isinstance(given, list) else [given])]
     digest = hashlib.sha256(json.dumps([messages, named if given is not None else []], sort_keys=True).encode())
@@ -143,32 +219,44 @@ def _image_key(item: Any) -> str:
         return hashlib.sha256(item["bytes"]).hexdigest()[:32]
     if isinstance(item, (bytes, bytearray)):
         return hashlib.sha256(bytes(item)).hexdigest()[:32]
+    if _is_pil(item):
+        return hashlib.sha256(_png_bytes(item)).hexdigest()[:32]
     return str(item.get("path")) if isinstance(item, dict) else str(item)
 
 
 def _record(cls, row: dict, where: str, cache: Path | None):
+    _check_messages(row["messages"], where, "messages")
+    for name in ("answer", "chosen_reward", "rejected_reward"):
+        if row.get(name) is not None:
+            _text_of(row[name], where, name)
     data = dict(row)
     data["images"] = image_list(row, where, cache)
     data.pop("image", None)
     given = row.get("prompt_id")
-    data["prompt_id"] = str(given) if given is not None else _prompt_id({}, row["messages"], [])
+    data["prompt_id"] = _text_of(given, where, "prompt_id") if given is not None else _prompt_id({}, row["messages"], [])
     if given is None and row.get("images", row.get("image")) is not None:
         data["prompt_id"] = _prompt_id({"images": row.get("images", row.get("image"))}, row["messages"], [])
     try:
-        return from_dict(cls, data, where)
+        return from_dict(cls, data)
     except RecordError as err:
-        raise DataError(str(err)) from None
+        kind = "prompt" if cls is Prompt else "preference pair"
+        hint = ""
+        if cls is Prompt and ("chosen" in row or "rejected" in row):
+            hint = "; it has 'chosen'/'rejected' like a preference pair: is it a preference file given for prompts?"
+        raise DataError(f"{where}: {err} (read as a {kind} of shape record, as the row has 'messages'{hint})") from None
 
 
-def _answer(row: dict) -> str | None:
-    return None if row.get("answer") is None else str(row["answer"])
+def _answer(row: dict, where: str) -> str | None:
+    return None if row.get("answer") is None else _text_of(row["answer"], where, "answer")
 
 
 def _pair_of(row, where, cache, messages, chosen, rejected) -> PreferencePair:
     images = image_list(row, where, cache)
     if isinstance(messages, str):
         messages = question_messages(messages, len(images))
-    return PreferencePair(_prompt_id(row, messages, images), messages, images, chosen, rejected)
+    else:
+        _check_messages(messages, where, "prompt" if "prompt" in row else "chosen")
+    return PreferencePair(_prompt_id(row, messages, images, where), messages, images, chosen, rejected)
 
 
 def _implicit(row, where, cache) -> PreferencePair:
@@ -185,7 +273,9 @@ def _prompt_of(row, where, cache, text_or_messages) -> Prompt:
     messages = text_or_messages
     if isinstance(messages, str):
         messages = question_messages(messages, len(images))
-    return Prompt(_prompt_id(row, messages, images), messages, images, _answer(row))
+    else:
+        _check_messages(messages, where, "prompt")
+    return Prompt(_prompt_id(row, messages, images, where), messages, images, _answer(row, where))
 
 
 def _is_str(value: Any) -> bool:

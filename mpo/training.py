@@ -230,7 +230,8 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     from mpo.trainer_setup import trim_metrics, wandb_scope
 
     loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
-                              on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache")
+                              on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache",
+                              split=recipe.data.split)
     key = key if key is not None else training_key(recipe, loaded.records)
     key_file = out / KEY_FILE
     finished = (out / "mpo_state.json").is_file() and (out / "policy" / "config.json").is_file()
