@@ -14,10 +14,11 @@ from mpo.errors import MpoError, fault_line
 BUG_LINE = "this is a bug in mpo-vl, not in your input: please report it with the traceback above"
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` in red on stderr and exit with status 2."""
+def fail(message: str, status: int = 2) -> None:
+    """Print ``error: message`` in red on stderr and exit with ``status`` (2; a preemption's is 128 +
+    the signal, :class:`mpo.preempt.Preempted`)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(status)
 
 
 def user_line(err: BaseException) -> str | None:
@@ -45,7 +46,7 @@ def guarded(command):
         except Exception as err:
             line = user_line(err)
             if line is not None:
-                fail(line)
+                fail(line, getattr(err, "exit_status", 2))
             import traceback
 
             traceback.print_exc()

@@ -17,6 +17,12 @@ and trainer are ever resident together.
   no collective, so none can hang on one): the driver stops with one line naming the round, the
   stage, the rank, its last ``error:`` line and its log. Finished chunks stay, whoever wrote them, and
   the same command resumes, with any world size.
+- **Lock, driver, preemption.** The ranks run under the driver's run lock (its token, handed to them
+  in ``MPO_RUN_LOCK_TOKEN``, :mod:`mpo.run_lock`) and die with their driver (``MPO_DRIVER_PID``: a
+  watchdog, and the parent-death signal for their launcher). A preemption signal the driver gets
+  (SIGTERM, SIGUSR1) is passed on to the ranks (the launcher's children): training stops at the end
+  of its step with a checkpoint, rollout and scoring at once with their finished chunks kept; the
+  driver then exits with one line (:mod:`mpo.preempt`).
 """
 
 from __future__ import annotations
@@ -124,7 +130,9 @@ def _accelerate(recipe, topo: Topology, port: int, log_dir: Path) -> list[str]:
 
 
 def stage_environment(topo: Topology) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from mpo.run_lock import DRIVER
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", DRIVER: str(os.getpid())}
     if not topo.gpus:  # accelerate on CPU: this variable, and no --cpu flag (which starts one process)
         env["ACCELERATE_USE_CPU"] = "true"
     return env
@@ -139,21 +147,40 @@ def run_stage_job(stage: str, n: int, command: list[str], topo: Topology, log_di
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"round {n} {stage}: launching ({' '.join(command[2:5])} ...), logs in {log_dir}", flush=True)
+    from mpo.preempt import check, forwarding
+
     process = subprocess.Popen(command, env=stage_environment(topo), stderr=subprocess.PIPE, text=True,
                                errors="replace")
     report = []
-    for line in process.stderr:
-        if report or (line.startswith("Traceback") and not line.startswith("[")):
-            report.append(line)  # the launcher's failure report, from here on
-        elif not _banner(line):
-            sys.stderr.write(line)
-    status = process.wait()
+    with forwarding(lambda signum: signal_children(process.pid, signum)):
+        for line in process.stderr:
+            if report or (line.startswith("Traceback") and not line.startswith("[")):
+                report.append(line)  # the launcher's failure report, from here on
+            elif not _banner(line):
+                sys.stderr.write(line)
+        status = process.wait()
     if report:
         (log_dir / "launcher.log").write_text("".join(report), encoding="utf-8")
+    check(f"round {n} {stage}: its ranks stopped (training with a checkpoint of its last step, rollout and "
+          f"scoring keeping their finished chunks; logs in {log_dir}); rerun the same command to continue")
     if status != 0:
         raise StageFailed(f"round {n} {stage} failed (exit status {status}): {failed_rank(log_dir, topo)}; "
                           "rerun the same command to resume")
     return time.perf_counter() - start
+
+
+def signal_children(pid: int, signum: int) -> None:
+    """Send ``signum`` to the processes whose parent is ``pid`` (a launcher's ranks)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            try:
+                os.kill(int(stat.parent.name), signum)
+            except (ProcessLookupError, PermissionError, ValueError):
+                pass
 
 
 def _banner(line: str) -> bool:

@@ -50,11 +50,18 @@ def keep_gpus(local_rank: int, per_rank: int) -> None:
 
 
 def run(stage: str, config: str, n: int) -> None:
-    started = time.perf_counter()
-    rank, world, local_rank = take_rank()
+    """Under the run's lock (the driver's, :mod:`mpo.run_lock`; the rank dies with its driver)."""
     from mpo.config import load_recipe
+    from mpo.run_lock import run_lock
 
+    started = time.perf_counter()
     recipe = load_recipe(config)
+    with run_lock(recipe.run.output_dir):
+        _run(recipe, stage, n, started)
+
+
+def _run(recipe, stage: str, n: int, started: float) -> None:
+    rank, world, local_rank = take_rank()
     tensor_parallel = recipe.rollout.tensor_parallel_size if stage == "rollout" and recipe.rollout.backend == "vllm" else 1
     keep_gpus(local_rank, tensor_parallel)
 

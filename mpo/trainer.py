@@ -21,7 +21,10 @@ W&B reporting. What this class adds:
   (β·log-ratios, not scaled by the weights), ``logps/{chosen,rejected}``, ``grad_norm`` (mean over
   the optimizer steps), ``learning_rate`` (the last step's) and ``tokens/s`` (non-pad tokens through
   the policy per wall-clock second). They go wherever ``report_to`` sends logs and, on the main
-  process, to ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per log).
+  process, to ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per log). The end-of-training row's
+  ``train_loss`` is the mean over every step, a resumed run's too (:class:`LossTotal`).
+- A preemption signal stops training at the end of its step with a checkpoint
+  (:class:`mpo.trainer_setup.StopOnSignal`, :mod:`mpo.preempt`).
 
 Not supported: FSDP (the single vision encode calls the vision tower outside the root forward) and a
 live reference model under ZeRO-3 (use the default precomputed reference).
@@ -42,7 +45,7 @@ from mpo.errors import MpoError
 from mpo.logprobs import PairLogps
 from mpo.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
 from mpo.shared_prefix import PairForward
-from mpo.trainer_setup import MetricsFile
+from mpo.trainer_setup import MetricsFile, StopOnSignal
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -84,6 +87,8 @@ class _WindowCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._last_log_time = time.perf_counter()
+        # the sum of the logged losses goes on from the checkpoint's (transformers restarts it at 0)
+        self.trainer._total_loss_scalar = self.trainer.loss_total.total
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.close_window()
@@ -113,6 +118,18 @@ class DeltaState(TrainerCallback, ExportableState):
         if state.global_step > 0 and self.tracker.mode != "none" and "DeltaState" not in state.stateful_callbacks:
             raise MpoError(f"{args.output_dir}: the checkpoint resumed at step {state.global_step} holds no δ state "
                            f"(bco_delta={self.tracker.mode}); it cannot resume exactly: train afresh")
+
+
+class LossTotal(TrainerCallback, ExportableState):
+    """The Trainer's running sum of logged losses (``_total_loss_scalar``) as Trainer state, so a
+    resumed training's end-of-training ``train_loss`` is the mean over every step (transformers'
+    own covers only the steps of the last process)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"total": self.total}}
 
 
 def find_peft_model(model):
@@ -152,11 +169,18 @@ class MPOTrainer(Trainer):
         self.add_callback(DeltaState(loss.bco_delta, loss.ema_decay))
         self.add_callback(_WindowCallback(self))
         self.add_callback(MetricsFile(Path(self.args.output_dir) / METRICS_FILE))
+        self.add_callback(LossTotal())
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
 
     @property
     def delta(self) -> DeltaTracker:
         """δ's tracker (held by the :class:`DeltaState` callback, which a resume replaces)."""
         return next(c for c in self.callback_handler.callbacks if isinstance(c, DeltaState)).tracker
+
+    @property
+    def loss_total(self) -> LossTotal:
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, LossTotal))
 
     # ---- loss ---------------------------------------------------------------------------------
 
@@ -293,6 +317,9 @@ class MPOTrainer(Trainer):
                 logs["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
                 self._grad_norms.clear()
             logs["tokens/s"] = self._tokens_per_second(device)
+            self.loss_total.total = self._total_loss_scalar  # what the next checkpoint keeps
+        if "train_loss" in logs:  # the end-of-training row: the mean over every step, resumed or not
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step, 0.001)
         logs.update(means)
         super().log(logs, start_time)
 

@@ -13,6 +13,8 @@ set up the same way on ``transformers.Trainer``.
 - :func:`base_arguments`: the ``TrainingArguments`` both build (schedule, precision, logging, saving).
 - :class:`MetricsFile`: every training log appended to ``metrics.jsonl`` on the main process, and
   :func:`trim_metrics`, which cuts it back to a resumed checkpoint's step.
+- :class:`StopOnSignal`: a preemption signal (:mod:`mpo.preempt`) ends training at the step it came
+  in, with a checkpoint of that step.
 - :func:`wandb_scope`: the recipe's W&B settings for the duration of one training, restored after.
 
 Imported by the training code only (it imports transformers).
@@ -152,9 +154,40 @@ class MetricsFile(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class StopOnSignal(TrainerCallback):
+    """After a preemption signal (:func:`mpo.preempt.received`; every rank asks all the others, so
+    they stop at the same step), save a checkpoint at the end of the step and stop; ``stopped_at``
+    is that step."""
+
+    def __init__(self):
+        self.stopped_at = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from mpo.preempt import received
+
+        if _any_rank(received() is not None):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the metrics rows of steps up to ``step`` (a resumed checkpoint's); a line cut short by a
-    kill is dropped. ``step`` 0 empties the file."""
+    kill is dropped, and so is an end-of-training row (``train_runtime``), which the resumed
+    training writes again. ``step`` 0 empties the file."""
     from mpo.records import atomic_write_text
 
     path = Path(path)
@@ -166,7 +199,7 @@ def trim_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+        if isinstance(row, dict) and row.get("step", step + 1) <= step and "train_runtime" not in row:
             kept.append(line + "\n")
     atomic_write_text(path, kept)
 

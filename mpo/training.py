@@ -225,6 +225,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     from mpo.config import save_resolved
     from mpo.data import load_preferences
     from mpo.errors import writing_into
+    from mpo.preempt import check, deferred
     from mpo.records import write_json
     from mpo.stages import check_key, last_complete_checkpoint
     from mpo.trainer_setup import trim_metrics, wandb_scope
@@ -232,6 +233,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
                               on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache",
                               split=recipe.data.split)
+    rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     key = key if key is not None else training_key(recipe, loaded.records)
     key_file = out / KEY_FILE
     finished = (out / "mpo_state.json").is_file() and (out / "policy" / "config.json").is_file()
@@ -267,11 +269,25 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    with writing_into(out, "training"), wandb_scope(recipe.run, out):
+    with writing_into(out, "training"), wandb_scope(recipe.run, out), deferred():
         trainer.train(resume_from_checkpoint=checkpoint)
+        _stop_if_preempted(trainer, out, rounds)
         policy_dir = save_outputs(trainer, processor, recipe)
         # the padding of this run's training micro-batches (mpo.batching), once they have run
         padding = {**trainer.padding_report(), "from_step": from_step}
         write_json(out / "data_report.json", {**data_report, "padding": padding})
+    check(f"training finished and saved ({policy_dir}); rerun the same command to continue")
     print(f"policy saved to {policy_dir}")
     return policy_dir
+
+
+def _stop_if_preempted(trainer, out: Path, rounds: bool) -> None:
+    """After a preemption signal stopped training (:class:`mpo.trainer_setup.StopOnSignal`): the one
+    line naming the checkpoint and how to resume."""
+    from mpo.preempt import check
+
+    step = trainer.stop_on_signal.stopped_at
+    if step is not None:
+        again = "rerun the same command" if rounds else "rerun the same command with --resume"
+        check(f"checkpoint saved at step {step} of {trainer.state.max_steps} ({out / f'checkpoint-{step}'}); "
+              f"{again} to continue from it")

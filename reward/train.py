@@ -58,6 +58,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
 
     from mpo.chat import ChatEncoder
     from mpo.models import recipe_processor
+    from mpo.preempt import check, deferred
     from mpo.stages import check_key
     from mpo.trainer_setup import wandb_scope
     from mpo.training import KEY_FILE
@@ -72,7 +73,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
     check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE)
-    with wandb_scope(recipe.run, recipe.run.output_dir, default_group=Path(recipe.run.output_dir).name):
+    with wandb_scope(recipe.run, recipe.run.output_dir, default_group=Path(recipe.run.output_dir).name), deferred():
         trainer, wrapper, peft_model = _stage_trainer(recipe, stage, init_dir, stage_dir, pairs, encoder)
         result, scores = _train_and_score(trainer, pairs, encoder, recipe, stage_dir)
         from reward.model import DTYPES
@@ -81,6 +82,7 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
         save_stage_model(trainer, wrapper, peft_model, processor, stage_dir, DTYPES[recipe.model.dtype])
     summary = _finish_stage(trainer, recipe, stage, init_dir, stage_dir, key, pairs, result, scores)
     trainer.accelerator.wait_for_everyone()
+    check(f"stage {stage.name} finished and saved ({stage_dir}); rerun the same command to continue")
     return summary
 
 
@@ -88,7 +90,7 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
     """``(trainer, wrapper, peft_model)`` for one stage: the start model, parts frozen, LoRA,
     checkpointing, the pair collator and the metrics file."""
     from mpo.collate import pad_token_id
-    from mpo.trainer_setup import MetricsFile, enable_checkpointing, frozen_summary
+    from mpo.trainer_setup import MetricsFile, StopOnSignal, enable_checkpointing, frozen_summary
     from reward.trainer import RewardTrainer, apply_lora, load_start, set_trainable, training_arguments
 
     cfg = recipe.reward_train
@@ -105,7 +107,7 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
         model=wrapper, args=args, train_dataset=PairDataset(pairs.records, encoder, pairs.where),
         data_collator=PairCollator(pad_token_id(encoder.tokenizer), reward.config.image_token_id,
                                    reward.config.video_token_id),
-        callbacks=[MetricsFile(stage_dir / "metrics.jsonl", only_training_steps=True)],
+        callbacks=[MetricsFile(stage_dir / "metrics.jsonl", only_training_steps=True), StopOnSignal()],
     )
     return trainer, wrapper, peft_model
 
@@ -113,8 +115,9 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
 def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
     """Resume from the newest complete checkpoint (metrics cut back to it), train, and score the
     sampled pairs before and after: ``(train result, (sample, before, after))``."""
+    from mpo.preempt import check
     from mpo.stages import last_complete_checkpoint
-    from mpo.trainer_setup import trim_metrics
+    from mpo.trainer_setup import StopOnSignal, trim_metrics
     from reward.trainer import sample_pairs, score_sample
 
     checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
@@ -126,6 +129,10 @@ def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     before = None if sharded else score_sample(trainer, pairs, sample, encoder)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    stopped = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)).stopped_at
+    if stopped is not None:
+        check(f"stage {stage_dir.name}: checkpoint saved at step {stopped} of {trainer.state.max_steps} "
+              f"({stage_dir / 'checkpoints' / f'checkpoint-{stopped}'}); rerun the same command to continue from it")
     return result, (sample, before, score_sample(trainer, pairs, sample, encoder))
 
 

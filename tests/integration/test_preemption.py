@@ -1,0 +1,115 @@
+"""Preemption and resumed metrics, through the console script: SIGTERM (what Slurm sends before it
+kills a job) in the middle of `mpo train` saves a checkpoint at the end of that step and exits 143
+with one line; `--resume` then finishes with the weights, metrics (the end-of-training `train_loss`
+included) and δ of an uninterrupted run. A rerun after a kill during the final save writes one
+end-of-training row, not two; temporaries left by killed writes are gone after a rerun. A second
+driver whose environment says `RANK=1` is refused while the first holds the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TIMED = ("tokens/s", "train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _args(out: Path, policy: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "mpo"), "train", "recipes/tiny/mpo_offline.yaml",
+            f"model.policy={policy}", f"run.output_dir={out}", "train.save_steps=1000"]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _run(args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=_env(**env), timeout=600)
+
+
+def _metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock figures."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
+
+
+def _step_rows(out: Path) -> int:
+    try:
+        return sum('"loss/preference"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_policy_dir):
+    out = tmp_path_factory.mktemp("preemption") / "uninterrupted"
+    done = _run(_args(out, tiny_policy_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _same_as(out: Path, reference: Path) -> None:
+    assert (out / "policy" / "model.safetensors").read_bytes() == \
+        (reference / "policy" / "model.safetensors").read_bytes()
+    assert json.loads((out / "mpo_state.json").read_text()) == json.loads((reference / "mpo_state.json").read_text())
+    got, expected = _metrics(out), _metrics(reference)
+    assert [r for r in got if "train_loss" in r] == [r for r in expected if "train_loss" in r]  # one summary row
+    assert got == expected
+
+
+def test_sigterm_mid_training_saves_a_checkpoint_and_resumes_exactly(uninterrupted, tmp_path, tiny_policy_dir):
+    out = tmp_path / "run"
+    args = _args(out, tiny_policy_dir)
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_env())
+    deadline = time.time() + 600
+    while _step_rows(out) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    # hold it mid-training (a tiny step takes a fraction of a second) while a second driver tries the folder
+    process.send_signal(signal.SIGSTOP)
+    at = _step_rows(out)
+    second = _run(args, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")  # inherited from a Slurm / torchrun shell
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    _, err = process.communicate(timeout=600)
+    assert 2 <= at < 12, "the run was not mid-training when signalled"
+    # the second driver: one line naming the holder, nothing run
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    (refused,) = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert f"{out}: in use by pid {process.pid}" in refused, refused
+    # the preempted run: a checkpoint of the step it was in, one line, exit 128 + SIGTERM
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert at <= step < 12
+    assert line == (f"error: stopped by SIGTERM: checkpoint saved at step {step} of 12 ({checkpoints[0]}); "
+                    "rerun the same command with --resume to continue from it")
+    assert not (out / "policy").exists()
+    # a temporary a kill mid-write left (here: of the reference pass's cache) goes with the rerun
+    stale = out / ".ref_logps.jsonl.k1ll3d.tmp"
+    stale.write_text('{"half a ')
+    resumed = _run(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[0]}" in resumed.stdout
+    _same_as(out, uninterrupted)
+    assert not list(out.rglob("*.tmp"))
+
+    # killed during the final save (after the end-of-training row, before policy/ and mpo_state.json):
+    # the rerun resumes from the last checkpoint and writes that row once
+    for leftover in ("mpo_state.json", "policy/config.json"):
+        (out / leftover).unlink()
+    again = _run(args + ["--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    _same_as(out, uninterrupted)
