@@ -1,8 +1,8 @@
 """Recipes: strict, typed configuration loaded from YAML plus ``a.b=value`` overrides.
 
-YAML is read with ``yaml.safe_load``; overrides are parsed and merged by OmegaConf (so values are
-typed as YAML types them and ``${a.b}`` interpolations resolve); the merged tree is validated by
-pydantic models that forbid unknown keys. Every problem becomes one line naming the key, what was
+YAML is read with ``yaml.SafeLoader``, repeated keys and alias bombs refused (:mod:`mpo.recipe_yaml`);
+overrides are parsed and merged by OmegaConf (so values are typed as YAML types them and ``${a.b}``
+interpolations resolve); the merged tree is validated by pydantic models that forbid unknown keys. Every problem becomes one line naming the key, what was
 given and, for choices and unknown keys, what is valid.
 """
 
@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from mpo.errors import MpoError
 from mpo.models import absolute, classify
+from mpo.recipe_yaml import ConfigError, parse_yaml
 from mpo.records import atomic_write_text, read_text
 
 # Paths in a recipe mean what they mean from the working directory the command runs in: they are
@@ -31,10 +31,6 @@ from mpo.records import atomic_write_text, read_text
 # (mpo.models.classify).
 LocalPath = Annotated[str, AfterValidator(absolute)]
 ModelRef = Annotated[str, AfterValidator(classify)]
-
-
-class ConfigError(MpoError):
-    """A recipe or override that does not resolve; one line per problem."""
 
 
 class Section(BaseModel):
@@ -82,6 +78,7 @@ class DataConfig(Section):
 
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = "vllm"
+    # Every pairs.strategy (mpo.pairs) pairs two samples of one prompt: fewer than 2 makes no pair.
     num_samples: int = Field(8, ge=1)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -94,6 +91,15 @@ class RolloutConfig(Section):
     # A prompt that leaves no room to generate under the policy's limit: stop, or skip it (counted).
     on_too_long: Literal["error", "skip"] = "error"
     weight_refresh: Literal["reload", "restart"] = "reload"
+
+    @field_validator("num_samples")
+    @classmethod
+    def _two_to_pair(cls, num_samples: int) -> int:
+        if num_samples < 2:
+            raise ValueError("one sample per prompt can never make a preference pair (every pairs.strategy, "
+                             "best_vs_worst, top_k and rule_first, pairs two samples of the same prompt); "
+                             "use 2 or more")
+        return num_samples
 
 
 class PairsConfig(Section):
@@ -318,10 +324,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: recipe not found")
-        try:
-            data = yaml.safe_load(read_text(path)) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        data = parse_yaml(read_text(path), path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return resolve(data, overrides, source)
