@@ -10,6 +10,7 @@ import typer
 
 from mpo.cli_common import guarded
 from mpo.errors import MpoError
+from mpo.identity import kept_beside
 from mpo.run_lock import run_lock
 
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe for mpo iterate.")]
@@ -56,7 +57,7 @@ def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Ove
     from mpo.iterate import check_models, load_round_prompts, stage_rollout
 
     layout = _layout(recipe, overrides, round_index)
-    with run_lock(layout.run_dir):
+    with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         check_models(layout.recipe)
         stages = _stages(layout)
         try:
@@ -73,7 +74,7 @@ def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
     from mpo.records import Rollout, read_jsonl
 
     layout = _layout(recipe, overrides, round_index)
-    with run_lock(layout.run_dir):
+    with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         check_models(layout.recipe)
         rollouts = read_jsonl(_need(layout.file(round_index, "rollouts.jsonl"), "rollout"), Rollout)
         prompts = load_round_prompts(layout.recipe)
@@ -88,7 +89,7 @@ def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
     from mpo.records import ScoredRollout, read_jsonl
 
     layout = _layout(recipe, overrides, round_index)
-    with run_lock(layout.run_dir):
+    with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         scored = read_jsonl(_need(layout.file(round_index, "scored.jsonl"), "score"), ScoredRollout)
         pairs, stats = stage_pairs(layout, round_index, load_round_prompts(layout.recipe), scored)
     typer.echo(f"{len(pairs)} pairs from {stats.prompts_with_pairs}/{stats.prompts_seen} prompts in "
@@ -103,7 +104,7 @@ def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = Fa
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
 
     layout = _layout(recipe, overrides, round_index)
-    with run_lock(layout.run_dir):
+    with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
         prompts = load_round_prompts(layout.recipe)
         policy = stage_train(layout, round_index, prompts, len(pairs))

@@ -27,7 +27,7 @@ from mpo.config import Recipe
 from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
 from mpo.round_layout import RoundLayout
-from mpo.stages import check_key, chunk_seed
+from mpo.stages import chunk_seed
 
 
 def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
@@ -87,7 +87,7 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
 def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], stages) -> list[Rollout]:
     """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy."""
     out = layout.file(n, "rollouts.jsonl")
-    check_key(out, layout.rollout_key(n, prompts), layout.redo(n, "rollouts.jsonl"))
+    layout.check(n, "rollouts.jsonl", prompts)
     if out.exists():
         return read_jsonl(out, Rollout)
     rollouts = stages.chunks(layout, n, "rollout", prompts, prompts)
@@ -100,7 +100,7 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
     """Score every rollout with the reward model (empty responses too: pairs counts them)."""
     by_id = {p.prompt_id: p for p in prompts}
     out = layout.file(n, "scored.jsonl")
-    check_key(out, layout.score_key(n, prompts), layout.redo(n, "scored.jsonl"))
+    layout.check(n, "scored.jsonl", prompts)
     if out.exists():
         return read_jsonl(out, ScoredRollout)
     missing = sorted({r.prompt_id for r in rollouts} - set(by_id))
@@ -116,7 +116,7 @@ def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list
     from mpo.pairs import build_pairs, read_pair_stats, write_pair_stats
 
     out, stats_path = layout.file(n, "pairs.jsonl"), layout.file(n, "pair_stats.json")
-    check_key(out, layout.pairs_key(n, prompts), layout.redo(n, "pairs.jsonl"))
+    layout.check(n, "pairs.jsonl", prompts)
     if out.exists() and stats_path.exists():
         return read_jsonl(out, PreferencePair), read_pair_stats(stats_path)
     pairs, stats = build_pairs(prompts, scored, layout.recipe.pairs)
@@ -143,14 +143,12 @@ def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: i
     """MPO on the round's pairs (in this process, or ``stages``' job); a round without pairs keeps
     its policy (counted in the manifest)."""
     from mpo.engines import InlineStages
-    from mpo.training import KEY_FILE
 
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
         return layout.policy(n)
     train_dir = layout.file(n, "train")
-    key = layout.train_key(n, prompts)
-    check_key(train_dir, key, layout.redo(n, "train"), key_file=train_dir / KEY_FILE)
+    key = layout.check(n, "train", prompts)
     if (train_dir / "mpo_state.json").exists():  # written after the policy: training finished
         return train_dir / "policy"
     resume = any(train_dir.glob("checkpoint-*"))
@@ -227,6 +225,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     node other than 0 this only joins those jobs (:func:`follow_rounds`)."""
     from mpo.config import save_resolved
     from mpo.engines import make_stages
+    from mpo.identity import kept_beside
     from mpo.report import RunReport
     from mpo.run_lock import run_lock
 
@@ -236,11 +235,13 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
 
         if not topology(recipe.iterate).main_node:
             return follow_rounds(layout)
-    with run_lock(layout.run_dir):
+    with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         check_models(recipe)
         prompts = load_round_prompts(recipe)
         layout.check_finished(prompts)
-        config = save_resolved(recipe, layout.run_dir)
+        config = layout.run_dir / "config.yaml"
+        if not (config.is_file() and layout.finished()):  # a finished run (perhaps copied here) is only read
+            config = save_resolved(recipe, layout.run_dir)
         print(f"resolved recipe: {config}")
         report = RunReport(recipe, layout.run_dir)
         stages = make_stages(recipe, config, backend, scorer)

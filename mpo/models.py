@@ -139,15 +139,49 @@ def _read_json(path: Path, key: str, missing: str) -> dict:
     return data
 
 
-def folder_identity(value: str | os.PathLike) -> list:
-    """What identifies a model for the reuse of results made with it: the reference, and each
-    top-level file's name, size and modification time (a Hub id: its cached snapshot's revision)."""
+def folder_identity(value: str | os.PathLike) -> dict:
+    """What a model is, for the reuse of results made with it: ``{"files": {name: "<size>:<sha256>"}}``
+    of its top-level files (:func:`mpo.identity.file_digest`), never its path or file times, so a
+    copied or moved model keeps its identity. A Hub id: ``{"hub": id}``, with its cached snapshot's
+    files where there is one. A missing folder: ``{"missing": value}``. The one answer to "which
+    files make up this model" (stage keys, training keys, the reference log-probs' fingerprint)."""
+    from mpo.identity import file_digest
+
+    value = str(value)
+    folder = Path(value)
+    identity: dict = {}
+    if is_hub_id(value):
+        identity["hub"] = value
+        folder = _cached_snapshot(value)
+        if folder is None:
+            return identity
+    elif not folder.is_dir():
+        return {"missing": value}
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    identity["files"] = {f.name: file_digest(f) for f in files}
+    return identity
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of a Hub model's snapshot in the local cache, or None (nothing is fetched)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not cached, no huggingface_hub: the id alone
+        return None
+
+
+def legacy_folder_identity(value: str | os.PathLike) -> list:
+    """:func:`folder_identity` as keys of the earlier format held it (see :mod:`mpo.identity`): the
+    path and each top-level file's name, size and modification time (a Hub id: the id alone)."""
+    from mpo.identity import legacy_file_stat
+
     value = str(value)
     folder = Path(value)
     if is_hub_id(value) or not folder.is_dir():
         return [value]
-    files = sorted(f for f in folder.iterdir() if f.is_file())
-    return [str(folder), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+    return [str(folder), [[f.name, *legacy_file_stat(f)] for f in sorted(f for f in folder.iterdir() if f.is_file())]]
 
 
 def eos_list(eos) -> list[int]:

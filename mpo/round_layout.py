@@ -13,7 +13,9 @@ Run folder (``run.output_dir``)::
     round_000/manifest.json      written last: the round is finished
     summary.json, plots/*.png    per-round curves
 
-Round ``n`` rolls out from ``round_{n-1}/train/policy`` (round 0 from ``model.policy``).
+Round ``n`` rolls out from ``round_{n-1}/train/policy`` (round 0 from ``model.policy``), found
+under the run folder as it is now (the manifests' absolute paths record where it was made), and keys
+hold models and prompts by content: a run folder copied or moved elsewhere reads back and resumes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 
 from mpo.config import Recipe
 from mpo.errors import MpoError
-from mpo.models import folder_identity
+from mpo.models import folder_identity, legacy_folder_identity
 from mpo.records import Prompt
-from mpo.stages import check_key, digest, records_digest
+from mpo.stages import check_key, digest, legacy_records_digest, prompts_identity
 
 # The settings that change what a stage makes (beyond its inputs and models); the rest (logging,
 # W&B, engine memory, parallel layout, iterate.rounds) may change between runs of one folder.
@@ -53,8 +55,10 @@ class RoundLayout:
     def file(self, n: int, name: str) -> Path:
         return self.round_dir(n) / name
 
-    def policy(self, n: int) -> Path:
-        """The policy that round ``n`` rolls out from."""
+    def policy(self, n: int, recorded: bool = False) -> Path:
+        """The policy that round ``n`` rolls out from: round ``n-1``'s trained policy in this run
+        folder (or, where round ``n-1`` made no pairs, its own). ``recorded``: the path round
+        ``n-1``'s manifest wrote down (where the run was then; what keys of the earlier format hold)."""
         if n == 0:
             if not self.recipe.model.policy:
                 raise MpoError("model.policy: the starting policy folder is required")
@@ -62,14 +66,22 @@ class RoundLayout:
         manifest = self.manifest(n - 1)
         if manifest is None:
             raise MpoError(f"round {n - 1} is not finished ({self.file(n - 1, 'manifest.json')} missing)")
-        return Path(manifest["policy_out"])
+        if recorded:
+            return Path(manifest["policy_out"])
+        if not manifest.get("trained", True):
+            return self.policy(n - 1)
+        return self.file(n - 1, "train") / "policy"
 
-    def reference(self, n: int) -> Path:
-        return self.policy(0) if self.recipe.iterate.reference == "fixed" else self.policy(n)
+    def reference(self, n: int, recorded: bool = False) -> Path:
+        return self.policy(0) if self.recipe.iterate.reference == "fixed" else self.policy(n, recorded)
 
     def manifest(self, n: int) -> dict | None:
         path = self.file(n, "manifest.json")
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def finished(self) -> bool:
+        """Every round of the recipe has its manifest."""
+        return all(self.manifest(n) is not None for n in range(self.recipe.iterate.rounds))
 
     def redo(self, n: int, stage: str) -> str:
         """What to delete to make round ``n``'s ``stage`` again (it, what follows it, later rounds)."""
@@ -79,44 +91,71 @@ class RoundLayout:
 
     def check_finished(self, prompts: list[Prompt]) -> None:
         """Compare every finished or partial stage's key with this run's before anything is written
-        (so a refused run leaves the folder, ``config.yaml`` included, as it was)."""
+        (so a refused run leaves the folder, ``config.yaml`` included, as it was). Rounds and stages
+        are checked in order, so a refusal names the earliest stage to redo."""
         from mpo.stages import key_path
         from mpo.training import KEY_FILE
 
         for n in range(self.recipe.iterate.rounds):
-            stages = [("rollouts.jsonl", self.rollout_key), ("scored.jsonl", self.score_key),
-                      ("pairs.jsonl", self.pairs_key)]
-            for name, key in stages:
+            for name in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
                 if key_path(self.file(n, name)).exists():
-                    check_key(self.file(n, name), key(n, prompts), self.redo(n, name))
+                    self.check(n, name, prompts)
             if (self.file(n, "train") / KEY_FILE).exists():
-                check_key(self.file(n, "train"), self.train_key(n, prompts), self.redo(n, "train"),
-                          key_file=self.file(n, "train") / KEY_FILE)
+                self.check(n, "train", prompts)
             if self.manifest(n) is None:
                 return
 
-    def settings(self, names) -> dict:
-        """``{"section.key": value}`` of the named settings (a bare section name: all of it)."""
+    def check(self, n: int, stage: str, prompts: list[Prompt]) -> dict:
+        """:func:`mpo.stages.check_key` for round ``n``'s ``stage`` (a file name of :data:`STAGES`, or
+        ``train``); returns the key."""
+        from mpo.training import KEY_FILE
+
+        make = {"rollouts.jsonl": self.rollout_key, "scored.jsonl": self.score_key,
+                "pairs.jsonl": self.pairs_key, "train": self.train_key}[stage]
+        key = make(n, prompts)
+        key_file = self.file(n, "train") / KEY_FILE if stage == "train" else None
+        check_key(self.file(n, stage), key, self.redo(n, stage), key_file=key_file,
+                  legacy=lambda: make(n, prompts, legacy=True))
+        return key
+
+    def settings(self, names, legacy: bool = False) -> dict:
+        """``{"section.key": value}`` of the named settings (a bare section name: all of it). A model
+        reference among them (``train.reference_model``) is held by content, as models are."""
         dump = self.recipe.model_dump(mode="json")
         out = {}
         for name in names:
             section, _, key = name.partition(".")
             value = dump[section] if not key else dump[section][key]
             out.update({f"{section}.{k}": v for k, v in value.items()} if not key else {name: value})
+        if not legacy and out.get("train.reference_model"):
+            out["train.reference_model"] = folder_identity(out["train.reference_model"])
         return out
 
-    def rollout_key(self, n: int, prompts: list[Prompt]) -> dict:
-        return {"round": n, "policy": folder_identity(self.policy(n)), "prompts": records_digest(prompts),
-                **self.settings(ROLLOUT_SETTINGS)}
+    def _model(self, path, legacy: bool):
+        return legacy_folder_identity(path) if legacy else folder_identity(path)
 
-    def score_key(self, n: int, prompts: list[Prompt]) -> dict:
-        return {"rollouts": digest(self.rollout_key(n, prompts)),
-                "model.reward_model": folder_identity(self.recipe.model.reward_model or ""),
-                **self.settings(SCORE_SETTINGS)}
+    def rollout_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
+        return {"round": n, "policy": self._model(self.policy(n, legacy), legacy),
+                "prompts": legacy_records_digest(prompts) if legacy else prompts_identity(prompts),
+                **self.settings(ROLLOUT_SETTINGS, legacy)}
 
-    def pairs_key(self, n: int, prompts: list[Prompt]) -> dict:
-        return {"scored": digest(self.score_key(n, prompts)), **self.settings(["pairs"])}
+    def score_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
+        return {"rollouts": self._stage_digest(self.rollout_key(n, prompts, legacy), legacy),
+                "model.reward_model": self._model(self.recipe.model.reward_model or "", legacy),
+                **self.settings(SCORE_SETTINGS, legacy)}
 
-    def train_key(self, n: int, prompts: list[Prompt]) -> dict:
-        return {"pairs": digest(self.pairs_key(n, prompts)), "policy": folder_identity(self.policy(n)),
-                "reference": folder_identity(self.reference(n)), **self.settings(TRAIN_SETTINGS)}
+    def pairs_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
+        return {"scored": self._stage_digest(self.score_key(n, prompts, legacy), legacy),
+                **self.settings(["pairs"], legacy)}
+
+    def train_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
+        return {"pairs": self._stage_digest(self.pairs_key(n, prompts, legacy), legacy),
+                "policy": self._model(self.policy(n, legacy), legacy),
+                "reference": self._model(self.reference(n, legacy), legacy), **self.settings(TRAIN_SETTINGS, legacy)}
+
+    @staticmethod
+    def _stage_digest(key: dict, legacy: bool) -> str:
+        """The digest of the stage before's key, as that stage's key file holds it."""
+        from mpo.stages import stamped
+
+        return digest(key if legacy else stamped(key))

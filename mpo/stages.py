@@ -11,8 +11,9 @@ same records as an uninterrupted one.
 
 What made a stage's output is kept beside it (:func:`check_key`: ``<output stem>.key.json``, written
 before the work starts): the models' identities, the input's content digest and the settings that
-change results. Finished or partial work made with anything else is never reused; the run stops
-with one line naming what changed and what to delete.
+change results, all by content (:mod:`mpo.identity`: sizes and digests, no paths or file times), so
+a run folder copied or moved elsewhere reads back. Finished or partial work made with anything else
+is never reused; the run stops with one line naming what changed and what to delete.
 """
 
 from __future__ import annotations
@@ -123,15 +124,46 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _record_digest(record: Any) -> str:
+    """A record's content, its ``images`` by their files' content (:func:`mpo.identity.file_digest`),
+    not by path: the same prompt read from a copied folder is the same prompt."""
+    from mpo.identity import file_digest
+
+    fields = to_dict(record)
+    if "images" in fields:
+        fields["images"] = [file_digest(image) for image in fields["images"]]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def records_digest(records: Sequence[Any]) -> str:
-    """Content digest of records (dataclasses) and of the files their ``images`` name (size and
-    modification time: opening every image again is what loading already did)."""
+    """Content digest of records (dataclasses) and of the files their ``images`` name."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(_record_digest(record).encode())
+    return h.hexdigest()[:16]
+
+
+def prompts_identity(prompts: Sequence[Any]) -> dict:
+    """:func:`records_digest` of prompts, with each prompt's own short digest by id (so a key that
+    differs can name the prompts that changed)."""
+    h, items = hashlib.sha256(), {}
+    for prompt in prompts:
+        one = _record_digest(prompt)
+        h.update(one.encode())
+        items[prompt.prompt_id] = one[:8]
+    return {"count": len(items), "digest": h.hexdigest()[:16], "items": items}
+
+
+def legacy_records_digest(records: Sequence[Any]) -> str:
+    """:func:`records_digest` as keys of the earlier format held it (images by size and mtime)."""
+    from mpo.identity import legacy_file_stat
+
     h = hashlib.sha256()
     for record in records:
         h.update(json.dumps(to_dict(record), sort_keys=True).encode())
         for image in getattr(record, "images", ()):
-            stat = os.stat(image)
-            h.update(f"|{stat.st_size}:{stat.st_mtime_ns}".encode())
+            size, mtime = legacy_file_stat(image)
+            h.update(f"|{size}:{mtime}".encode())
     return h.hexdigest()[:16]
 
 
@@ -140,31 +172,113 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_file: Path | None = None) -> None:
+def _names(label: str, names: list[str]) -> str:
+    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    return f"{label}: {', '.join(map(str, names[:3]))}{more}"
+
+
+def _compare(old: dict, new: dict, what: str) -> str | None:
+    """Which entries of two ``{name: digest}`` maps differ, named, or None when they are not such maps."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return None
+    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    parts = [_names(f"{what} changed", changed) if changed else "",
+             _names(f"{what} added", sorted(set(new) - set(old))) if set(new) - set(old) else "",
+             _names(f"{what} removed", sorted(set(old) - set(new))) if set(old) - set(new) else ""]
+    return ", ".join(p for p in parts if p) or None
+
+
+def _describe(name: str, old: Any, new: Any) -> str:
+    """One changed key entry in words: a model's changed files, the prompts that changed, a value's old
+    and new value."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if "files" in old and "files" in new:
+            return f"{name}: {_compare(old['files'], new['files'], 'files') or 'changed'}"
+        if "items" in old and "items" in new:
+            return f"{name}: {_compare(old['items'], new['items'], 'prompts') or 'content changed'}"
+        inner = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if inner and all(k in old and k in new and not isinstance(new[k], (dict, list)) for k in inner):
+            return "; ".join(_describe(f"{name}.{k}", old[k], new[k]) for k in inner)
+    if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+        return f"{name} changed"
+    if isinstance(old, str) and isinstance(new, str) and len(old) == len(new) == 16 and name.isalpha():
+        return f"{name}: made from other {name}"  # a digest of the stage before
+    return f"{name}: {_shown(old)} -> {_shown(new)}"
+
+
+def key_differences(found: dict, key: dict) -> str:
+    """The entries in which two keys differ, in words (the first four)."""
+    missing = object()
+    changed = sorted(set(found) | set(key), key=lambda k: (k not in key, k))
+    changed = [k for k in changed if found.get(k, missing) != key.get(k, missing) and k != "key_format"]
+    described = [_describe(k, found.get(k), key.get(k)) if k in found and k in key else
+                 f"{k} {'added' if k in key else 'removed'}" for k in changed[:4]]
+    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    return "; ".join(described) + more
+
+
+def stamped(key: dict[str, Any]) -> dict[str, Any]:
+    """``key`` as it is written and reads back, marked with the key format (:mod:`mpo.identity`)."""
+    from mpo.identity import KEY_FORMAT
+
+    return json.loads(json.dumps({"key_format": KEY_FORMAT, **key}, default=str))
+
+
+def write_key(path: Path, key: dict[str, Any]) -> None:
+    """Write a stage key (and the run's digest cache: the stage is about to write anyway)."""
+    from mpo.identity import save_digests
+
+    write_json(path, stamped(key))
+    save_digests()
+
+
+def key_matches(path: Path, key: dict[str, Any], legacy: Callable[[], dict] | None = None) -> bool:
+    """The key kept at ``path`` is ``key``, or is of the earlier format and says what ``legacy()`` (the
+    earlier format's key for today's inputs) says; such a key is rewritten in today's format where
+    the folder is writable, with a line saying so."""
+    found = json.loads(path.read_text(encoding="utf-8"))
+    key = stamped(key)
+    if found == key:
+        return True
+    if "key_format" in found or legacy is None or found != json.loads(json.dumps(legacy(), default=str)):
+        return False
+    try:
+        write_key(path, key)
+        print(f"{path}: key of an earlier mpo (paths and file times) rewritten by content; inputs as they were")
+    except OSError:
+        pass  # a read-only copy: checked the earlier way each time
+    return True
+
+
+def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_file: Path | None = None,
+              legacy: Callable[[], dict] | None = None) -> None:
     """Reuse of ``output``'s finished or partial work is allowed only for the same ``key``.
 
     The first call writes the key; later calls compare. A difference stops with one line naming the
-    changed entries and ``redo`` (what to delete to make the stage again with the new settings).
+    changed entries (a model's files, the prompts, a setting's old and new value) and ``redo`` (what
+    to delete to make the stage again with the new settings). A key of the earlier format (absolute
+    paths, file times) is accepted when ``legacy()`` (that format's key for today's inputs) matches it
+    (:func:`key_matches`); else one line says it was made from inputs that moved or changed since.
     Output from before keys were kept is adopted, with a note. ``key_file`` defaults to
     :func:`key_path`."""
     path = key_file or key_path(output)
-    key = json.loads(json.dumps(key, default=str))  # as it reads back
     if not path.exists():
         if Path(output).exists():
             print(f"{output}: made before stage keys were kept; reused as it is")
-        write_json(path, key)
+        write_key(path, key)
+        return
+    if key_matches(path, key, legacy):
         return
     found = json.loads(path.read_text(encoding="utf-8"))
-    if found == key:
-        return
-    changed = sorted(set(found) | set(key), key=lambda k: (k not in key, k))
-    changed = [k for k in changed if found.get(k) != key.get(k)]
-    described = [f"{k}: {_shown(found[k])} -> {_shown(key[k])}"
-                 if k in found and k in key and not isinstance(key[k], (list, dict)) else f"{k} changed"
-                 for k in changed[:4]]
-    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    if "key_format" not in found:
+        earlier = key_differences(found, json.loads(json.dumps(legacy(), default=str))) if legacy else ""
+        raise RunFolderError(
+            f"{output}: made by an earlier mpo, whose keys held absolute paths and file times, from inputs "
+            f"that have moved or changed since{f' ({earlier})' if earlier else ''}; rerun it where it was "
+            f"made (its key is then rewritten by content), or delete {redo} to redo it"
+        )
     raise RunFolderError(
-        f"{output}: made with other settings ({'; '.join(described)}{more}); rerun with the earlier "
+        f"{output}: made with other settings ({key_differences(found, stamped(key))}); rerun with the earlier "
         f"settings, or delete {redo} to redo it with these"
     )
 

@@ -21,6 +21,7 @@ R1V2's adapter-only tuning is ``freeze: [vision, language]`` without LoRA (only 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -57,18 +58,13 @@ def load_policy(recipe):
 
 
 def reference_fingerprint(recipe) -> str:
-    """Identity of the reference log-probs: model files, dtype, attention, length policy, pixels."""
-    folder = Path(recipe.train.reference_model or recipe.model.policy)
-    files = []
-    if folder.is_dir():
-        for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
-            if f.is_file():
-                stat = f.stat()
-                files.append([f.name, stat.st_size, stat.st_mtime_ns])
+    """Identity of the reference log-probs: the reference model's files by content
+    (:func:`mpo.models.folder_identity`), dtype, attention, length policy, pixels."""
+    from mpo.models import folder_identity
+
     model, train = recipe.model, recipe.train
     identity = [
-        str(folder.resolve()) if folder.exists() else str(folder),
-        files,
+        folder_identity(train.reference_model or model.policy or ""),
         model.dtype,
         model.attn_implementation,
         model.min_pixels,
@@ -76,7 +72,7 @@ def reference_fingerprint(recipe) -> str:
         train.max_length,
         train.on_too_long,
     ]
-    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def training_arguments(recipe, resume: bool = False):
@@ -184,19 +180,26 @@ def save_outputs(trainer, processor, recipe) -> Path:
     return policy_dir
 
 
-def training_key(recipe, pairs) -> dict:
-    """What a training run's checkpoints and outputs are made of: the pairs' content, the policy and
-    reference folders and every setting that changes the weights (logging and W&B may change)."""
-    from mpo.models import folder_identity
-    from mpo.stages import records_digest
+def training_key(recipe, pairs, legacy: bool = False) -> dict:
+    """What a training run's checkpoints and outputs are made of: the pairs' content (images by
+    content), the policy and reference models by content and every setting that changes the weights
+    (logging and W&B may change; model references by content, not path). ``legacy``: the key as
+    the earlier format held it (paths and file times; :mod:`mpo.identity`)."""
+    from mpo.models import folder_identity, legacy_folder_identity
+    from mpo.stages import legacy_records_digest, records_digest
 
+    model = legacy_folder_identity if legacy else folder_identity
     dump = recipe.model_dump(mode="json")
-    key = {"pairs": records_digest(pairs), "policy files": folder_identity(recipe.model.policy or ""),
-           "reference files": folder_identity(recipe.train.reference_model or recipe.model.policy or "")}
+    key = {"pairs": (legacy_records_digest if legacy else records_digest)(pairs),
+           "policy files": model(recipe.model.policy or ""),
+           "reference files": model(recipe.train.reference_model or recipe.model.policy or "")}
     for name in TRAIN_SETTINGS:
         section, _, field = name.partition(".")
         values = {field: dump[section][field]} if field else dump[section]
         key.update({f"{section}.{k}": v for k, v in values.items() if k not in ("save_steps",)})
+    if not legacy:  # the models are in "policy files" / "reference files", by content
+        key.pop("model.policy")
+        key["train.reference_model"] = bool(key["train.reference_model"])
     return key
 
 
@@ -214,8 +217,10 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
         raise ConfigError(
             "data.preferences: a preference set (jsonl, MMPR meta.json, parquet, dataset folder) is required"
         )
+    from mpo.identity import kept_beside
+
     out = Path(recipe.run.output_dir)
-    with run_lock(out):
+    with run_lock(out), kept_beside(out):
         return _train_locked(recipe, out, resume, ref_cache, quiet, key)
 
 
@@ -227,7 +232,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     from mpo.errors import writing_into
     from mpo.preempt import check, deferred
     from mpo.records import write_json
-    from mpo.stages import check_key, last_complete_checkpoint
+    from mpo.stages import check_key, key_matches, last_complete_checkpoint, write_key
     from mpo.trainer_setup import trim_metrics, wandb_scope
 
     loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
@@ -236,13 +241,13 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     key = key if key is not None else training_key(recipe, loaded.records)
     key_file = out / KEY_FILE
+    legacy = functools.partial(training_key, recipe, loaded.records, legacy=True)  # keys of an earlier mpo
     finished = (out / "mpo_state.json").is_file() and (out / "policy" / "config.json").is_file()
-    if finished and key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == json.loads(
-            json.dumps(key, default=str)):
+    if finished and key_file.is_file() and key_matches(key_file, key, legacy):
         print(f"{out}: trained earlier with the same data and settings; nothing to do (policy: {out / 'policy'})")
         return out / "policy"
     if resume:
-        check_key(out, key, str(out), key_file=key_file)
+        check_key(out, key, str(out), key_file=key_file, legacy=legacy)
     else:
         stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         for folder in stale:
@@ -250,7 +255,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         if stale:
             print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
         (out / "mpo_state.json").unlink(missing_ok=True)
-        write_json(key_file, json.loads(json.dumps(key, default=str)))
+        write_key(key_file, key)
     print(f"resolved recipe: {save_resolved(recipe, out)}")
     model, processor = load_policy(recipe)
     trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume)

@@ -36,20 +36,35 @@ from reward.collate import (
 )
 
 
-def stage_key(recipe, stage, init_dir: Path) -> dict:
-    """What a stage's checkpoints and model are made of: its start, its data files, the stage's and
-    the shared training settings (not logging, checkpoint cadence or workers)."""
-    from mpo.models import folder_identity
+def stage_key(recipe, stage, init_dir: Path, legacy: bool = False) -> dict:
+    """What a stage's checkpoints and model are made of: its start model and data files by content
+    (:func:`mpo.models.folder_identity`, :func:`mpo.identity.file_digest`; no paths or file times, so
+    a copied or moved output folder reads back), the stage's and the shared training settings (not
+    logging, checkpoint cadence or workers). ``legacy``: the key as the earlier format held it."""
+    from mpo.identity import KEY_FORMAT, file_digest, legacy_file_stat
+    from mpo.models import folder_identity, legacy_folder_identity
 
     shared = recipe.reward_train.model_dump(mode="json")
     for name in ("stages", "logging_steps", "save_steps", "num_workers", "summary_pairs"):
         shared.pop(name)
     model = recipe.model.model_dump(mode="json")
-    files = [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] if os.path.exists(p) else [p] for p in stage.data]
-    return {"stage": stage.model_dump(mode="json"), "init": folder_identity(init_dir), "data files": files,
-            "reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
-                                                                   "max_pixels")},
-            "run.seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json")}
+    settings = {"reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
+                                                                          "max_pixels")},
+                "run.seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json")}
+    if legacy:
+        files = [[p, *legacy_file_stat(p)] if os.path.exists(p) else [p] for p in stage.data]
+        return {"stage": stage.model_dump(mode="json"), "init": legacy_folder_identity(init_dir),
+                "data files": files, **settings}
+    shared.pop("init_from")  # the start model is in "init", by content
+    for name in ("prompts", "preferences", "image_root"):  # paths; a stage reads its own data files
+        settings["data"].pop(name)
+    return {"key_format": KEY_FORMAT, "stage": _portable(stage), "init": folder_identity(init_dir),
+            "data files": [file_digest(p) if os.path.isfile(p) else None for p in stage.data], **settings}
+
+
+def _portable(stage) -> dict:
+    """A stage's settings without its data files' paths (the key holds their content)."""
+    return {k: v for k, v in stage.model_dump(mode="json").items() if k != "data"}
 
 
 def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict:
@@ -72,7 +87,8 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     pairs = drop_too_long(pairs, encoder, cfg.max_length, cfg.on_too_long)
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
-    check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE)
+    check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE,
+              legacy=lambda: stage_key(recipe, stage, init_dir, legacy=True))
     with wandb_scope(recipe.run, recipe.run.output_dir, default_group=Path(recipe.run.output_dir).name), deferred():
         trainer, wrapper, peft_model = _stage_trainer(recipe, stage, init_dir, stage_dir, pairs, encoder)
         result, scores = _train_and_score(trainer, pairs, encoder, recipe, stage_dir)
@@ -188,6 +204,7 @@ def run_stages(recipe) -> list[dict]:
 
     from mpo.config import save_resolved
     from mpo.errors import MpoError, writing_into
+    from mpo.identity import kept_beside
     from mpo.models import model_folder
     from mpo.run_lock import run_lock
 
@@ -198,7 +215,7 @@ def run_stages(recipe) -> list[dict]:
         raise MpoError("reward_train.init_from is not set: the first stage needs a model to start from")
     out = Path(recipe.run.output_dir)
     summaries, init_dir = [], None
-    with run_lock(out), writing_into(out, "reward-model training"):
+    with run_lock(out), kept_beside(out), writing_into(out, "reward-model training"):
         if PartialState().is_main_process:
             print(f"resolved recipe: {save_resolved(recipe, out)}")
         for stage in cfg.stages:
@@ -220,11 +237,18 @@ def _stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
         print(f"stage {stage.name}: training from {init_dir} on {', '.join(stage.data)} ({stage.modality} pairs)")
         return run_stage(recipe, stage, init_dir, stage_dir, key)
     summary = json.loads(done.read_text(encoding="utf-8"))
-    if summary.get("key", key) != key or summary.get("config") != stage.model_dump():
+    found = summary.get("key", key)
+    if "key_format" not in found:  # an earlier mpo's key (paths, file times): checked as it was made
+        key = json.loads(json.dumps(stage_key(recipe, stage, init_dir, legacy=True)))
+    config = summary.get("config") or {}
+    if found != key or {k: v for k, v in config.items() if k != "data"} != _portable(stage):
+        from mpo.stages import key_differences
+
         later = [s.name for s in recipe.reward_train.stages]
         after = later[later.index(stage.name):]
+        what = key_differences(found, key) if found != key else "stage settings changed"
         raise RunFolderError(
-            f"{done}: stage {stage.name} finished earlier with other settings, data or start model; rerun "
+            f"{done}: stage {stage.name} finished earlier with other settings, data or start model ({what}); rerun "
             f"with those, or delete {', '.join(str(stage_dir.parent / name) for name in after)} to retrain"
         )
     print(f"stage {stage.name}: finished earlier ({done}); skipped")

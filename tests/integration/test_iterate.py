@@ -221,7 +221,8 @@ def test_changed_reward_model_after_a_kill_in_scoring_is_refused(reference_run, 
     changed = subprocess.run(_command(run_dir, tiny_policy_dir, other), capture_output=True, text=True, env=_env(),
                              timeout=300)
     assert changed.returncode == 2, changed.stderr[-2000:]
-    assert "round_000/scored.jsonl: made with other settings (model.reward_model changed)" in changed.stderr
+    assert "round_000/scored.jsonl: made with other settings (model.reward_model: files changed: " in changed.stderr
+    assert "value_head.safetensors" in changed.stderr
     assert f"delete {round_dir}/{{scored,pairs,train,manifest}}*" in changed.stderr
     assert not (round_dir / "scored.jsonl").exists() and (run_dir / "config.yaml").read_bytes() == config
     resumed = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
