@@ -45,6 +45,10 @@ class DataError(MpoError):
     """A data source or row that cannot be used; the message names file, row and field."""
 
 
+class ShapeFieldError(DataError):
+    """A field wrong for the shape the row was read as; :func:`build` adds which shape and why."""
+
+
 @dataclass(frozen=True)
 class Shape:
     name: str
@@ -75,14 +79,14 @@ def _text(messages: list[dict], where: str, name: str) -> str:
     parts = []
     for message in messages:
         if message.get("role") != "assistant":
-            raise DataError(f"{where}: field {name!r}: expected assistant message(s), found role {message.get('role')!r}")
+            raise ShapeFieldError(f"{where}: field {name!r}: expected assistant message(s), found role {message.get('role')!r}")
         content = message.get("content")
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
             parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         else:
-            raise DataError(f"{where}: field {name!r}: message content must be a string or a list of parts")
+            raise ShapeFieldError(f"{where}: field {name!r}: message content must be a string or a list of parts")
     return "".join(parts)
 
 
@@ -239,11 +243,7 @@ def _record(cls, row: dict, where: str, cache: Path | None):
     try:
         return from_dict(cls, data)
     except RecordError as err:
-        kind = "prompt" if cls is Prompt else "preference pair"
-        hint = ""
-        if cls is Prompt and ("chosen" in row or "rejected" in row):
-            hint = "; it has 'chosen'/'rejected' like a preference pair: is it a preference file given for prompts?"
-        raise DataError(f"{where}: {err} (read as a {kind} of shape record, as the row has 'messages'{hint})") from None
+        raise ShapeFieldError(f"{where}: {err}") from None
 
 
 def _answer(row: dict, where: str) -> str | None:
@@ -263,7 +263,7 @@ def _implicit(row, where, cache) -> PreferencePair:
     chosen, rejected = row["chosen"], row["rejected"]
     prompt = chosen[:-1]
     if rejected[:-1] != prompt or not prompt:
-        raise DataError(f"{where}: fields 'chosen'/'rejected': an implicit-prompt pair needs the same leading "
+        raise ShapeFieldError(f"{where}: fields 'chosen'/'rejected': an implicit-prompt pair needs the same leading "
                         "messages in both and one response message after them")
     return _pair_of(row, where, cache, prompt, _text(chosen[-1:], where, "chosen"), _text(rejected[-1:], where, "rejected"))
 
@@ -339,4 +339,12 @@ def build(row: dict, kind: str, where: str, image_cache: Path | None):
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     shape = detect(row, kind, where)
-    return shape.name, shape.build(_present(row), where, image_cache)
+    present = _present(row)
+    try:
+        return shape.name, shape.build(present, where, image_cache)
+    except ShapeFieldError as err:
+        keys = ", ".join(repr(name) for name, _, _ in shape.required)
+        hint = ""
+        if kind == "prompts" and ("chosen" in present or "rejected" in present):
+            hint = "; it has 'chosen'/'rejected' like a preference pair: is it a preference file given for prompts?"
+        raise DataError(f"{err} (read as a {kind[:-1]} row of shape {shape.name}, as it has {keys}{hint})") from None

@@ -212,8 +212,17 @@ def test_a_bad_pair_is_reported_as_a_pair(tmp_path):
     assert message.startswith(f"{path}:1: field 'chosen': expected a string")
     assert "for Prompt" not in message
     as_prompts = _error(load_prompts, path)
-    assert "read as a prompt of shape record, as the row has 'messages'" in as_prompts
-    assert "like a preference pair" in as_prompts
+    assert as_prompts.startswith(f"{path}:1: unknown field 'chosen' for Prompt; ")
+    assert as_prompts.endswith("(read as a prompt row of shape record, as it has 'messages'; it has 'chosen'/'rejected' "
+                               "like a preference pair: is it a preference file given for prompts?)")
+
+
+def test_a_response_error_names_the_shape_it_was_read_as(tmp_path):
+    row = {"prompt": PROMPT, "chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    path = _jsonl(tmp_path / "pairs.jsonl", row)
+    assert _error(load_preferences, path) == (
+        f"{path}:1: field 'chosen': expected assistant message(s), found role 'user' (read as a preference row of "
+        "shape TRL conversational, as it has 'prompt', 'chosen', 'rejected')")
 
 
 @pytest.mark.parametrize("messages, says", [
