@@ -147,22 +147,24 @@ def run_stage_job(stage: str, n: int, command: list[str], topo: Topology, log_di
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     print(f"round {n} {stage}: launching ({' '.join(command[2:5])} ...), logs in {log_dir}", flush=True)
-    from mpo.preempt import check, forwarding
+    from mpo.preempt import check, forwarding, handling
 
-    process = subprocess.Popen(command, env=stage_environment(topo), stderr=subprocess.PIPE, text=True,
-                               errors="replace")
-    report = []
-    with forwarding(lambda signum: signal_children(process.pid, signum)):
-        for line in process.stderr:
-            if report or (line.startswith("Traceback") and not line.startswith("[")):
-                report.append(line)  # the launcher's failure report, from here on
-            elif not _banner(line):
-                sys.stderr.write(line)
-        status = process.wait()
-    if report:
-        (log_dir / "launcher.log").write_text("".join(report), encoding="utf-8")
-    check(f"round {n} {stage}: its ranks stopped (training with a checkpoint of its last step, rollout and "
-          f"scoring keeping their finished chunks; logs in {log_dir}); rerun the same command to continue")
+    # the signal handlers are the run lock's on node 0; a driver of another node installs them here
+    with handling():
+        process = subprocess.Popen(command, env=stage_environment(topo), stderr=subprocess.PIPE, text=True,
+                                   errors="replace")
+        report = []
+        with forwarding(lambda signum: signal_children(process.pid, signum)):
+            for line in process.stderr:
+                if report or (line.startswith("Traceback") and not line.startswith("[")):
+                    report.append(line)  # the launcher's failure report, from here on
+                elif not _banner(line):
+                    sys.stderr.write(line)
+            status = process.wait()
+        if report:
+            (log_dir / "launcher.log").write_text("".join(report), encoding="utf-8")
+        check(f"round {n} {stage}: its ranks stopped (training with a checkpoint of its last step, rollout and "
+              f"scoring keeping their finished chunks; logs in {log_dir}); rerun the same command to continue")
     if status != 0:
         raise StageFailed(f"round {n} {stage} failed (exit status {status}): {failed_rank(log_dir, topo)}; "
                           "rerun the same command to resume")

@@ -75,6 +75,7 @@ def run_chunked(
     parts = parts_dir(output)
     _check_layout(parts, {"chunk_size": chunk_size, "num_items": len(items), "seed": seed})
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    process = _stopping_with_a_line(process, parts, len(chunks))
     if share is not None:
         rank, world = share
         for index in range(rank, len(chunks), world):
@@ -96,6 +97,22 @@ def run_chunked(
     write_jsonl(output, records)
     shutil.rmtree(parts, ignore_errors=True)
     return records
+
+
+def _stopping_with_a_line(process, parts: Path, total: int):
+    """``process``, whose preemption (:mod:`mpo.preempt`: a signal stops a chunk at once) says how
+    many chunks are finished and kept."""
+    def run(chunk, seed):
+        from mpo.preempt import Preempted
+
+        try:
+            return process(chunk, seed)
+        except Preempted as err:
+            done = len(list(parts.glob("[0-9]*.jsonl")))
+            raise Preempted(f"{str(err).split(';')[0]}; {done} of {total} chunks finished and kept in {parts}: "
+                            "rerun the same command to continue", err.exit_status - 128) from None
+
+    return run
 
 
 def _check_layout(parts: Path, layout: dict) -> None:

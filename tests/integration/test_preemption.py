@@ -113,3 +113,32 @@ def test_sigterm_mid_training_saves_a_checkpoint_and_resumes_exactly(uninterrupt
     again = _run(args + ["--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     _same_as(out, uninterrupted)
+
+
+def test_sigusr1_mid_rollout_keeps_the_finished_chunks(tmp_path, tiny_policy_dir, tiny_reward_dir):
+    """Slurm's `--signal=USR1` during a rollout: the process stops at once (exit 138), naming the
+    chunks it kept; the same command makes only the rest."""
+    run = tmp_path / "run"
+    args = [str(Path(sys.executable).parent / "mpo"), "rollout", "recipes/tiny/iterate.yaml", "--round", "0",
+            f"run.output_dir={run}", f"model.policy={tiny_policy_dir}", f"model.reward_model={tiny_reward_dir}"]
+    parts = run / "round_000" / "rollouts.jsonl.parts"
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_env())
+    deadline = time.time() + 600
+    while len(list(parts.glob("0*.jsonl"))) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    kept = sorted(parts.glob("0*.jsonl"))
+    assert 2 <= len(kept) < 8 and not (run / "round_000" / "rollouts.jsonl").exists()
+    assert line == (f"error: stopped by SIGUSR1; {len(kept)} of 8 chunks finished and kept in {parts}: "
+                    "rerun the same command to continue")
+    assert not (run / ".mpo.lock").exists()
+    kept_text = [part.read_text() for part in kept]
+    resumed = _run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = (run / "round_000" / "rollouts.jsonl").read_text()
+    assert rows.count("\n") == 64 and rows.startswith("".join(kept_text))  # the kept chunks, reused as they were
