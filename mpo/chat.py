@@ -20,6 +20,9 @@ How a conversation is encoded:
 
 Messages are Hugging Face chat messages; each ``{"type": "image"}`` content part takes the next of
 ``images`` (PIL images, or paths opened here).
+
+Text that holds a control token's literal (``<|im_end|>``, ``<|image_pad|>``...) is tokenized as plain
+text, in prompts and responses alike (:mod:`mpo.control_tokens`); every other text as above.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpo import control_tokens as control
 from mpo.errors import MpoError
 
 _SENTINEL = "\u2063MPO-RESPONSE\u2063"
@@ -89,6 +93,8 @@ class ChatEncoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.stop_ids = {int(i) for i in stop_ids} | ({self.tokenizer.eos_token_id} - {None})
         self.lead, self.suffix = self._response_frame()
+        self.literals = control.literals(processor)  # control-token texts, tokenized as plain text
+        self._marker: tuple[int, str] | None = None  # the spare special token a prompt's escaped text is marked with
         self._counted: dict[tuple[int, int], int] = {}  # image size -> tokens, for families without a rule
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
@@ -145,10 +151,15 @@ class ChatEncoder:
         self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[Any]]
     ) -> list[PromptEncoding]:
         """Several prompts in one processor call (the processor's per-call work is paid once); each
-        result is what :meth:`encode_prompt` gives for that prompt alone."""
+        result is what :meth:`encode_prompt` gives for that prompt alone. A text holding a control
+        literal is rendered as the marker, and the marker then replaced by the text's plain ids."""
         for messages, pictures in zip(conversations, images, strict=True):
             self.check_images(messages, pictures)
-        texts = [self.render_prompt(messages) for messages in conversations]
+        marked = [self._marked(messages) for messages in conversations]
+        encoded = self._encode_texts([self.render_prompt(messages) for messages, _ in marked], images)
+        return [self._spliced(prompt, pieces) for prompt, (_, pieces) in zip(encoded, marked)]
+
+    def _encode_texts(self, texts: list[str], images: Sequence[Sequence[Any]]) -> list[PromptEncoding]:
         pil = self.images([image for pictures in images for image in pictures])
         if not pil:
             return [PromptEncoding(list(self.tokenizer(text, add_special_tokens=self._special_tokens(text))
@@ -178,6 +189,49 @@ class ChatEncoder:
         return PromptEncoding(batch["input_ids"][0].tolist(), vision,
                               {k: batch[k][0].tolist() for k in PER_TOKEN if k in batch})
 
+    def holds_literal(self, messages: Sequence[dict]) -> bool:
+        """Whether any text of ``messages`` holds a control literal."""
+        return any(control.first_literal(text, self.literals) for text in control.message_texts(messages))
+
+    def _marked(self, messages: Sequence[dict]) -> tuple[Sequence[dict], list[list[int]]]:
+        """``messages`` with each text that holds a control literal replaced by the marker, and those
+        texts' plain ids in order (``messages`` itself and no ids where none does)."""
+        if not self.holds_literal(messages):
+            return messages, []
+        marked, texts = control.mark(messages, self.literals, self.marker()[1])
+        return marked, control.plain_ids(self.tokenizer, texts)
+
+    def _spliced(self, prompt: PromptEncoding, pieces: list[list[int]]) -> PromptEncoding:
+        if not pieces:
+            return prompt
+        ids, types = control.splice(prompt.input_ids, prompt.token_types, self.marker()[0], pieces)
+        return PromptEncoding(ids, prompt.vision, types)
+
+    def marker(self) -> tuple[int, str]:
+        """``(id, text)`` of a special token neither the template nor the processor emits (chosen once,
+        by encoding a probe prompt with an image and checking which ids appear)."""
+        if self._marker is None:
+            probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+            used = set(self._probe(probe)) | self.stop_ids | set(self.responses_ids(["a"])[0])
+            for token_id, text in control.marker_candidates(self.processor, used)[:3]:
+                probe[0]["content"][1]["text"] = text
+                if self._probe(probe).count(token_id) == 1:
+                    self._marker = (token_id, text)
+                    break
+            else:
+                raise control.no_marker()
+        return self._marker
+
+    def _probe(self, messages: list[dict]) -> list[int]:
+        """The ids of ``messages`` as a prompt with a small blank image (none without an image processor)."""
+        from PIL import Image
+
+        if getattr(self.processor, "image_processor", None) is None:
+            text = self.render_prompt([{**m, "content": [p for p in m["content"] if p["type"] == "text"]}
+                                       for m in messages])
+            return self.tokenizer(text, add_special_tokens=self._special_tokens(text))["input_ids"]
+        return self._one(self.render_prompt(messages), self.images([Image.new("RGB", (64, 64), "white")])).input_ids
+
     def _image_keys(self) -> set[str]:
         """The per-image keys this processor's image processor returns (its model_input_names)."""
         names = getattr(self.processor.image_processor, "model_input_names", None) or ()
@@ -186,8 +240,15 @@ class ChatEncoder:
     def prompt_length(self, messages: Sequence[dict], images: Sequence[str | Path] = ()) -> int:
         """Tokens :meth:`encode_prompt` would give (image tokens included), from the text and the
         image files' headers alone: nothing is decoded, no pixels are processed."""
-        ids = self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"]
-        return len(ids) + sum(self.visual_tokens(image) - 1 for image in images)
+        return len(self.unexpanded_ids(messages, False)) + sum(self.visual_tokens(image) - 1 for image in images)
+
+    def unexpanded_ids(self, messages: Sequence[dict], special_tokens: bool = True) -> list[int]:
+        """The prompt's ids with one unexpanded placeholder per image (what vLLM expands itself); with
+        ``special_tokens`` the BOS the processor would add."""
+        marked, pieces = self._marked(messages)
+        text = self.render_prompt(marked)
+        ids = list(self.tokenizer(text, add_special_tokens=special_tokens and self._special_tokens(text))["input_ids"])
+        return control.splice(ids, {}, self.marker()[0], pieces)[0] if pieces else ids
 
     def visual_tokens(self, image: str | Path) -> int:
         """Tokens one image file adds to a prompt, its placeholder included, from its header: for the
@@ -235,7 +296,13 @@ class ChatEncoder:
     def responses_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """:meth:`response_ids` of several responses in one tokenizer call."""
         texts = [self.lead + response + self.suffix for response in responses]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for n, response in enumerate(responses):
+            if control.first_literal(response, self.literals):  # lead + the text as plain text + suffix
+                lead, suffix = (self.tokenizer(t, add_special_tokens=False)["input_ids"] if t else []
+                                for t in (self.lead, self.suffix))
+                out[n] = list(lead) + control.plain_ids(self.tokenizer, [response])[0] + list(suffix)
+        return out
 
     def encode_response(
         self, messages: Sequence[dict], images: Sequence[Any], response: str

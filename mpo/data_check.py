@@ -9,6 +9,10 @@ the text and the images' sizes: it tokenizes, it loads no model and decodes no p
 For preference pairs the length is prompt + the longer response (what ``train.max_length`` cuts);
 for prompts it is the prompt, against the policy's limit (``rollout.max_model_len``, else its
 ``max_position_embeddings``).
+
+A row whose text holds a special token's literal (``<|im_end|>``, ``<|image_pad|>``; see
+:mod:`mpo.control_tokens`) is a bad row under ``data.special_tokens=error``; under ``escape`` (the
+default) it is counted in a note: training and scoring tokenize that text as plain text.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class DataReport:
     visual_tokens: list[int] = field(default_factory=list)
     limit: int = 0
     limit_name: str = ""
+    escaped: list[str] = field(default_factory=list)  # rows whose control-token text is tokenized as plain text
 
     @property
     def over_limit(self) -> int:
@@ -43,7 +48,8 @@ class DataReport:
         return {"source": self.source, "kind": self.kind, "processor": self.processor, "rows": self.rows,
                 "shapes": dict(self.shapes), "images": self.images, "bad_rows": self.bad_rows,
                 "tokens": _summary(self.lengths), "visual_tokens_per_image": _summary(self.visual_tokens),
-                "limit": {self.limit_name: self.limit, "over": self.over_limit}}
+                "limit": {self.limit_name: self.limit, "over": self.over_limit},
+                "control_token_rows": len(self.escaped)}
 
 
 def _summary(values: list[int]) -> dict:
@@ -93,6 +99,8 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
             report.bad_rows.append(row.problem)
             continue
         record = row.record
+        if _holds_control_token(report, encoder, recipe, row, kind):
+            continue
         report.images += len(record.images)
         try:
             tokens = [encoder.visual_tokens(path) for path in record.images]
@@ -106,6 +114,22 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
             length += max(len(ids) for ids in encoder.responses_ids([record.chosen, record.rejected]))
         report.lengths.append(length)
     return report
+
+
+def _holds_control_token(report: DataReport, encoder, recipe, row, kind: str) -> bool:
+    """Whether ``row`` is bad for holding a control token's text (``data.special_tokens=error``);
+    under ``escape`` such a row is noted in ``report.escaped``."""
+    from mpo import control_tokens as control
+
+    record = row.record
+    responses = {"chosen": record.chosen, "rejected": record.rejected} if kind == "preferences" else {}
+    found = control.find(encoder.literals, record.messages, **responses)
+    if found and recipe.data.special_tokens == "error":
+        report.bad_rows.append(str(control.refusal(row.where, found)))
+        return True
+    if found:
+        report.escaped.append(f"{row.where}: field {found[0]!r}: {found[1]!r}")
+    return False
 
 
 def format_report(report: DataReport) -> str:
@@ -129,6 +153,9 @@ def format_report(report: DataReport) -> str:
             label = f"{low + 1:>6}-{high:<6}" if high else f"{'>' + str(BINS[-1]):>13}"
             lines.append(f"    {label} {bar} {counts[high]}")
         low = high or low
+    if report.escaped:
+        lines.append(f"  control-token text: {len(report.escaped)} row(s) hold a special token's text, tokenized as "
+                     f"plain text (data.special_tokens=escape; 'error' refuses them); first: {report.escaped[0]}")
     if report.bad_rows:
         lines.append(f"  bad rows ({len(report.bad_rows)}):")
         lines += [f"    {problem}" for problem in report.bad_rows[:50]]

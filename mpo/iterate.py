@@ -54,7 +54,9 @@ def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
 
 def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], quiet: bool = False) -> list[Prompt]:
     """Prompts whose tokens (image tokens included) leave no room to generate under the policy's
-    limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted."""
+    limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted.
+    With ``data.special_tokens=error`` a prompt holding a control token's text is refused here too."""
+    from mpo import control_tokens as control
     from mpo.chat import ChatEncoder
     from mpo.images import ImageError
     from mpo.models import max_positions, model_folder, recipe_processor, stop_ids
@@ -63,7 +65,10 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
     limit = recipe.rollout.max_model_len or max_positions(folder)
     encoder = ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder))
     kept, skipped = [], []
+    escape = recipe.data.special_tokens == "escape"
     for prompt, where in zip(prompts, sources):
+        if not escape:  # data.special_tokens=error: a prompt holding a control token's text is refused
+            control.check_rows(encoder.literals, [(where, prompt.messages, {})])
         try:
             length = encoder.prompt_length(prompt.messages, prompt.images)
         except ImageError as err:  # an image the resize refuses (aspect ratio)

@@ -3,7 +3,9 @@
 vllm is imported here only, when the backend is built. Prompts are rendered by
 :meth:`mpo.chat.ChatEncoder.render_prompt` (one ``<|vision_start|><|image_pad|><|vision_end|>``
 per image; vLLM expands the placeholders itself) and their images go in as PIL images through
-``multi_modal_data``. Sampling is ``SamplingParams(n, temperature, top_p, max_tokens, seed)``.
+``multi_modal_data``. A prompt whose text holds a control token's literal goes in as token ids
+instead (:meth:`mpo.chat.ChatEncoder.unexpanded_ids`: that text tokenized as plain text, one
+unexpanded placeholder per image). Sampling is ``SamplingParams(n, temperature, top_p, max_tokens, seed)``.
 
 Seeding: each prompt gets its own seed, derived from ``(seed, prompt_id)``, and vLLM gives the
 ``n`` samples of a request the seeds ``s, s+1, ..., s+n-1``. So a prompt's rollouts depend on the
@@ -175,7 +177,10 @@ class VLLMBackend(Backend):
                     f"prompt {prompt.prompt_id}: {len(prompt.images)} images, more than "
                     f"max_images_per_prompt={self.max_images} the engine was started with"
                 )
-            request: dict[str, Any] = {"prompt": self.encoder.render_prompt(prompt.messages)}
+            if self.encoder.holds_literal(prompt.messages):  # the text would turn a literal into the token
+                request: dict[str, Any] = {"prompt_token_ids": self.encoder.unexpanded_ids(prompt.messages)}
+            else:
+                request = {"prompt": self.encoder.render_prompt(prompt.messages)}
             if prompt.images:
                 request["multi_modal_data"] = {"image": self.encoder.images(prompt.images)}
             out.append(request)

@@ -48,6 +48,24 @@ def load_model(recipe, path, key: str = "model.policy"):
     )
 
 
+def _load_pairs(recipe, out: Path, rounds: bool):
+    """``data.preferences`` as :func:`mpo.data.load_preferences` reads them. With
+    ``data.special_tokens=error`` the first pair holding a control token's text is refused, with only
+    the policy's processor loaded (not in a round: its prompts were checked when loaded, and its
+    responses, generated, are tokenized as plain text)."""
+    from mpo import control_tokens as control
+    from mpo.data import load_preferences
+    from mpo.models import model_folder, recipe_processor
+
+    loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
+                              on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache",
+                              split=recipe.data.split)
+    if recipe.data.special_tokens == "error" and recipe.model.policy and not rounds:
+        processor = recipe_processor(model_folder(recipe.model.policy, "model.policy"), recipe.model)
+        control.check_pairs(control.literals(processor), loaded.records, loaded.sources)
+    return loaded
+
+
 def load_policy(recipe):
     from mpo.models import model_folder, recipe_processor
 
@@ -228,17 +246,14 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     import shutil
 
     from mpo.config import save_resolved
-    from mpo.data import load_preferences
     from mpo.errors import writing_into
     from mpo.preempt import check, deferred
     from mpo.records import write_json
     from mpo.stages import check_key, key_matches, last_complete_checkpoint, write_key
     from mpo.trainer_setup import trim_metrics, wandb_scope
 
-    loaded = load_preferences(recipe.data.preferences, image_root=recipe.data.image_root,
-                              on_bad_image=recipe.data.on_bad_image, image_cache=out / "image_cache",
-                              split=recipe.data.split)
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
+    loaded = _load_pairs(recipe, out, rounds)
     key = key if key is not None else training_key(recipe, loaded.records)
     key_file = out / KEY_FILE
     legacy = functools.partial(training_key, recipe, loaded.records, legacy=True)  # keys of an earlier mpo

@@ -66,6 +66,18 @@ OnTooLong = Annotated[
         "--on-too-long", help="error: stop, naming the row; skip: leave such rows out and count them."
     ),
 ]
+
+
+class SpecialTokens(str, Enum):
+    escape = "escape"
+    error = "error"
+
+
+SpecialTokensOpt = Annotated[
+    SpecialTokens,
+    typer.Option("--special-tokens", help="Text holding a special token's literal (<|im_end|>, <|image_pad|>): "
+                 "escape = tokenized as plain text; error = stop, naming the row."),
+]
 AllowEmpty = Annotated[bool, typer.Option("--allow-empty", help="Score empty responses instead of failing.")]
 
 
@@ -132,6 +144,7 @@ def score(
     max_length: MaxLength = None,
     on_too_long: OnTooLong = TooLong.error,
     allow_empty: AllowEmpty = False,
+    special_tokens: SpecialTokensOpt = SpecialTokens.escape,
 ):
     """Score every row of INPUT and write the rows with their 'reward' to OUTPUT (atomically)."""
     import time
@@ -150,6 +163,7 @@ def score(
         max_length=max_length,
         on_too_long=on_too_long.value,
         allow_empty=allow_empty,
+        special_tokens=special_tokens.value,
     )
     scorer = Scorer(model, **options)
     start = time.perf_counter()
@@ -201,6 +215,7 @@ def evaluate(
             help="error: stop, naming the row; skip: leave such rows unscored, count them as wrong and list them.",
         ),
     ] = TooLong.error,
+    special_tokens: SpecialTokensOpt = SpecialTokens.escape,
 ):
     """Evaluate a reward model on VL-RewardBench, RewardBench or a file of preference pairs."""
     from reward.benchmarks import format_table
@@ -208,7 +223,7 @@ def evaluate(
 
     options = _scorer_options(
         dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, max_length=max_length,
-        on_too_long=on_too_long.value,
+        on_too_long=on_too_long.value, special_tokens=special_tokens.value,
     )
     results = evaluate_model(model, benchmark.value, data, image_root=image_root, output=output, **options)
     typer.echo(format_table(results))

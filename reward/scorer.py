@@ -13,6 +13,8 @@ How a call runs:
    :class:`mpo.chat.ChatEncoder`. Items that share a prompt (same messages and images: the samples
    of one rollout prompt, the two responses of a benchmark row) share one prompt encoding, so each
    image is decoded and preprocessed once; distinct prompts go through the processor together.
+   Text holding a control token's literal (``<|im_end|>``...) is scored as plain text; with
+   ``special_tokens="error"`` such an item is refused before the model loads.
 3. Items longer than ``max_length`` tokens (image tokens included; default: the model's
    ``max_position_embeddings``) follow ``on_too_long``: ``"error"`` (default) stops with the item
    named; ``"skip"`` makes :meth:`Scorer.score_all` leave it unscored and list it in
@@ -186,11 +188,14 @@ class Scorer:
         progress: bool = True,
         padding_side: str = "right",
         share_prompts: bool = True,
+        special_tokens: str = "escape",
     ):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ScoreError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         if padding_side not in ("right", "left"):
             raise ScoreError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if special_tokens not in ("escape", "error"):
+            raise ScoreError(f"special_tokens must be escape or error, got {special_tokens!r}")
         if on_too_long not in ON_TOO_LONG:
             raise ScoreError(f"on_too_long must be one of {', '.join(ON_TOO_LONG)}, got {on_too_long!r}")
         if token_budget < 1 or max_batch_size < 1 or (max_length is not None and max_length < 1):
@@ -207,6 +212,7 @@ class Scorer:
         self.max_length, self.on_too_long = max_length, on_too_long
         self.allow_empty, self.progress = allow_empty, progress
         self.padding_side, self.share_prompts = padding_side, share_prompts
+        self.special_tokens = special_tokens  # escape: control-token text scored as plain text (mpo.control_tokens)
         self.model = None
         self.processor = None
         self.encoder = None
@@ -309,6 +315,8 @@ class Scorer:
         checked: set[str] = set()
         for index, item in enumerate(items):
             check_item(item, index, self.allow_empty, checked)
+        if self.special_tokens == "error":
+            self._refuse_control_tokens(items)
         self.load()
         encoded = self.encode(items)
         result = ScoreResult(scores=[None] * len(items))
@@ -328,6 +336,15 @@ class Scorer:
         return result
 
     __call__ = score
+
+    def _refuse_control_tokens(self, items: list[dict]) -> None:
+        """``special_tokens=error``: the first item holding a control token's text, before weights load."""
+        from mpo.control_tokens import check_rows, literals
+        from mpo.models import load_processor
+
+        processor = self.processor or load_processor(self.model_dir, self.min_pixels, self.max_pixels)
+        check_rows(literals(processor), ((where_of(item, n), item["messages"], {"response": item["response"]})
+                                         for n, item in enumerate(items)), "--special-tokens")
 
     @torch.inference_mode()
     def _score_batches(self, items, encoded, todo: list[int], result: ScoreResult) -> None:

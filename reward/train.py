@@ -50,7 +50,8 @@ def stage_key(recipe, stage, init_dir: Path, legacy: bool = False) -> dict:
     model = recipe.model.model_dump(mode="json")
     settings = {"reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
                                                                           "max_pixels")},
-                "run.seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json")}
+                "run.seed": recipe.run.seed,
+                "data": recipe.data.model_dump(mode="json", exclude={"special_tokens"})}  # escape|error: same model
     if legacy:
         files = [[p, *legacy_file_stat(p)] if os.path.exists(p) else [p] for p in stage.data]
         return {"stage": stage.model_dump(mode="json"), "init": legacy_folder_identity(init_dir),
@@ -84,6 +85,10 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     encoder = ChatEncoder(processor)
     pairs = load_stage_pairs(stage.data, stage.modality, recipe.data.image_root, recipe.data.on_bad_image,
                              image_cache=stage_dir.parent / "image_cache")
+    if recipe.data.special_tokens == "error":  # a pair holding a control token's text, before any weights load
+        from mpo.control_tokens import check_pairs
+
+        check_pairs(encoder.literals, pairs.records, pairs.where)
     pairs = drop_too_long(pairs, encoder, cfg.max_length, cfg.on_too_long)
     if not pairs.records:
         raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
