@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -218,8 +219,8 @@ def _describe(name: str, old: Any, new: Any) -> str:
             return "; ".join(_describe(f"{name}.{k}", old[k], new[k]) for k in inner)
     if isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
         return f"{name} changed"
-    if isinstance(old, str) and isinstance(new, str) and len(old) == len(new) == 16 and name.isalpha():
-        return f"{name}: made from other {name}"  # a digest of the stage before
+    if isinstance(old, str) and isinstance(new, str) and len(old) == len(new) == 16 and re.fullmatch(r"[0-9a-f]+", old):
+        return f"{name}: made from other {name}" if name in ("rollouts", "scored", "pairs") else f"{name} changed"
     return f"{name}: {_shown(old)} -> {_shown(new)}"
 
 

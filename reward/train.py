@@ -221,7 +221,8 @@ def run_stages(recipe) -> list[dict]:
     out = Path(recipe.run.output_dir)
     summaries, init_dir = [], None
     with run_lock(out), kept_beside(out), writing_into(out, "reward-model training"):
-        if PartialState().is_main_process:
+        finished = (out / "config.yaml").is_file() and all((out / s.name / "done.json").is_file() for s in cfg.stages)
+        if PartialState().is_main_process and not finished:  # a finished run (perhaps copied here) is only read
             print(f"resolved recipe: {save_resolved(recipe, out)}")
         for stage in cfg.stages:
             init_dir = init_dir or model_folder(cfg.init_from, "reward_train.init_from")

@@ -153,3 +153,99 @@ def test_copied_unfinished_run_resumes_from_its_own_round(finished, tmp_path):
         assert (copy / "runs/it/round_001" / name).read_text() == original, name
     manifest = json.loads((copy / "runs/it/round_001/manifest.json").read_text())
     assert manifest["policy_in"] == str(copy / "runs/it/round_000/train/policy")
+
+
+def _write_earlier_keys(run: Path) -> list[Path]:
+    """Rewrite ``run``'s stage keys as an earlier mpo wrote them (absolute paths, file times)."""
+    from mpo.config import load_recipe
+    from mpo.iterate import load_round_prompts
+    from mpo.round_layout import RoundLayout
+    from mpo.stages import key_path
+
+    cwd = os.getcwd()
+    os.chdir(run)
+    try:
+        layout = RoundLayout(load_recipe(Path("iterate.yaml")))
+        prompts = load_round_prompts(layout.recipe, quiet=True)
+        written = []
+        for n in range(2):
+            for stage, make in (("rollouts.jsonl", layout.rollout_key), ("scored.jsonl", layout.score_key),
+                                ("pairs.jsonl", layout.pairs_key), ("train", layout.train_key)):
+                path = layout.file(n, "train") / "run_key.json" if stage == "train" else key_path(layout.file(n, stage))
+                path.write_text(json.dumps(make(n, prompts, legacy=True)))
+                written.append(path)
+        return written
+    finally:
+        os.chdir(cwd)
+
+
+def test_keys_of_an_earlier_mpo_are_rewritten_by_content(finished, tmp_path):
+    copy = _copy(finished, tmp_path)
+    keys = _write_earlier_keys(copy)
+    result = mpo(copy, "iterate", "iterate.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("rewritten by content") == len(keys) == 8
+    assert all("key_format" in json.loads(path.read_text()) for path in keys)
+    before = snapshot(copy)
+    assert mpo(copy, "iterate", "iterate.yaml").returncode == 0
+    assert snapshot(copy) == before
+
+
+def test_keys_of_an_earlier_mpo_whose_inputs_changed_are_refused(finished, tmp_path):
+    copy = _copy(finished, tmp_path)
+    _write_earlier_keys(copy)
+    later = time.time_ns() + 5_000_000_000
+    os.utime(copy / "img" / "red.png", ns=(later, later))  # the earlier keys cannot tell a touch from a change
+    result = mpo(copy, "iterate", "iterate.yaml")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "round_000/rollouts.jsonl: made by an earlier mpo, whose keys held absolute paths and file times" in line
+    assert "(prompts changed); rerun it where it was made (its key is then rewritten by content), or delete " in line
+
+
+@pytest.fixture(scope="module")
+def trained(finished, tmp_path_factory) -> Path:
+    """A working folder with a finished `mpo train` and `mpo reward train` (relative paths)."""
+    root = tmp_path_factory.mktemp("trained") / "work"
+    subprocess.run(["cp", "-a", str(finished), str(root)], check=True)
+    pairs = [{"prompt_id": f"p_{c}", "messages": PROMPT, "images": [f"img/{c}.png"], "chosen": f"It is {c}.",
+              "rejected": "No idea."} for c in COLOURS]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common = {"model": {"policy": "models/policy", "reward_model": "models/reward", "dtype": "float32",
+                        "min_pixels": 3136, "max_pixels": 3136}}
+    (root / "train.yaml").write_text(yaml.safe_dump(
+        {**common, "run": {"output_dir": "runs/train", "report_to": "none"}, "data": {"preferences": "pairs.jsonl"},
+         "train": {"max_steps": 1}}))
+    (root / "reward_train.yaml").write_text(yaml.safe_dump(
+        {**common, "run": {"output_dir": "runs/rm", "report_to": "none"},
+         "reward_train": {"init_from": "models/reward", "max_steps": 1,
+                          "stages": [{"name": "s1", "data": ["pairs.jsonl"]}]}}))
+    for command in (["train", "train.yaml"], ["reward", "train", "reward_train.yaml"]):
+        result = mpo(root, *command)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("command", [["train", "train.yaml"], ["reward", "train", "reward_train.yaml"]])
+def test_copied_training_runs_read_back(trained, tmp_path, command):
+    copy = _copy(trained, tmp_path)
+    later = time.time_ns() + 5_000_000_000
+    os.utime(copy / "img" / "red.png", ns=(later, later))
+    os.utime(copy / "pairs.jsonl", ns=(later, later))
+    before = snapshot(copy)
+    result = mpo(copy, *command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nothing to do" in result.stdout or "finished earlier" in result.stdout
+    assert snapshot(copy) == before
+
+
+def test_changed_reward_data_names_the_change(trained, tmp_path):
+    copy = _copy(trained, tmp_path)
+    with (copy / "pairs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"prompt_id": "p_more", "messages": PROMPT, "images": ["img/red.png"],
+                                 "chosen": "Red.", "rejected": "Blue."}) + "\n")
+    result = mpo(copy, "reward", "train", "reward_train.yaml")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "runs/rm/s1/done.json: stage s1 finished earlier with other settings, data or start model " \
+           "(data files changed); rerun with those, or delete " in line
