@@ -285,3 +285,18 @@ def test_the_ratio_limit_is_qwen_vl_utils():
     from mpo import images
 
     assert images.MAX_RATIO == MAX_RATIO
+
+
+@pytest.mark.parametrize("row, field, kind", [
+    ({"prompt_id": ["a"], "messages": [{"role": "user", "content": "hi"}]}, "prompt_id", "list"),
+    ({"id": {"n": 1}, "question": "hi"}, "id", "dict"),
+    ({"question": "hi", "answer": ["a", "b"]}, "answer", "list"),
+])
+def test_ids_and_answers_that_are_not_text_or_numbers(tmp_path, row, field, kind):
+    path = _jsonl(tmp_path / "p.jsonl", row)
+    assert _error(load_prompts, path) == f"{path}:1: field {field!r}: expected a string or a number, got {kind}"
+
+
+def test_numbers_stay_valid_ids_and_answers(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", {"id": 7, "question": "hi", "answer": 2.5}, {"id": 8, "question": "ho", "answer": 3})
+    assert [(r.prompt_id, r.answer) for r in load_prompts(path).records] == [("7", "2.5"), ("8", "3")]
