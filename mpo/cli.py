@@ -112,10 +112,17 @@ def train(
         from mpo.cli_rounds import train_round
 
         return train_round(recipe, overrides, round_index, stage_only)
+    from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
+    from mpo.models import model_folder
     from mpo.training import run_training
 
-    run_training(load_recipe(recipe, overrides or []), resume=resume)
+    loaded = load_recipe(recipe, overrides or [])
+    check_output_folder(loaded.run.output_dir, "run.output_dir")
+    for key, value in (("model.policy", loaded.model.policy), ("train.reference_model", loaded.train.reference_model)):
+        if value:  # checked before the run folder is touched (a missing policy: run_training says so)
+            model_folder(value, key)
+    run_training(loaded, resume=resume)
 
 
 @data_app.command("check")
@@ -128,7 +135,7 @@ def data_check(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
 ):
     """Rows, shapes, images and token lengths of a data set; exits 2 if any row is bad. Loads no model."""
-    from mpo.cli_common import fail
+    from mpo.cli_common import check_output_file, fail, write_or_recover
     from mpo.config import load_recipe
     from mpo.data_check import check_data, format_report
     from mpo.errors import MpoError
@@ -136,10 +143,12 @@ def data_check(
 
     if kind not in (None, "prompts", "preferences"):
         raise MpoError(f"--kind {kind}: expected prompts or preferences")
+    if json_out is not None:
+        check_output_file(json_out, "--json", "report.json")
     report = check_data(source, load_recipe(recipe, overrides or []) if recipe else None, kind)
     typer.echo(format_report(report))
     if json_out is not None:
-        write_json(json_out, report.as_dict())
+        write_or_recover(json_out, lambda path: write_json(path, report.as_dict()), "the report")
     if report.bad_rows:
         fail(f"{len(report.bad_rows)} bad row(s) in {source} (listed above)")
 
@@ -151,7 +160,10 @@ def demo(
     seed: Seed = 0,
 ):
     """The whole loop on CPU on tiny models it builds itself."""
+    from mpo.cli_common import check_output_folder
     from mpo.demo import run_demo
+
+    check_output_folder(out_dir, "--out-dir")
 
     run_demo(out_dir, seed)
 

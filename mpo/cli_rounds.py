@@ -19,10 +19,12 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Recipe overrides
 
 
 def _layout(recipe: Path, overrides, round_index: int):
+    from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
     from mpo.round_layout import RoundLayout
 
     loaded = load_recipe(recipe, overrides or [])
+    check_output_folder(loaded.run.output_dir, "run.output_dir")
     if not 0 <= round_index < loaded.iterate.rounds:
         raise MpoError(f"--round {round_index}: the recipe has rounds 0..{loaded.iterate.rounds - 1}")
     return RoundLayout(loaded)
@@ -45,10 +47,13 @@ def _need(path: Path, stage: str) -> Path:
 @guarded
 def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
     """N rounds of rollout -> score -> pairs -> MPO; rerun the same command to resume."""
+    from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
     from mpo.iterate import run_iterate
 
-    run_iterate(load_recipe(recipe, overrides or []))
+    loaded = load_recipe(recipe, overrides or [])
+    check_output_folder(loaded.run.output_dir, "run.output_dir")
+    run_iterate(loaded)
 
 
 @guarded

@@ -240,8 +240,8 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
 
         if not topology(recipe.iterate).main_node:
             return follow_rounds(layout)
+    check_models(recipe)  # before the run folder is touched
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
-        check_models(recipe)
         prompts = load_round_prompts(recipe)
         layout.check_finished(prompts)
         config = layout.run_dir / "config.yaml"
@@ -292,7 +292,10 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
 
 
 def check_models(recipe: Recipe) -> None:
-    """Every model the rounds will load, checked before the first loads (one line naming the key)."""
+    """Every model the rounds will load (policy, reward model, a separate reference), checked before
+    the first loads and before round 0's rollout: architecture, weights, value head shapes, tokenizer
+    and processor files (:func:`mpo.models.check_model_folder`; one line naming the key and file).
+    Later loads of the same folders in this process find them checked."""
     from mpo.models import model_folder
 
     model_folder(recipe.model.policy or "", "model.policy")

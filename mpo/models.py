@@ -15,7 +15,11 @@ Local references are stored as absolute paths, Hub ids as given. :func:`model_fo
 into a folder on disk and :func:`check_model_folder` checks it before anything loads: a
 ``config.json`` that parses, safetensors weights whose headers and sizes are whole (a truncated
 file names itself), no pickle-only weights (this toolkit never unpickles a checkpoint it did not
-write), and for reward models a ``value_head.safetensors`` with the Skywork keys.
+write), the architecture (a policy: a ``model_type`` transformers loads as image-text-to-text; a
+reward model: Qwen2.5-VL with a ``value_head.safetensors`` holding the Skywork keys in shapes that
+fit its hidden size, read from the safetensors header alone), and the tokenizer and processor
+files. It is the one check of a model folder: every command calls it (through
+:func:`model_folder`) before its first model loads; a folder that passed is not read again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # What a model fetched from the Hub needs here (the pickle copies many repositories carry are not).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 VALUE_HEAD_KEYS = {"v_head.summary.weight", "v_head.summary.bias"}
+REWARD_MODEL_TYPE = "qwen2_5_vl"  # reward.model.RewardModel's backbone
+# What AutoProcessor needs: a tokenizer's vocabulary (any of these) and the image processor's settings.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_CHECKED: dict[tuple, tuple] = {}  # folders that passed check_model_folder -> their files then
 
 
 class ModelFolderError(MpoError):
@@ -59,8 +68,9 @@ def is_hub_id(value: str) -> bool:
     return not os.path.isabs(value) and HUB_ID.fullmatch(value) is not None
 
 
-def model_folder(value: str | os.PathLike, key: str, reward: bool = False) -> Path:
-    """The checked folder a model reference names (a Hub id is fetched, or found in the cache)."""
+def model_folder(value: str | os.PathLike, key: str, reward: bool = False, **check) -> Path:
+    """The checked folder a model reference names (a Hub id is fetched, or found in the cache);
+    ``check``: more of :func:`check_model_folder`'s options."""
     value = str(value)
     if is_hub_id(value):
         folder = _fetch(value, key)
@@ -68,7 +78,7 @@ def model_folder(value: str | os.PathLike, key: str, reward: bool = False) -> Pa
         folder = Path(value)
         if not folder.exists():
             raise ModelFolderError(f"{key}: {folder}: no such folder")
-    check_model_folder(folder, key, reward=reward)
+    check_model_folder(folder, key, reward=reward, **check)
     return folder
 
 
@@ -85,12 +95,21 @@ def _fetch(repo_id: str, key: str) -> Path:
         ) from None
 
 
-def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bool = False) -> None:
-    """Refuse, with one line naming the file, a folder that would fail (or be unsafe) to load."""
+def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bool = False,
+                       reward_backbone: bool = False, processor: bool = True) -> None:
+    """Refuse, with one line naming the recipe key and the file, a folder that would fail (or be
+    unsafe) to load: see the module docstring. ``reward``: a reward model (Qwen2.5-VL with its value
+    head); ``reward_backbone``: a Qwen2.5-VL to start reward training from (a value head optional);
+    else a policy (an image-text-to-text model). ``processor``: its tokenizer and processor files too.
+    A folder that passed is not read again in this process while its files stay as they were."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"{key}: {folder}: not a folder")
-    _read_json(folder / "config.json", key, "not a model folder (no config.json)")
+    memo = (str(folder.resolve()), reward, reward_backbone, processor)
+    signature = _signature(folder)
+    if _CHECKED.get(memo) == signature:
+        return
+    config = _read_json(folder / "config.json", key, "not a model folder (no config.json)")
     weights = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin")
     model_weights = [w for w in weights if w.name != "value_head.safetensors"]
@@ -109,20 +128,83 @@ def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bo
         if missing:
             raise ModelFolderError(f"{key}: {index}: shard(s) missing: {', '.join(missing)}")
     for file in weights:
-        keys = safetensors_keys(file, key)
-        if file.name == "value_head.safetensors" and keys != VALUE_HEAD_KEYS:
-            raise ModelFolderError(f"{key}: {file}: expected keys {sorted(VALUE_HEAD_KEYS)}, found {sorted(keys)}")
+        shapes = safetensors_shapes(file, key)
+        if file.name == "value_head.safetensors":
+            _check_value_head(file, shapes, config, key)
+    _check_architecture(folder, config, key, reward or reward_backbone)
     if reward and not (folder / "value_head.safetensors").is_file():
         raise ModelFolderError(f"{key}: {folder}: no value_head.safetensors (not a reward model, Skywork layout)")
+    if processor:
+        _check_processor_files(folder, key)
+    _CHECKED[memo] = signature
 
 
-def safetensors_keys(file: Path, key: str) -> set[str]:
-    """The tensor names of a safetensors file, after safetensors checked its header and size."""
+def _signature(folder: Path) -> tuple:
+    """The top-level files' names, sizes and modification times: what a passed check is kept by."""
+    with os.scandir(folder) as entries:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()))
+
+
+def _hidden_size(config: dict) -> int | None:
+    size = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+    return size if isinstance(size, int) else None
+
+
+def _check_value_head(file: Path, shapes: dict[str, list[int]], config: dict, key: str) -> None:
+    """The Skywork value head's keys, and shapes that fit the backbone: weight [1, hidden], bias [1]."""
+    if set(shapes) != VALUE_HEAD_KEYS:
+        raise ModelFolderError(f"{key}: {file}: expected keys {sorted(VALUE_HEAD_KEYS)}, found {sorted(shapes)}")
+    hidden = _hidden_size(config)
+    weight, bias = shapes["v_head.summary.weight"], shapes["v_head.summary.bias"]
+    if hidden is not None and weight != [1, hidden]:
+        raise ModelFolderError(f"{key}: {file}: v_head.summary.weight is {weight} but the model's hidden size is "
+                               f"{hidden} (expected [1, {hidden}]): the value head belongs to another model")
+    if bias != [1]:
+        raise ModelFolderError(f"{key}: {file}: v_head.summary.bias is {bias}, expected [1] (one score per sequence)")
+
+
+def _check_architecture(folder: Path, config: dict, key: str, reward: bool) -> None:
+    """A reward model (or its start) is Qwen2.5-VL; a policy is a model transformers loads as
+    image-text-to-text (its model_type in AutoModelForImageTextToText's mapping, or remote code that
+    registers it there)."""
+    model_type = config.get("model_type")
+    where = f"{key}: {folder / 'config.json'}: model_type {model_type!r}"
+    names = ", ".join(config.get("architectures") or []) or "no architectures"
+    if reward:
+        if model_type != REWARD_MODEL_TYPE:
+            raise ModelFolderError(f"{where} ({names}): a reward model here is Qwen2.5-VL (model_type "
+                                   f"{REWARD_MODEL_TYPE!r}, Skywork-VL Reward's backbone)")
+        return
+    if "AutoModelForImageTextToText" in (config.get("auto_map") or {}):
+        return  # remote code that registers itself (model.trust_remote_code decides whether it runs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as LOADABLE
+
+    if model_type not in LOADABLE:
+        import transformers
+
+        raise ModelFolderError(f"{where} ({names}) is not an image-text-to-text model that transformers "
+                               f"{transformers.__version__} loads (AutoModelForImageTextToText); a policy is a "
+                               "vision-language model (e.g. qwen2_5_vl, qwen2_vl, qwen3_vl, internvl, llava, gemma3, glm4v)")
+
+
+def _check_processor_files(folder: Path, key: str) -> None:
+    """What ``AutoProcessor`` reads: a tokenizer's vocabulary and the image processor's settings."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise ModelFolderError(f"{key}: {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                               "save the processor with the model (processor.save_pretrained(folder))")
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise ModelFolderError(f"{key}: {folder}: no image processor settings ({' or '.join(PROCESSOR_FILES)}); "
+                               "save the processor with the model (processor.save_pretrained(folder))")
+
+
+def safetensors_shapes(file: Path, key: str) -> dict[str, list[int]]:
+    """The tensor names and shapes of a safetensors file, from its header alone, after safetensors
+    checked the header against the file's size."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            return set(handle.keys())
+        with safe_open(str(file), framework="np") as handle:
+            return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as err:  # SafetensorError: truncated, foreign or corrupt file
         raise ModelFolderError(f"{key}: {file}: not a readable safetensors file ({err})") from None
 

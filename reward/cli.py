@@ -149,9 +149,13 @@ def score(
     """Score every row of INPUT and write the rows with their 'reward' to OUTPUT (atomically)."""
     import time
 
+    from mpo.cli_common import check_output_file, write_or_recover
+    from mpo.models import model_folder
     from mpo.records import write_jsonl
     from reward.scorer import Scorer
 
+    model_folder(model, "--model", reward=True)
+    check_output_file(output, "--output", "scores.jsonl")
     rows, items = read_items(input)
     options = _scorer_options(
         dtype,
@@ -170,7 +174,7 @@ def score(
     result = scorer.score_all(items)
     seconds = time.perf_counter() - start
     scored = [{**row, "reward": value} for row, value in zip(rows, result.scores) if value is not None]
-    write_jsonl(output, scored)
+    write_or_recover(output, lambda path: write_jsonl(path, scored), f"{len(scored)} scored row(s)")
     if result.skipped:
         typer.secho(
             f"skipped {len(result.skipped)} of {len(rows)} rows longer than max_length "
@@ -218,20 +222,27 @@ def evaluate(
     special_tokens: SpecialTokensOpt = SpecialTokens.escape,
 ):
     """Evaluate a reward model on VL-RewardBench, RewardBench or a file of preference pairs."""
+    from mpo.cli_common import check_output_file, write_or_recover
+    from mpo.models import model_folder
+    from mpo.records import write_json
     from reward.benchmarks import format_table
     from reward.evaluate import evaluate_model
 
+    model_folder(model, "--model", reward=True)
+    if output is not None:
+        check_output_file(output, "--output", "results.json")
     options = _scorer_options(
         dtype, device, batch_tokens, max_batch_size, min_pixels, max_pixels, max_length=max_length,
         on_too_long=on_too_long.value, special_tokens=special_tokens.value,
     )
-    results = evaluate_model(model, benchmark.value, data, image_root=image_root, output=output, **options)
+    results = evaluate_model(model, benchmark.value, data, image_root=image_root, **options)
     typer.echo(format_table(results))
     skipped = results["scoring"]["skipped_too_long"]
     if skipped:
         typer.secho(f"{len(skipped)} response(s) longer than the limit were not scored; their rows count as "
                     f"wrong. First: {skipped[0]}", fg=typer.colors.YELLOW, err=True)
     if output is not None:
+        write_or_recover(output, lambda path: write_json(path, results), "the results")
         typer.echo(f"results written to {output}")
 
 
@@ -244,10 +255,15 @@ def train(
     ] = None,
 ):
     """Train a reward model with the Bradley-Terry loss, stage by stage (Skywork-VL Reward recipe)."""
+    from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
+    from mpo.models import model_folder
     from reward.train import format_summary, run_stages
 
     resolved = load_recipe(recipe, overrides or [])
+    check_output_folder(resolved.run.output_dir, "run.output_dir")
+    if resolved.reward_train.init_from:  # checked before the run folder is touched
+        model_folder(resolved.reward_train.init_from, "reward_train.init_from", reward_backbone=True)
     summaries = run_stages(resolved)
     typer.echo(format_summary(summaries))
     typer.echo(f"final reward model: {Path(resolved.run.output_dir) / 'final'}")

@@ -98,7 +98,7 @@ class RewardModel(nn.Module):
         from mpo.models import check_model_folder
 
         path = Path(path)
-        check_model_folder(path, "reward model", reward=True)
+        check_model_folder(path, "reward model", reward=True, processor=False)  # the weights alone load here
         head_file = path / VALUE_HEAD_FILE
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         backbone = Qwen2_5_VLForConditionalGeneration.from_pretrained(
