@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(err, "exit_status", 2)  # a preemption: 128 + the signal
     return 0
 
 

@@ -151,3 +151,46 @@ def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_d
                 (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
     one, two = _steps(runs / "inline", 1), _steps(run_dir, 1)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes whose environment holds ``mark`` (the driver, its launchers and their ranks)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_ranks_die_with_their_driver_and_the_rerun_finishes(runs, tmp_path, tiny_policy_dir, tiny_reward_dir):
+    """`kill -9` of the driver's process group mid-training (the ranks run in sessions of their own):
+    within 10 s no process of the run is left (the ranks' parent-death signal and their watchdog on
+    the driver), so no lock is held and the same command finishes with the uninterrupted run's files."""
+    run_dir = tmp_path / "run"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED)
+    mark = f"MPO_TEST_RUN={os.getpid()}-{time.time_ns()}"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**_env(), mark.split("=")[0]: mark.split("=")[1]}, start_new_session=True)
+    metrics = run_dir / "round_000" / "train" / "metrics.jsonl"
+    deadline = time.time() + 900
+    while not metrics.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and metrics.exists(), "the run was not training when it was to be killed"
+    assert len(_marked(mark)) >= 3  # the driver, the launcher, the ranks
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = time.time()
+    while _marked(mark) and time.time() - killed < 10:
+        time.sleep(0.1)
+    assert not _marked(mark), f"left running 10 s after the driver's kill: {_marked(mark)}"
+    _run(command)
+    for n in range(2):
+        for name in (*STAGE_FILES, "train/policy/model.safetensors"):
+            assert (run_dir / f"round_{n:03d}" / name).read_bytes() == \
+                (runs / "distributed" / f"round_{n:03d}" / name).read_bytes(), (n, name)
+        assert [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(run_dir, n)] == \
+            [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(runs / "distributed", n)]
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".mpo.lock"))
