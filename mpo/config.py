@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from mpo.models import absolute, classify
-from mpo.recipe_yaml import ConfigError, parse_yaml
+from mpo.recipe_yaml import ConfigError, check_interpolations, parse_yaml
 from mpo.records import atomic_write_text, read_text
 
 # Paths in a recipe mean what they mean from the working directory the command runs in: they are
@@ -306,6 +306,7 @@ def resolve(data: dict, overrides: list[str] = (), source: str = "<recipe>") -> 
 
     try:
         merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(list(overrides))))
+        check_interpolations(OmegaConf.to_container(merged, resolve=False), source)
         tree = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, TypeError) as err:  # TypeError: e.g. a.0.b=... into a list
         raise ConfigError(f"{source}: overrides do not fit the recipe ({str(err).splitlines()[0]})") from None

@@ -7,11 +7,13 @@ before any Python value is built from it.
   each level repeating the one before, is refused from its few hundred nodes, in milliseconds), and
   an alias to the mapping or list that holds it is refused.
 
-Merge keys (``<<: *defaults``) are YAML working as meant and stay allowed.
+Merge keys (``<<: *defaults``) are YAML working as meant and stay allowed. OmegaConf's ``${a.b}``
+interpolations, resolved later, are bounded the same way (:func:`check_interpolations`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,58 @@ def _no_repeats(node: yaml.MappingNode, where: str, path: str | Path) -> None:
             name = f"{where}.{key.value}" if where else key.value
             raise ConfigError(f"{path}:{line}: {name}: repeated key (first at line {first}); YAML would keep only "
                               "the last silently: merge them into one")
+
+
+# ``${a.b}`` interpolations (OmegaConf's) may repeat a value too: a string of ten ``${x}`` where x is
+# ten ``${w}``... Past this many characters and values once resolved, the recipe is refused.
+MAX_RESOLVED = 1_000_000
+INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+
+
+def check_interpolations(tree: Any, source: str) -> None:
+    """Refuse a tree (overrides merged, interpolations not yet resolved) whose interpolations would
+    resolve to more than :data:`MAX_RESOLVED` characters and values: an upper bound from the text,
+    each ``${key}`` counted as the size of what it names (a resolver, ``${oc.env:X}``, as its text)."""
+    costs: dict[str, int] = {}
+
+    def lookup(dotted: str) -> Any:
+        node = tree
+        for part in dotted.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node
+
+    def cost(node: Any, where: str) -> int:
+        if where in costs:
+            return costs[where]
+        costs[where] = 1  # a value that names itself: OmegaConf reports the loop
+        if isinstance(node, dict):
+            total = 1 + sum(cost(value, f"{where}.{key}".lstrip(".")) for key, value in node.items())
+        elif isinstance(node, list):
+            total = 1 + sum(cost(value, f"{where}.{i}".lstrip(".")) for i, value in enumerate(node))
+        elif isinstance(node, str):
+            refs = [_absolute(ref, where) for ref in INTERPOLATION.findall(node) if ":" not in ref]
+            total = len(node) + sum(cost(lookup(ref), ref) for ref in refs)
+        else:
+            total = 1
+        costs[where] = total
+        if total > MAX_RESOLVED:
+            raise ConfigError(f"{source}: {where or 'the recipe'}: its interpolations (${{...}}) resolve to more than "
+                              f"{MAX_RESOLVED} characters and values (a value repeated inside itself?)")
+        return total
+
+    cost(tree, "")
+
+
+def _absolute(ref: str, where: str) -> str:
+    """An interpolation's key from the root: ``${.x}`` is a sibling of ``where``, ``${..x}`` its parent's."""
+    rest = ref.lstrip(".")
+    ups = len(ref) - len(rest)
+    if not ups:
+        return ref
+    parts = where.split(".")[:-ups] if ups <= where.count(".") + 1 else []
+    return ".".join([*parts, rest]) if rest else ".".join(parts)

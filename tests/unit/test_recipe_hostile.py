@@ -95,3 +95,29 @@ def test_one_sample_per_prompt_can_make_no_pair(tmp_path, strategy):
     with pytest.raises(ConfigError, match=r"<defaults>: rollout\.num_samples: one sample per prompt"):
         load_recipe(None, ["rollout.num_samples=1", f"pairs.strategy={strategy}"])
     assert load_recipe(path, ["rollout.num_samples=2"]).rollout.num_samples == 2
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_an_interpolation_bomb_stops_in_well_under_a_second(tmp_path, relative):
+    """OmegaConf's ${...} repeat values as aliases do: 9 levels of ten ${previous} would resolve to
+    10**10 characters (about 2 GB at 8 levels, measured before the bound)."""
+    lines = ["run:", '  l0: "xxxxxxxxxx"']
+    for level in range(1, 10):
+        ref = f".l{level - 1}" if relative else f"run.l{level - 1}"
+        lines.append(f'  l{level}: "' + ("${" + ref + "}") * 10 + '"')
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: run\.l\d: its interpolations \(\$\{\.\.\.\}\) resolve to "
+                                          r"more than 1000000 characters and values"):
+        load_recipe(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_interpolations_of_a_real_recipe_still_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, "run:\n  output_dir: runs/x\n  wandb_group: ${.output_dir}-g\n"
+                            "model:\n  policy: ${run.output_dir}/policy\n  reward_model: ${..run.output_dir}/rm\n")
+    recipe = load_recipe(path)
+    assert recipe.run.wandb_group == "runs/x-g"
+    assert (recipe.model.policy, recipe.model.reward_model) == (str(tmp_path / "runs/x/policy"),
+                                                                str(tmp_path / "runs/x/rm"))
