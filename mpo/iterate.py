@@ -123,7 +123,7 @@ def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list
     out, stats_path = layout.file(n, "pairs.jsonl"), layout.file(n, "pair_stats.json")
     layout.check(n, "pairs.jsonl", prompts)
     if out.exists() and stats_path.exists():
-        return read_jsonl(out, PreferencePair), read_pair_stats(stats_path)
+        return layout.repoint_pairs(n, prompts, read_jsonl(out, PreferencePair)), read_pair_stats(stats_path)
     pairs, stats = build_pairs(prompts, scored, layout.recipe.pairs)
     write_pair_stats(stats_path, stats)
     write_jsonl(out, pairs)

@@ -118,6 +118,25 @@ class RoundLayout:
                   legacy=lambda: make(n, prompts, legacy=True))
         return key
 
+    def repoint_pairs(self, n: int, prompts: list[Prompt], pairs: list) -> list:
+        """Round ``n``'s pairs with their images where the prompts' images are now. A run folder moved
+        before round ``n`` trained holds pairs naming the images where they were; the keys say the
+        prompts' content is the same, so an unfinished round's ``pairs.jsonl`` is rewritten to name
+        them where they are (a finished round is only read)."""
+        import dataclasses
+
+        from mpo.records import write_jsonl
+
+        images = {p.prompt_id: p.images for p in prompts}
+        moved = [dataclasses.replace(pair, images=list(images[pair.prompt_id]))
+                 if len(images.get(pair.prompt_id, ())) == len(pair.images) and images[pair.prompt_id] != pair.images
+                 else pair for pair in pairs]
+        if moved != pairs and self.manifest(n) is None:
+            write_jsonl(self.file(n, "pairs.jsonl"), moved)
+            print(f"{self.file(n, 'pairs.jsonl')}: images named where the prompts' images are now (the run was moved)")
+            return moved
+        return pairs
+
     def settings(self, names, legacy: bool = False) -> dict:
         """``{"section.key": value}`` of the named settings (a bare section name: all of it). A model
         reference among them (``train.reference_model``) is held by content, as models are."""

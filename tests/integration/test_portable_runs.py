@@ -249,3 +249,20 @@ def test_changed_reward_data_names_the_change(trained, tmp_path):
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert "runs/rm/s1/done.json: stage s1 finished earlier with other settings, data or start model " \
            "(data files changed); rerun with those, or delete " in line
+
+
+def test_run_moved_before_a_round_trained_finishes_there(finished, tmp_path):
+    """Pairs made before the move name the images where they were (gone): the round's training reads
+    them where the prompts' images are now, and trains as the original run did."""
+    copy = _copy(finished, tmp_path)
+    round_dir = copy / "runs/it/round_001"
+    pairs = round_dir / "pairs.jsonl"
+    pairs.write_text(pairs.read_text().replace(str(finished), "/gone/old/place"))
+    shutil.rmtree(round_dir / "train")
+    (round_dir / "manifest.json").unlink()
+    result = mpo(copy, "iterate", "iterate.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "images named where the prompts' images are now" in result.stdout
+    assert pairs.read_text() == (finished / "runs/it/round_001/pairs.jsonl").read_text().replace(str(finished), str(copy))
+    weights = "train/policy/model.safetensors"
+    assert (round_dir / weights).read_bytes() == (finished / "runs/it/round_001" / weights).read_bytes()
