@@ -116,10 +116,11 @@ def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_poli
 
 
 def _training_log(round_dir):
-    """The per-step rows of metrics.jsonl without the wall-clock rate (tokens/s). (The Trainer's
-    end-of-training row averages its loss over the steps of the last process only, so it is left out.)"""
+    """The rows of metrics.jsonl without wall-clock figures: each step's, and the end-of-training row,
+    whose ``train_loss`` is the mean over every step, a resumed run's too."""
+    timed = ("tokens/s", "train_runtime", "train_samples_per_second", "train_steps_per_second")
     rows = [json.loads(line) for line in (round_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens/s"} for row in rows if "loss/preference" in row]
+    return [{k: v for k, v in row.items() if k not in timed} for row in rows]
 
 
 def _untimed(obj, run_dir):
