@@ -48,6 +48,7 @@ class RoundLayout:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.run_dir = Path(recipe.run.output_dir)
+        self._prompts: tuple[list, dict] | None = None  # the prompt list last keyed, and its identity
 
     def round_dir(self, n: int) -> Path:
         return self.run_dir / f"round_{n:03d}"
@@ -155,8 +156,15 @@ class RoundLayout:
 
     def rollout_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
         return {"round": n, "policy": self._model(self.policy(n, legacy), legacy),
-                "prompts": legacy_records_digest(prompts) if legacy else prompts_identity(prompts),
+                "prompts": legacy_records_digest(prompts) if legacy else self._prompts_identity(prompts),
                 **self.settings(ROLLOUT_SETTINGS, legacy)}
+
+    def _prompts_identity(self, prompts: list[Prompt]) -> dict:
+        """:func:`mpo.stages.prompts_identity`, once per prompt list (every stage key of every round
+        holds it)."""
+        if self._prompts is None or self._prompts[0] is not prompts:
+            self._prompts = (prompts, prompts_identity(prompts))
+        return self._prompts[1]
 
     def score_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
         return {"rollouts": self._stage_digest(self.rollout_key(n, prompts, legacy), legacy),
