@@ -10,10 +10,12 @@ there, so a finished run can still be read back.
 Processes a holder starts for its stages (``iterate.launch: distributed``) share its lock: the holder
 writes a random token into the lock file and hands it to them with the lock's path
 (``MPO_RUN_LOCK``, ``MPO_RUN_LOCK_TOKEN``); a process with that proof runs under the lock of that
-folder only while the file holds the token (a rank whose driver has gone stops with one line); a holder locking a folder inside its own takes that folder's lock too. A rank of a launch started by hand (``accelerate launch -m mpo train``:
-``RANK`` > 0 and a launcher, torchrun or accelerate, as its parent process) runs under the lock its
-rank 0 takes (it waits for it to be held). Any other process takes the lock itself, whatever
-``RANK`` its environment inherited, so a second driver started with ``RANK=1`` is refused.
+folder only while the file holds the token (a rank whose driver has gone stops with one line), and
+dies with its driver (:func:`follow_driver`). A holder locking a folder inside its own takes that
+folder's lock too. A rank of a launch started by hand (``accelerate launch -m mpo train``: ``RANK`` > 0
+and a launcher, torchrun or accelerate, as its parent process) runs under the lock its rank 0 takes
+(it waits for it to be held). Any other process takes the lock itself, whatever ``RANK`` its
+environment inherited, so a second driver started with ``RANK=1`` is refused.
 
 The holder removes the temporaries (``.NAME.XXXX.tmp``) an earlier process killed mid-write left in
 the folder, and handles preemption signals while it holds the lock (:mod:`mpo.preempt`).

@@ -142,3 +142,35 @@ def test_sigusr1_mid_rollout_keeps_the_finished_chunks(tmp_path, tiny_policy_dir
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = (run / "round_000" / "rollouts.jsonl").read_text()
     assert rows.count("\n") == 64 and rows.startswith("".join(kept_text))  # the kept chunks, reused as they were
+
+
+def test_sigterm_mid_reward_training_resumes_exactly(tmp_path, tiny_reward_dir):
+    """`mpo reward train`: the same stop at a step with a checkpoint, and the same resume."""
+    base = [str(Path(sys.executable).parent / "mpo"), "reward", "train", "recipes/tiny/reward_stage1.yaml",
+            f"reward_train.init_from={tiny_reward_dir}", "reward_train.logging_steps=1",
+            "reward_train.save_steps=1000"]
+    reference = _run(base + [f"run.output_dir={tmp_path / 'uninterrupted'}"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "run"
+    metrics = out / "stage1" / "metrics.jsonl"
+    process = subprocess.Popen(base + [f"run.output_dir={out}"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 600
+    while (not metrics.exists() or metrics.read_text().count("\n") < 2) and process.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGSTOP)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 143 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    (checkpoint,) = (out / "stage1" / "checkpoints").glob("checkpoint-*")
+    assert line.startswith(f"error: stopped by SIGTERM: stage stage1: checkpoint saved at step "
+                           f"{checkpoint.name.split('-')[1]} of 384 ({checkpoint}); rerun the same command")
+    assert not (out / "stage1" / "done.json").exists()
+    resumed = _run(base + [f"run.output_dir={out}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("metrics.jsonl", "model.safetensors", "value_head.safetensors"):
+        assert (out / "stage1" / name).read_bytes() == (tmp_path / "uninterrupted" / "stage1" / name).read_bytes()
+    assert not list(out.rglob("*.tmp"))
