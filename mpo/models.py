@@ -131,6 +131,8 @@ def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bo
         shapes = safetensors_shapes(file, key)
         if file.name == "value_head.safetensors":
             _check_value_head(file, shapes, config, key)
+        else:
+            _check_embedding_shapes(file, shapes, config, key)
     _check_architecture(folder, config, key, reward or reward_backbone)
     if reward and not (folder / "value_head.safetensors").is_file():
         raise ModelFolderError(f"{key}: {folder}: no value_head.safetensors (not a reward model, Skywork layout)")
@@ -145,22 +147,37 @@ def _signature(folder: Path) -> tuple:
         return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()))
 
 
-def _hidden_size(config: dict) -> int | None:
-    size = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
-    return size if isinstance(size, int) else None
+def _text_setting(config: dict, name: str) -> int | None:
+    """A setting of the text model: its ``text_config``'s where there is one (a value left at its
+    default is not written there: None, nothing is checked), else the top level's (older layouts)."""
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    value = text.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _check_value_head(file: Path, shapes: dict[str, list[int]], config: dict, key: str) -> None:
     """The Skywork value head's keys, and shapes that fit the backbone: weight [1, hidden], bias [1]."""
     if set(shapes) != VALUE_HEAD_KEYS:
         raise ModelFolderError(f"{key}: {file}: expected keys {sorted(VALUE_HEAD_KEYS)}, found {sorted(shapes)}")
-    hidden = _hidden_size(config)
+    hidden = _text_setting(config, "hidden_size")
     weight, bias = shapes["v_head.summary.weight"], shapes["v_head.summary.bias"]
     if hidden is not None and weight != [1, hidden]:
         raise ModelFolderError(f"{key}: {file}: v_head.summary.weight is {weight} but the model's hidden size is "
                                f"{hidden} (expected [1, {hidden}]): the value head belongs to another model")
     if bias != [1]:
         raise ModelFolderError(f"{key}: {file}: v_head.summary.bias is {bias}, expected [1] (one score per sequence)")
+
+
+def _check_embedding_shapes(file: Path, shapes: dict[str, list[int]], config: dict, key: str) -> None:
+    """The token embedding and LM head hold [vocab_size, hidden_size] of config.json's text model:
+    weights of another size (or vocabulary) than the config would fail to load (size mismatch)."""
+    vocab, hidden = _text_setting(config, "vocab_size"), _text_setting(config, "hidden_size")
+    if vocab is None or hidden is None:
+        return
+    for name, shape in shapes.items():
+        if (name.endswith("embed_tokens.weight") or name == "lm_head.weight") and shape != [vocab, hidden]:
+            raise ModelFolderError(f"{key}: {file}: {name} is {shape} but config.json says vocab_size {vocab}, "
+                                   f"hidden_size {hidden}: the weights and config.json are of different models")
 
 
 def _check_architecture(folder: Path, config: dict, key: str, reward: bool) -> None:

@@ -36,6 +36,9 @@ def user(workdir) -> Path:  # noqa: F811
     bert = shutil.copytree(root / "policy", root / "bert")  # a BERT-like config over the same files
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"],
                                                   "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1024}))
+    other_size = shutil.copytree(root / "policy", root / "other_size")  # config.json of a wider model
+    config = json.loads((other_size / "config.json").read_text())
+    _edit_config(other_size, text_config={**config["text_config"], "hidden_size": 128})
     no_tokenizer = shutil.copytree(root / "policy", root / "no_tokenizer")
     (no_tokenizer / "tokenizer.json").unlink()
     no_processor = shutil.copytree(root / "reward", root / "no_processor")
@@ -65,6 +68,9 @@ def test_a_separate_reference_of_another_architecture_stops_iterate_before_the_r
                   r"image-text-to-text model .*AutoModelForImageTextToText.*a policy is a vision-language model"),
     ("bert", r"model\.policy: .*/bert/config\.json: model_type 'bert' \(BertModel\) is not an image-text-to-text"),
     ("no_tokenizer", r"model\.policy: .*/no_tokenizer: no tokenizer files \(one of tokenizer\.json, "),
+    ("other_size", r"model\.policy: .*/other_size/model\.safetensors: (lm_head|model\.embed_tokens)\.weight is "
+                   r"\[1024, 64\] but config\.json says vocab_size 1024, hidden_size 128: the weights and "
+                   r"config\.json are of different models"),
 ])
 def test_a_policy_folder_that_cannot_be_a_policy(user, folder, pattern):
     result = mpo(user, "train", "train.yaml", f"model.policy={folder}", f"run.output_dir=runs/{folder}")
