@@ -112,6 +112,7 @@ def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = Fa
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
         prompts = load_round_prompts(layout.recipe)
+        layout.repoint_pairs(round_index, prompts, pairs)  # a run moved before this round trained
         policy = stage_train(layout, round_index, prompts, len(pairs))
         if layout.manifest(round_index) is None and not stage_only:
             scored = read_jsonl(layout.file(round_index, "scored.jsonl"), ScoredRollout)

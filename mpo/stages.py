@@ -250,15 +250,25 @@ def write_key(path: Path, key: dict[str, Any]) -> None:
     save_digests()
 
 
+def read_key(path: Path) -> dict | None:
+    """A key file's content, or None where it is not a JSON object (damaged by hand: keys are
+    written atomically)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def key_matches(path: Path, key: dict[str, Any], legacy: Callable[[], dict] | None = None) -> bool:
     """The key kept at ``path`` is ``key``, or is of the earlier format and says what ``legacy()`` (the
     earlier format's key for today's inputs) says; such a key is rewritten in today's format where
     the folder is writable, with a line saying so."""
-    found = json.loads(path.read_text(encoding="utf-8"))
+    found = read_key(path)
     key = stamped(key)
     if found == key:
         return True
-    if "key_format" in found or legacy is None or found != json.loads(json.dumps(legacy(), default=str)):
+    if found is None or "key_format" in found or legacy is None or found != json.loads(json.dumps(legacy(), default=str)):
         return False
     try:
         write_key(path, key)
@@ -287,7 +297,9 @@ def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_fil
         return
     if key_matches(path, key, legacy):
         return
-    found = json.loads(path.read_text(encoding="utf-8"))
+    found = read_key(path)
+    if found is None:
+        raise RunFolderError(f"{path}: not a readable stage key (not a JSON object); delete {redo} to redo it")
     if "key_format" not in found:
         earlier = key_differences(found, json.loads(json.dumps(legacy(), default=str))) if legacy else ""
         raise RunFolderError(

@@ -251,7 +251,8 @@ def test_changed_reward_data_names_the_change(trained, tmp_path):
            "(data files changed); rerun with those, or delete " in line
 
 
-def test_run_moved_before_a_round_trained_finishes_there(finished, tmp_path):
+@pytest.mark.parametrize("command", [["iterate", "iterate.yaml"], ["train", "iterate.yaml", "--round", "1"]])
+def test_run_moved_before_a_round_trained_finishes_there(finished, tmp_path, command):
     """Pairs made before the move name the images where they were (gone): the round's training reads
     them where the prompts' images are now, and trains as the original run did."""
     copy = _copy(finished, tmp_path)
@@ -260,7 +261,7 @@ def test_run_moved_before_a_round_trained_finishes_there(finished, tmp_path):
     pairs.write_text(pairs.read_text().replace(str(finished), "/gone/old/place"))
     shutil.rmtree(round_dir / "train")
     (round_dir / "manifest.json").unlink()
-    result = mpo(copy, "iterate", "iterate.yaml")
+    result = mpo(copy, *command)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "images named where the prompts' images are now" in result.stdout
     assert pairs.read_text() == (finished / "runs/it/round_001/pairs.jsonl").read_text().replace(str(finished), str(copy))

@@ -158,3 +158,10 @@ def test_every_key_takes_models_from_folder_identity(tmp_path, monkeypatch):
     (tmp_path / "two" / "policy" / "model.safetensors").write_bytes(b"z" * 64)
     assert training_key(recipes[0], []) != training_key(recipes[1], [])
     assert reference_fingerprint(recipes[0]) != reference_fingerprint(recipes[1])
+
+
+def test_damaged_key_is_one_line(tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    key_path(out).write_text("[1, 2")
+    with pytest.raises(RunFolderError, match=r"pairs\.key\.json: not a readable stage key .*delete pairs\* to redo it"):
+        check_key(out, {"seed": 1}, "pairs*")
