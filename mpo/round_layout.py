@@ -12,6 +12,7 @@ Run folder (``run.output_dir``)::
     round_000/train/             mpo train's folder: ref_logps.jsonl, checkpoints, metrics.jsonl, policy/
     round_000/manifest.json      written last: the round is finished
     summary.json, plots/*.png    per-round curves
+    .mpo-digests.json            cached file digests for the keys (mpo.identity; only an accelerator)
 
 Round ``n`` rolls out from ``round_{n-1}/train/policy`` (round 0 from ``model.policy``), found
 under the run folder as it is now (the manifests' absolute paths record where it was made), and keys
