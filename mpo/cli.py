@@ -56,7 +56,10 @@ def tiny_policy(
     = "qwen2_5_vl",
 ):
     """Build a tiny policy (model + processor) into OUT_DIR: Qwen2.5-VL, or another family."""
+    from mpo.cli_common import check_output_folder
     from mpo.errors import MpoError
+
+    check_output_folder(out_dir, "OUT_DIR")
 
     if family != "qwen2_5_vl":
         from mpo.tiny_families import save_family_policy
@@ -76,7 +79,10 @@ def tiny_policy(
 @guarded
 def tiny_reward(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
     """Build a tiny reward model (backbone + value_head.safetensors, Skywork layout) into OUT_DIR."""
+    from mpo.cli_common import check_output_folder
     from mpo.tiny import save_reward_model
+
+    check_output_folder(out_dir, "OUT_DIR")
 
     path = save_reward_model(out_dir, seed, vllm_compatible=vllm_compatible, real_vocab=real_vocab)
     typer.echo(f"tiny reward model written to {path}")

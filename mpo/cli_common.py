@@ -76,7 +76,7 @@ def check_output_folder(path: str | os.PathLike, key: str) -> None:
     back even from read-only storage, and a write that fails later says so in one line."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise MpoError(f"{key}: {path}: is a file; a run folder goes here (name another path, or move the file)")
+        raise MpoError(f"{key}: {path}: is a file, not a folder (name another path, or move the file)")
     problem = None if path.is_dir() else _unwritable(path.absolute().parent)
     if problem:
         raise MpoError(f"{key}: {path}: {problem}")

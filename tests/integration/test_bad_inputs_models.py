@@ -102,7 +102,8 @@ def test_output_naming_an_existing_folder_stops_before_scoring(user, command):
 
 
 @pytest.mark.parametrize("command, output_dir, pattern", [
-    (["train", "train.yaml"], "a_file", r"run\.output_dir: .*/a_file: is a file; a run folder goes here"),
+    (["train", "train.yaml"], "a_file",
+     r"run\.output_dir: .*/a_file: is a file, not a folder \(name another path, or move the file\)"),
     (["iterate", "iterate.yaml"], "a_file/run", r"run\.output_dir: .*/a_file/run: .*/a_file is a file, not a folder"),
     (["reward", "train", "reward_train.yaml"], "a_file", r"run\.output_dir: .*/a_file: is a file"),
 ])
