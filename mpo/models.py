@@ -205,13 +205,21 @@ def _check_architecture(folder: Path, config: dict, key: str, reward: bool) -> N
 
 
 def _check_processor_files(folder: Path, key: str) -> None:
-    """What ``AutoProcessor`` reads: a tokenizer's vocabulary and the image processor's settings."""
+    """What ``AutoProcessor`` reads: a tokenizer's vocabulary and the image processor's settings,
+    and every JSON file beside them whole."""
     if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
         raise ModelFolderError(f"{key}: {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
                                "save the processor with the model (processor.save_pretrained(folder))")
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):
         raise ModelFolderError(f"{key}: {folder}: no image processor settings ({' or '.join(PROCESSOR_FILES)}); "
                                "save the processor with the model (processor.save_pretrained(folder))")
+    for path in sorted(folder.glob("*.json")):  # a truncated tokenizer.json or processor_config.json
+        if path.name in ("config.json", "model.safetensors.index.json"):  # read above
+            continue
+        try:
+            json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelFolderError(f"{key}: {path}: not valid JSON ({err})") from None
 
 
 def safetensors_shapes(file: Path, key: str) -> dict[str, list[int]]:

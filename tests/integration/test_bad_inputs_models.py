@@ -39,6 +39,8 @@ def user(workdir) -> Path:  # noqa: F811
     other_size = shutil.copytree(root / "policy", root / "other_size")  # config.json of a wider model
     config = json.loads((other_size / "config.json").read_text())
     _edit_config(other_size, text_config={**config["text_config"], "hidden_size": 128})
+    cut = shutil.copytree(root / "policy", root / "cut_tokenizer")  # a tokenizer.json cut short
+    (cut / "tokenizer.json").write_bytes((cut / "tokenizer.json").read_bytes()[:1000])
     no_tokenizer = shutil.copytree(root / "policy", root / "no_tokenizer")
     (no_tokenizer / "tokenizer.json").unlink()
     no_processor = shutil.copytree(root / "reward", root / "no_processor")
@@ -68,6 +70,7 @@ def test_a_separate_reference_of_another_architecture_stops_iterate_before_the_r
                   r"image-text-to-text model .*AutoModelForImageTextToText.*a policy is a vision-language model"),
     ("bert", r"model\.policy: .*/bert/config\.json: model_type 'bert' \(BertModel\) is not an image-text-to-text"),
     ("no_tokenizer", r"model\.policy: .*/no_tokenizer: no tokenizer files \(one of tokenizer\.json, "),
+    ("cut_tokenizer", r"model\.policy: .*/cut_tokenizer/tokenizer\.json: not valid JSON \(Expecting "),
     ("other_size", r"model\.policy: .*/other_size/model\.safetensors: (lm_head|model\.embed_tokens)\.weight is "
                    r"\[1024, 64\] but config\.json says vocab_size 1024, hidden_size 128: the weights and "
                    r"config\.json are of different models"),
