@@ -197,7 +197,8 @@ def failed_rank(log_dir: Path, topo: Topology) -> str:
     logs = sorted(log_dir.rglob("stderr.log"), key=lambda p: p.stat().st_mtime, reverse=True)
     for log in logs:
         lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")]
+        # a rank that torchrun stopped (SIGTERM) because another failed says so: not the cause
+        errors = [line for line in lines if line.startswith("error:") and not line.startswith("error: stopped by SIG")]
         if errors or any("Traceback" in line for line in lines):
             rank = topo.node_rank * topo.nproc_per_node + int(log.parent.name) if log.parent.name.isdigit() else "?"
             return f"rank {rank}: {(errors or lines)[-1][:300]} (log: {log})"
