@@ -203,8 +203,10 @@ def test_second_iterate_on_the_same_folder_is_refused(tmp_path, tiny_policy_dir,
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"in use by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert first.wait(timeout=900) == 0, first.stderr.read()[-2000:]
-    steps = [row["step"] for row in _training_log(run_dir / "round_000")]
+    rows = _training_log(run_dir / "round_000")
+    steps = [row["step"] for row in rows if "train_loss" not in row]
     assert steps == sorted(set(steps)) and steps  # every step's row written once
+    assert [row["step"] for row in rows if "train_loss" in row] == [steps[-1]]  # and one end-of-training row
     assert not lock.exists()
 
 
