@@ -252,9 +252,9 @@ class ChatEncoder:
 
     def visual_tokens(self, image: str | Path) -> int:
         """Tokens one image file adds to a prompt, its placeholder included, from its header: for the
-        Qwen family from the size :func:`mpo.images.fit_image` gives it and the processor's patch
+        Qwen family from the size :func:`mpo.data.images.fit_image` gives it and the processor's patch
         merge; for a family that resizes its own way, counted once per size by its processor."""
-        from mpo.images import fitted_size, image_size, resize_rule
+        from mpo.data.images import fitted_size, image_size, resize_rule
 
         image_processor = self.processor.image_processor
         width, height = image_size(image)
@@ -276,8 +276,8 @@ class ChatEncoder:
 
     def images(self, images: Sequence[Any]) -> list:
         """Paths, open files or PIL images as the RGB images this processor is given: opened and
-        resized by :func:`mpo.images.fit_image`, the one image path of rollout, scoring and training."""
-        from mpo.images import fit_image
+        resized by :func:`mpo.data.images.fit_image`, the one image path of rollout, scoring and training."""
+        from mpo.data.images import fit_image
 
         return [fit_image(image, self.processor.image_processor) for image in images]
 

@@ -248,11 +248,11 @@ def _read_json(path: Path, key: str, missing: str) -> dict:
 
 def folder_identity(value: str | os.PathLike) -> dict:
     """What a model is, for the reuse of results made with it: ``{"files": {name: "<size>:<sha256>"}}``
-    of its top-level files (:func:`mpo.identity.file_digest`), never its path or file times, so a
+    of its top-level files (:func:`mpo.keys.file_digest`), never its path or file times, so a
     copied or moved model keeps its identity. A Hub id: ``{"hub": id}``, with its cached snapshot's
     files where there is one. A missing folder: ``{"missing": value}``. The one answer to "which
     files make up this model" (stage keys, training keys, the reference log-probs' fingerprint)."""
-    from mpo.identity import file_digest
+    from mpo.keys import file_digest
 
     value = str(value)
     folder = Path(value)
@@ -280,9 +280,9 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
 
 def legacy_folder_identity(value: str | os.PathLike) -> list:
-    """:func:`folder_identity` as keys of the earlier format held it (see :mod:`mpo.identity`): the
+    """:func:`folder_identity` as keys of the earlier format held it (see :mod:`mpo.keys`): the
     path and each top-level file's name, size and modification time (a Hub id: the id alone)."""
-    from mpo.identity import legacy_file_stat
+    from mpo.keys import legacy_file_stat
 
     value = str(value)
     folder = Path(value)
@@ -318,14 +318,14 @@ def load_processor(folder: str | os.PathLike, min_pixels: int | None = None, max
                    trust_remote_code: bool = False, budget_given: bool = False):
     """The folder's processor with a per-image pixel budget (None: the processor's own bound).
 
-    The budget is the Qwen family's (a processor :mod:`mpo.images` has a resize rule for);
+    The budget is the Qwen family's (a processor :mod:`mpo.data.images` has a resize rule for);
     transformers 5 takes it as ``size={shortest_edge, longest_edge}`` (in pixels; the model card's
     ``min_pixels=`` / ``max_pixels=`` keywords still load but warn on every call). Another family
     keeps its processor's own resizing and tiling, never a crop to a budget it was not made for;
     where a budget was asked for (``budget_given``), one line says it does not apply."""
     from transformers import AutoProcessor
 
-    from mpo.images import resize_rule
+    from mpo.data.images import resize_rule
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if min_pixels is None and max_pixels is None:

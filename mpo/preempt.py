@@ -3,7 +3,7 @@
 
 - **During training** (:func:`deferred`: ``mpo train``, a round's training, a reward-model stage)
   the signal is noted and training stops at the end of the optimizer step it arrived in, with a
-  checkpoint of that step (:class:`mpo.trainer_setup.StopOnSignal`); the command then exits with one
+  checkpoint of that step (:class:`mpo.train.setup.StopOnSignal`); the command then exits with one
   line naming the checkpoint and how to resume, exit status 128 + the signal (143 for SIGTERM, 138
   for SIGUSR1). Repeated signals change nothing (SIGKILL is what stops at once).
 - **Anywhere else** (rollout and scoring chunks, the reference pass, model loading) the process stops

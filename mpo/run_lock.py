@@ -37,7 +37,7 @@ from mpo.errors import RunFolderError, fault_line
 LOCK_NAME = ".mpo.lock"
 INHERITED = "MPO_RUN_LOCK"
 TOKEN = "MPO_RUN_LOCK_TOKEN"
-DRIVER = "MPO_DRIVER_PID"  # set by mpo.launch for the ranks of a stage job
+DRIVER = "MPO_DRIVER_PID"  # set by mpo.rounds.launch for the ranks of a stage job
 LAUNCHERS = ("torch.distributed.run", "torchrun", "accelerate")
 RANK_WAIT_S = 300.0
 

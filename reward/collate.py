@@ -50,8 +50,8 @@ class StagePairs:
 
 
 def check_pair(record, where: str) -> None:
-    """Refuse a pair :func:`mpo.collate.pair_problem` refuses, naming where it came from."""
-    from mpo.collate import pair_problem
+    """Refuse a pair :func:`mpo.train.collate.pair_problem` refuses, naming where it came from."""
+    from mpo.train.collate import pair_problem
 
     problem = pair_problem(record)
     if problem:
@@ -132,7 +132,7 @@ class PairDataset(torch.utils.data.Dataset):
 @dataclass
 class PairCollator:
     """Batch pairs as ``[chosen rows..., rejected rows...]``, right-padded; images once per pair
-    (:func:`mpo.collate.pad_pairs`, which the MPO collator shares), plus what the reward model
+    (:func:`mpo.train.collate.pad_pairs`, which the MPO collator shares), plus what the reward model
     needs beyond it:
 
     ``mm_token_type_ids`` (0 text, 1 image, 2 video) is derived from the token ids: Qwen2.5-VL's
@@ -145,7 +145,7 @@ class PairCollator:
     video_token_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
-        from mpo.collate import pad_pairs
+        from mpo.train.collate import pad_pairs
 
         batch = pad_pairs(examples, self.pad_id)
         del batch["starts"]  # the score is read at the last real token; responses need no mask

@@ -110,7 +110,7 @@ def plan_batches(
 def check_item(item: Any, index: int, allow_empty: bool = False, checked: set | None = None) -> None:
     """Shape and content checks that need no model; images are verified on disk (each path once
     when a ``checked`` set is shared between calls)."""
-    from mpo.images import ImageError, check_image
+    from mpo.data.images import ImageError, check_image
 
     where = where_of(item, index) if isinstance(item, dict) else f"item {index}"
     if not isinstance(item, dict):
@@ -140,7 +140,7 @@ def _pil(image: Any, where: str):
     """A path, a PIL image or an HF ``{"bytes", "path"}`` struct as an RGB PIL image."""
     from PIL import Image
 
-    from mpo.images import ImageError, open_image
+    from mpo.data.images import ImageError, open_image
 
     if isinstance(image, (str, Path)):
         try:

@@ -38,10 +38,10 @@ from reward.collate import (
 
 def stage_key(recipe, stage, init_dir: Path, legacy: bool = False) -> dict:
     """What a stage's checkpoints and model are made of: its start model and data files by content
-    (:func:`mpo.models.folder_identity`, :func:`mpo.identity.file_digest`; no paths or file times, so
+    (:func:`mpo.models.folder_identity`, :func:`mpo.keys.file_digest`; no paths or file times, so
     a copied or moved output folder reads back), the stage's and the shared training settings (not
     logging, checkpoint cadence or workers). ``legacy``: the key as the earlier format held it."""
-    from mpo.identity import KEY_FORMAT, file_digest, legacy_file_stat
+    from mpo.keys import KEY_FORMAT, file_digest, legacy_file_stat
     from mpo.models import folder_identity, legacy_folder_identity
 
     shared = recipe.reward_train.model_dump(mode="json")
@@ -73,11 +73,11 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
     from transformers import set_seed
 
     from mpo.chat import ChatEncoder
+    from mpo.keys import check_key
     from mpo.models import recipe_processor
     from mpo.preempt import check, deferred
-    from mpo.stages import check_key
-    from mpo.trainer_setup import wandb_scope
-    from mpo.training import KEY_FILE
+    from mpo.train.run import KEY_FILE
+    from mpo.train.setup import wandb_scope
 
     cfg = recipe.reward_train
     set_seed(recipe.run.seed)
@@ -110,8 +110,8 @@ def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict
 def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encoder):
     """``(trainer, wrapper, peft_model)`` for one stage: the start model, parts frozen, LoRA,
     checkpointing, the pair collator and the metrics file."""
-    from mpo.collate import pad_token_id
-    from mpo.trainer_setup import MetricsFile, StopOnSignal, enable_checkpointing, frozen_summary
+    from mpo.train.collate import pad_token_id
+    from mpo.train.setup import MetricsFile, StopOnSignal, enable_checkpointing, frozen_summary
     from reward.trainer import RewardTrainer, apply_lora, load_start, set_trainable, training_arguments
 
     cfg = recipe.reward_train
@@ -136,9 +136,9 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
 def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
     """Resume from the newest complete checkpoint (metrics cut back to it), train, and score the
     sampled pairs before and after: ``(train result, (sample, before, after))``."""
+    from mpo.keys import last_complete_checkpoint
     from mpo.preempt import check
-    from mpo.stages import last_complete_checkpoint
-    from mpo.trainer_setup import StopOnSignal, trim_metrics
+    from mpo.train.setup import StopOnSignal, trim_metrics
     from reward.trainer import sample_pairs, score_sample
 
     checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
@@ -209,7 +209,7 @@ def run_stages(recipe) -> list[dict]:
 
     from mpo.config import save_resolved
     from mpo.errors import MpoError, writing_into
-    from mpo.identity import kept_beside
+    from mpo.keys import kept_beside
     from mpo.models import model_folder
     from mpo.run_lock import run_lock
 
@@ -248,7 +248,7 @@ def _stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
         key = json.loads(json.dumps(stage_key(recipe, stage, init_dir, legacy=True)))
     config = summary.get("config") or {}
     if found != key or {k: v for k, v in config.items() if k != "data"} != _portable(stage):
-        from mpo.stages import key_differences
+        from mpo.keys import key_differences
 
         later = [s.name for s in recipe.reward_train.stages]
         after = later[later.index(stage.name):]

@@ -4,7 +4,7 @@ how a stage's model is started, made trainable, configured and saved (the Skywor
 Loss: per pair ``-log sigmoid(r(x, y+) - r(x, y-))`` (Bradley & Terry 1952, as Skywork-VL Reward,
 arXiv 2505.07263, trains), averaged over the batch; no score calibration. What it shares with the
 MPO trainer (parts, LoRA's exclude rule, checkpointing, arguments, the metrics file, W&B) is
-:mod:`mpo.trainer_setup`'s.
+:mod:`mpo.train.setup`'s.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class RewardTrainer(Trainer):
 
 
 def set_trainable(reward, freeze: list[str]) -> dict[str, int]:
-    """Freeze the named parts (:func:`mpo.trainer_setup.freeze_parts`); the unused LM head is always
+    """Freeze the named parts (:func:`mpo.train.setup.freeze_parts`); the unused LM head is always
     frozen, the value head always trained. Returns the tensors frozen per part."""
-    from mpo.trainer_setup import freeze_parts
+    from mpo.train.setup import freeze_parts
 
     counts = freeze_parts(reward, freeze) if freeze else {}
     reward.backbone.lm_head.requires_grad_(False)
@@ -85,7 +85,7 @@ def set_trainable(reward, freeze: list[str]) -> dict[str, int]:
 def apply_lora(reward, lora, freeze: list[str]):
     """Inject LoRA adapters into the backbone in place (frozen parts get none); returns the
     ``PeftModel`` (for saving and merging). The value head stays fully trainable."""
-    from mpo.trainer_setup import add_lora
+    from mpo.train.setup import add_lora
 
     peft_model = add_lora(reward.backbone, lora, freeze, task_type=None)
     reward.v_head.requires_grad_(True)
@@ -111,7 +111,7 @@ def load_start(path: Path, recipe, dtype: torch.dtype):
 
 def training_arguments(recipe, stage, stage_dir: Path):
     """``TrainingArguments`` for one stage (built before the model, so ZeRO-3 can shard its load)."""
-    from mpo.trainer_setup import base_arguments
+    from mpo.train.setup import base_arguments
 
     cfg = recipe.reward_train
     return base_arguments(

@@ -31,7 +31,7 @@ WORDS = "the a image shows red green blue square circle answer is because so the
 
 def qwen_vl_config(tokenizer, size: str):
     """A ``Qwen2_5_VLConfig`` of one of :data:`SHAPES`, with ``tokenizer``'s special token ids."""
-    from mpo.tiny import qwen_config
+    from mpo.cli.tiny import qwen_config
 
     s = SHAPES[size]
     head_dim = s["hidden"] // s["heads"]
@@ -70,7 +70,7 @@ def random_backbone(size: str, device: str):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from mpo.tiny import load_real_vocab_tokenizer
+    from mpo.cli.tiny import load_real_vocab_tokenizer
 
     tokenizer = load_real_vocab_tokenizer()
     torch.manual_seed(0)

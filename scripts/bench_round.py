@@ -2,7 +2,7 @@
 distributed`` on CPU: each rank one process with one thread; tiny models built offline).
 
 For each world size the rollout and scoring stages of round 0 run as the launches ``mpo iterate``
-makes (``torchrun ... -m mpo.stage_rank``), each into a fresh run folder, timed from launch to exit
+makes (``torchrun ... -m mpo.rounds.rank``), each into a fresh run folder, timed from launch to exit
 (model loading included); the joined outputs must be the same bytes for every world size. Each
 rank's last log line splits its time into start-up (imports, model, prompt checks) and work (its
 chunks); "work" below is the slowest rank's. Prints a table (seconds per stage, launch to exit and
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def prepare(work: Path, args) -> dict:
     """Tiny models and a prompt set of ``args.prompts`` prompts (the demo's, ids made distinct)."""
-    from mpo.tiny import ASSETS, save_policy, save_reward_model
+    from mpo.cli.tiny import ASSETS, save_policy, save_reward_model
 
     policy, reward = save_policy(work / "policy", seed=0), save_reward_model(work / "reward", seed=1)
     rows = [json.loads(line) for line in (ASSETS / "demo" / "prompts.jsonl").read_text().splitlines()]
@@ -58,7 +58,7 @@ def config_for(work: Path, world: int, inputs: dict, args) -> Path:
 def time_stage(stage: str, config: Path, world: int) -> dict:
     """Launch-to-exit seconds, and the slowest rank's start-up and work from the ranks' last lines."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               "-m", "mpo.stage_rank", stage, str(config), "--round", "0"]
+               "-m", "mpo.rounds.rank", stage, str(config), "--round", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error"}
     start = time.perf_counter()
@@ -73,9 +73,9 @@ def time_stage(stage: str, config: Path, world: int) -> dict:
 def join(stage: str, config: Path) -> bytes:
     """The stage's output joined from its parts, as the driver joins them."""
     from mpo.config import load_recipe
-    from mpo.engines import chunk_spec
-    from mpo.round_layout import RoundLayout
-    from mpo.stages import run_chunked
+    from mpo.rounds.chunks import run_chunked
+    from mpo.rounds.layout import RoundLayout
+    from mpo.rounds.runners import chunk_spec
 
     layout = RoundLayout(load_recipe(config))
     out, cls, size, seed = chunk_spec(layout, 0, stage)

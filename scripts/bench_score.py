@@ -154,7 +154,7 @@ def build_gpu_model():
     copy, no checkpoint on disk), and its processor at the card's pixel bounds."""
     from bench_models import random_backbone
 
-    from mpo.tiny import build_processor
+    from mpo.cli.tiny import build_processor
     from reward.model import RewardModel
 
     backbone, tokenizer = random_backbone("7b", "cuda")
@@ -177,7 +177,7 @@ def run(args) -> dict:
         else:
             from transformers import AutoProcessor
 
-            from mpo.tiny import save_reward_model
+            from mpo.cli.tiny import save_reward_model
             from reward.model import RewardModel
 
             folder = save_reward_model(tmp / "reward", seed=1)

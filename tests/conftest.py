@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2.5-VL policy folder (model + processor), built once per test run."""
-    from mpo.tiny import save_policy
+    from mpo.cli.tiny import save_policy
 
     return save_policy(tmp_path_factory.mktemp("tiny") / "policy", seed=0)
 
@@ -44,7 +44,7 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory) -> Path:
     """A tiny reward model folder in the Skywork layout, built once per test run."""
-    from mpo.tiny import save_reward_model
+    from mpo.cli.tiny import save_reward_model
 
     return save_reward_model(tmp_path_factory.mktemp("tiny") / "reward", seed=1)
 
@@ -59,14 +59,14 @@ def tiny_processor(tiny_policy_dir):
 @pytest.fixture(scope="session")
 def real_vocab_processor():
     """A processor with the real Qwen2.5 vocabulary (no model weights needed)."""
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+    from mpo.cli.tiny import build_processor, load_real_vocab_tokenizer
 
     return build_processor(load_real_vocab_tokenizer())
 
 
 @pytest.fixture(scope="session")
 def demo_prompts_path() -> Path:
-    from mpo.tiny import ASSETS
+    from mpo.cli.tiny import ASSETS
 
     return ASSETS / "demo" / "prompts.jsonl"
 

@@ -87,7 +87,7 @@ def _assert_same_run(got: Path, want: Path, tol: float) -> None:
 @pytest.fixture(scope="module")
 def single(tiny_policy_dir, tmp_path_factory) -> Path:
     """One process, 4 pairs per micro-batch, 2 micro-batches per step."""
-    from mpo.training import run_training
+    from mpo.train.run import run_training
 
     out = tmp_path_factory.mktemp("single") / "run"
     run_training(load_recipe(RECIPE, _overrides(tiny_policy_dir, out, 4)), quiet=True)

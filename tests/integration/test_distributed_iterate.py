@@ -76,8 +76,12 @@ def test_two_training_ranks_log_the_one_process_losses(runs):
     manifests = [json.loads((runs / side / "round_001" / "manifest.json").read_text()) for side in ("inline",
                                                                                                     "distributed")]
     for key, value in manifests[0]["metrics"].items():
-        if not key.startswith("time/"):
-            assert manifests[1]["metrics"][key] == pytest.approx(value, abs=1e-4), key
+        if key.startswith("time/"):
+            continue
+        # An accuracy counts margins > 0: a pair whose margin is within float noise of 0 (the ranks pad
+        # other batches) may count on one side only, so it may differ by one pair of the round's 32.
+        tolerance = 1 / 32 + 1e-9 if key.endswith("rewards/accuracies") else 1e-4
+        assert manifests[1]["metrics"][key] == pytest.approx(value, abs=tolerance), key
 
 
 def _kill_one_rank(command, ready, timeout=600):
@@ -88,7 +92,7 @@ def _kill_one_rank(command, ready, timeout=600):
     killed = None
     while time.time() < deadline and process.poll() is None and killed is None:
         if ready():
-            ranks = subprocess.run(["pgrep", "-f", "mpo.stage_rank"], capture_output=True, text=True).stdout.split()
+            ranks = subprocess.run(["pgrep", "-f", "mpo.rounds.rank"], capture_output=True, text=True).stdout.split()
             workers = [int(p) for p in ranks if _parent_is_torchrun(int(p))]
             if workers:
                 killed = workers[-1]

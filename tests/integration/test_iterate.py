@@ -137,7 +137,7 @@ def _recipe(run_dir, policy, reward, *extra):
 
 
 def test_round_without_pairs_carries_the_policy_over(tmp_path, tiny_policy_dir, tiny_reward_dir, capsys):
-    from mpo.iterate import run_iterate
+    from mpo.rounds.driver import run_iterate
 
     recipe = _recipe(tmp_path / "run", tiny_policy_dir, tiny_reward_dir, "pairs.min_margin=1000000",
                      "iterate.rounds=2")
@@ -151,7 +151,7 @@ def test_round_without_pairs_carries_the_policy_over(tmp_path, tiny_policy_dir, 
 
 def test_missing_prompt_image_is_a_counted_skip(tmp_path, tiny_policy_dir, tiny_reward_dir, capsys):
     from mpo.data import DataError
-    from mpo.iterate import run_iterate
+    from mpo.rounds.driver import run_iterate
 
     source = REPO / "mpo" / "assets" / "demo"
     prompts = tmp_path / "prompts.jsonl"
@@ -171,7 +171,7 @@ def test_missing_prompt_image_is_a_counted_skip(tmp_path, tiny_policy_dir, tiny_
 
 
 def test_fixed_reference_and_wandb_offline(tmp_path, tiny_policy_dir, tiny_reward_dir, monkeypatch):
-    from mpo.iterate import run_iterate
+    from mpo.rounds.driver import run_iterate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
@@ -212,7 +212,7 @@ def test_second_iterate_on_the_same_folder_is_refused(tmp_path, tiny_policy_dir,
 
 def test_changed_reward_model_after_a_kill_in_scoring_is_refused(reference_run, tmp_path, tiny_policy_dir,
                                                                 tiny_reward_dir):
-    from mpo.tiny import save_reward_model
+    from mpo.cli.tiny import save_reward_model
 
     reference_dir, _ = reference_run
     run_dir = tmp_path / "run"

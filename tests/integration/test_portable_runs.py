@@ -152,9 +152,9 @@ def test_copied_unfinished_run_resumes_from_its_own_round(finished, tmp_path):
 def _write_earlier_keys(run: Path) -> list[Path]:
     """Rewrite ``run``'s stage keys as an earlier mpo wrote them (absolute paths, file times)."""
     from mpo.config import load_recipe
-    from mpo.iterate import load_round_prompts
-    from mpo.round_layout import RoundLayout
-    from mpo.stages import key_path
+    from mpo.keys import key_path
+    from mpo.rounds.driver import load_round_prompts
+    from mpo.rounds.layout import RoundLayout
 
     cwd = os.getcwd()
     os.chdir(run)

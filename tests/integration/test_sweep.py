@@ -16,8 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mpo.cli import app
+from mpo.cli.sweep import METRICS, format_value, point_names, split_values
 from mpo.config import load_recipe
-from mpo.sweep import METRICS, format_value, point_names, split_values
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny" / "mpo_offline.yaml"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mpo.chat import ChatEncoder, ChatError
-from mpo.images import open_image
+from mpo.data.images import open_image
 
 QUESTION = "What colour is this image? Answer in one word."
 

@@ -1,6 +1,6 @@
 """Pair collation and single-vision-encode log-probs on a tiny Qwen2.5-VL (CPU, fp32).
 
-The log-prob tests pin :func:`mpo.logprobs.pair_logps` (images encoded once per pair, features
+The log-prob tests pin :func:`mpo.train.logprobs.pair_logps` (images encoded once per pair, features
 reused for the rejected row, M-RoPE positions from ``get_rope_index``, logits only at response
 positions) to the naive computation: a full model forward on each sequence alone.
 """
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mpo.chat import ChatEncoder
-from mpo.collate import PairCollator, PairDataset, PairError, check_pairs, pad_token_id
 from mpo.data import load_preferences
-from mpo.logprobs import naive_sequence_logps, pair_logps
 from mpo.records import PreferencePair
+from mpo.train.collate import PairCollator, PairDataset, PairError, check_pairs, pad_token_id
+from mpo.train.logprobs import naive_sequence_logps, pair_logps
 
 PAIRS = Path(__file__).resolve().parent.parent / "fixtures" / "pairs" / "colour_pairs.jsonl"
 
@@ -65,11 +65,11 @@ def _types(model, ids, vision):
 def keep_mode(request, monkeypatch):
     """Both ways of keeping only response logits: a boolean mask (transformers 5.2x) and the
     union of columns (5.19); on 5.19 the mask mode is skipped."""
-    import mpo.logprobs
+    import mpo.train.logprobs
 
-    if request.param == "mask" and not mpo.logprobs._accepts_mask_keep():
+    if request.param == "mask" and not mpo.train.logprobs._accepts_mask_keep():
         pytest.skip("this transformers has no boolean logits_to_keep")
-    monkeypatch.setattr(mpo.logprobs, "_MASK_KEEP", request.param == "mask")
+    monkeypatch.setattr(mpo.train.logprobs, "_MASK_KEEP", request.param == "mask")
     return request.param
 
 
@@ -215,10 +215,10 @@ def test_length_policy(pairs, tiny_processor):
 
 
 def test_cached_and_reencoded_items_are_identical(pairs, tiny_processor, monkeypatch):
-    import mpo.collate
+    import mpo.train.collate
 
     cached = PairDataset(pairs, ChatEncoder(tiny_processor), 512)
-    monkeypatch.setattr(mpo.collate, "TOKEN_CACHE_LIMIT", 0)
+    monkeypatch.setattr(mpo.train.collate, "TOKEN_CACHE_LIMIT", 0)
     fresh = PairDataset(pairs, ChatEncoder(tiny_processor), 512)
     assert all(p.ids is not None for p in cached.plans) and all(p.ids is None for p in fresh.plans)
     for i in (0, 5, 12):

@@ -23,11 +23,11 @@ def family(request, tmp_path_factory):
     """``(name, processor, encoder)``: the family's processor saved and loaded back as a user's is."""
     from transformers import AutoProcessor
 
+    from mpo.cli.tiny_families import FAMILIES as BUILDERS
     from mpo.models import eos_list
-    from mpo.tiny_families import FAMILIES as BUILDERS
 
     if request.param == "qwen2_5_vl":
-        from mpo.tiny import build_policy
+        from mpo.cli.tiny import build_policy
 
         model, processor = build_policy(seed=0)
     else:

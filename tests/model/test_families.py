@@ -40,7 +40,7 @@ FRAMES = {
 def family(request, tmp_path_factory):
     from transformers import AutoProcessor
 
-    from mpo.tiny_families import save_family_policy
+    from mpo.cli.tiny_families import save_family_policy
 
     folder = save_family_policy(tmp_path_factory.mktemp(request.param) / "policy", request.param)
     processor = AutoProcessor.from_pretrained(folder)
@@ -79,8 +79,8 @@ def test_a_rendered_pair_frames_the_response_as_the_family_does(family, pictures
 
 
 def _batch(encoder, pictures):
-    from mpo.collate import PairCollator, pad_token_id
     from mpo.records import PreferencePair
+    from mpo.train.collate import PairCollator, pad_token_id
 
     pairs = [PreferencePair("a", USER, [pictures[0]], "Red.", "It is blue, I think."),
              PreferencePair("b", TWO, [pictures[1], pictures[2]], "No.", "Yes, both."),
@@ -94,7 +94,7 @@ def _batch(encoder, pictures):
 def test_one_vision_encode_per_pair_equals_a_two_pass_forward(family, pictures):
     from transformers import AutoModelForImageTextToText
 
-    from mpo.logprobs import naive_sequence_logps, pair_logps
+    from mpo.train.logprobs import naive_sequence_logps, pair_logps
 
     name, folder, _, encoder = family
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
@@ -112,8 +112,8 @@ def test_two_steps_move_every_trainable_tensor_and_no_frozen_one(family, picture
 
     from mpo.config import load_recipe
     from mpo.records import PreferencePair
-    from mpo.trainer_setup import part_of
-    from mpo.training import build_trainer, precompute_reference
+    from mpo.train.run import build_trainer, precompute_reference
+    from mpo.train.setup import part_of
 
     name, folder, processor, _ = family
     recipe = load_recipe(None, [f"model.policy={folder}", f"run.output_dir={tmp_path}", "model.dtype=float32",

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mpo.chat import ChatEncoder
 from mpo.config import load_recipe
-from mpo.images import ImageError, fit_image
+from mpo.data.images import ImageError, fit_image
 from mpo.models import recipe_processor
 from mpo.records import PreferencePair, Prompt
 
@@ -87,8 +87,8 @@ def _recipe(policy, reward):
 @pytest.fixture(scope="module")
 def consumers(tiny_policy_dir, tiny_reward_dir):
     """Each consumer's own way of turning a prompt with one image into model inputs."""
-    from mpo.collate import PairDataset
     from mpo.rollout import make_backend
+    from mpo.train.collate import PairDataset
     from reward.collate import PairDataset as RewardPairDataset
     from reward.scorer import Scorer
 

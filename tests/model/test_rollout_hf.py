@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mpo.cli.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, save_policy
 from mpo.config import ModelConfig, RolloutConfig
 from mpo.errors import MpoError
 from mpo.records import Prompt, Rollout
-from mpo.rollout import HFBackend, make_backend
-from mpo.rollout_base import RolloutError, policy_label
-from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, save_policy
+from mpo.rollout import make_backend
+from mpo.rollout.base import RolloutError, policy_label
+from mpo.rollout.hf import HFBackend
 
 MODEL = ModelConfig(dtype="float32", min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 

@@ -1,7 +1,7 @@
-"""The prefix-shared pair forward (:mod:`mpo.shared_prefix`) against the unshared one, on a tiny
+"""The prefix-shared pair forward (:mod:`mpo.train.shared_prefix`) against the unshared one, on a tiny
 Qwen2.5-VL (CPU, fp32, real images).
 
-:func:`mpo.logprobs.pair_logps` is pinned to one full forward per sequence in
+:func:`mpo.train.logprobs.pair_logps` is pinned to one full forward per sequence in
 ``test_collate_logprobs.py``; here the shared forward is pinned to it: per-sequence log-prob sums
 and per-token log-probs to 1e-5, and every parameter's gradient to 1e-5 relative (the error's norm
 over the gradient's norm, per parameter tensor; elementwise to 1e-5 of the tensor's largest entry),
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from mpo.chat import ChatEncoder
-from mpo.collate import PairCollator, PairDataset, pad_token_id
-from mpo.logprobs import pair_logps
 from mpo.records import PreferencePair
-from mpo.shared_prefix import (
+from mpo.train.collate import PairCollator, PairDataset, pad_token_id
+from mpo.train.logprobs import pair_logps
+from mpo.train.shared_prefix import (
     choose_pair_forward,
     pack_pairs,
     pair_attention_mask,
@@ -110,11 +110,11 @@ KINDS = ["image_heavy", "multi_image", "text_only", "mixed"]
 @pytest.fixture(params=["mask", "columns"])
 def keep_mode(request, monkeypatch):
     """Both ways of keeping only response logits (boolean mask: transformers 5.2x; columns: 5.19)."""
-    import mpo.logprobs
+    import mpo.train.logprobs
 
-    if request.param == "mask" and not mpo.logprobs._accepts_mask_keep():
+    if request.param == "mask" and not mpo.train.logprobs._accepts_mask_keep():
         pytest.skip("this transformers has no boolean logits_to_keep")
-    monkeypatch.setattr(mpo.logprobs, "_MASK_KEEP", request.param == "mask")
+    monkeypatch.setattr(mpo.train.logprobs, "_MASK_KEEP", request.param == "mask")
     return request.param
 
 
@@ -274,7 +274,7 @@ def test_unsupported_models_fall_back_with_a_reason(tiny_policy_dir, model):
 
 def _train(policy_dir, out, *overrides):
     from mpo.config import load_recipe
-    from mpo.training import run_training
+    from mpo.train.run import run_training
 
     pairs = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
     recipe = load_recipe(

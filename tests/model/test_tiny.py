@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mpo.images import open_image
-from mpo.tiny import build_policy, save_policy, save_reward_model
+from mpo.cli.tiny import build_policy, save_policy, save_reward_model
+from mpo.data.images import open_image
 
 
 def _digest(folder):

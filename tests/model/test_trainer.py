@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from mpo.config import load_recipe
 from mpo.errors import MpoError
-from mpo.training import build_trainer, load_policy, precompute_reference, run_training
+from mpo.train.run import build_trainer, load_policy, precompute_reference, run_training
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny" / "mpo_offline.yaml"
@@ -379,7 +379,7 @@ def test_separate_reference_model_is_the_reference(tiny_policy_dir, tmp_path, mo
     """train.reference_model (pi_0 in later rounds of `mpo iterate ... iterate.reference=fixed`):
     the first step's reference-dependent rewards equal a run whose policy *is* that reference model
     (at step 1 the policy's log-probs differ, so compare logps - rewards/beta = reference logps)."""
-    from mpo.tiny import save_policy
+    from mpo.cli.tiny import save_policy
 
     other = save_policy(tmp_path / "other", seed=5)
     runs = {}

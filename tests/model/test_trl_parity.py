@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mpo.config import load_recipe
-from mpo.training import run_training
+from mpo.train.run import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
@@ -121,7 +121,7 @@ def _run_ours(policy_dir, path: Path, out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gemma3_dir(tmp_path_factory):
-    from mpo.tiny_families import save_family_policy
+    from mpo.cli.tiny_families import save_family_policy
 
     return save_family_policy(tmp_path_factory.mktemp("gemma3") / "policy", "gemma3")
 

@@ -1,4 +1,4 @@
-"""The length-grouped pair sampler (:mod:`mpo.batching`): every pair once an epoch, reproducible per
+"""The length-grouped pair sampler (:mod:`mpo.train.batching`): every pair once an epoch, reproducible per
 epoch, micro-batches of neighbours in length, optimizer steps independent of the micro-batch split,
 and less padding than a random order."""
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from mpo.batching import LengthGroupedPairSampler, padded_fraction
+from mpo.train.batching import LengthGroupedPairSampler, padded_fraction
 
 
 def _lengths(n=1000, seed=0):

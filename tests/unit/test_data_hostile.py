@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from mpo.data import guess_kind, load_preferences, load_prompts
-from mpo.row_shapes import DataError
+from mpo.data.row_shapes import DataError
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
 
@@ -263,7 +263,7 @@ def test_animated_gif_says_its_first_frame_is_used_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("is animated") == 1
     assert f"note: {tmp_path / 'anim.gif'} is animated (3 frames); its first frame is used" in err
-    from mpo.images import open_image
+    from mpo.data.images import open_image
 
     assert open_image(tmp_path / "anim.gif").getpixel((0, 0)) == (255, 0, 0)
 
@@ -282,7 +282,7 @@ def test_a_300_to_1_image_is_refused_at_load_naming_its_path(tmp_path):
 def test_the_ratio_limit_is_qwen_vl_utils():
     from qwen_vl_utils.vision_process import MAX_RATIO
 
-    from mpo import images
+    from mpo.data import images
 
     assert images.MAX_RATIO == MAX_RATIO
 

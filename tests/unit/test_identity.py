@@ -1,4 +1,4 @@
-"""Identities by content (mpo.identity, mpo.models.folder_identity): a copied, moved or touched file
+"""Identities by content (mpo.keys, mpo.models.folder_identity): a copied, moved or touched file
 keeps its identity, a changed one does not, whatever its times say; the digest cache never answers
 for a file that is not the one it read; every key (rounds, mpo train, reward stages, the reference
 log-probs) takes models from the one folder_identity."""
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mpo import identity
+from mpo import keys as identity
 from mpo.errors import RunFolderError
+from mpo.keys import check_key, key_path, prompts_identity, records_digest
 from mpo.models import folder_identity, legacy_folder_identity
 from mpo.records import Prompt
-from mpo.stages import check_key, key_path, prompts_identity, records_digest
 
 
 def _model(folder: Path, weights: bytes = b"w" * 64) -> Path:
@@ -142,7 +142,7 @@ def test_earlier_key_format_whose_inputs_changed_is_refused(tmp_path):
 def test_every_key_takes_models_from_folder_identity(tmp_path, monkeypatch):
     """mpo train's key and the reference log-probs' fingerprint follow a model's content, not its path."""
     from mpo.config import load_recipe
-    from mpo.training import reference_fingerprint, training_key
+    from mpo.train.run import reference_fingerprint, training_key
 
     first = _model(tmp_path / "one" / "policy")
     shutil.copytree(first, tmp_path / "two" / "policy")

@@ -7,7 +7,7 @@ import pytest
 from fixture_images import bomb_png
 from PIL import Image
 
-from mpo.images import ImageError, check_image, image_size, open_image
+from mpo.data.images import ImageError, check_image, image_size, open_image
 
 
 def test_a_decompression_bomb_is_one_line(tmp_path):

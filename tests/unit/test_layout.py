@@ -7,8 +7,14 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-MODULES = {".".join(p.relative_to(REPO).with_suffix("").parts): p
-           for package in ("mpo", "reward") for p in sorted((REPO / package).rglob("*.py"))}
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_name(p): p for package in ("mpo", "reward") for p in sorted((REPO / package).rglob("*.py"))}
 
 
 def _tree(path: Path) -> ast.AST:

@@ -1,4 +1,4 @@
-"""mpo.losses pinned to numbers worked out by hand (math.log / math.exp, never the function under
+"""mpo.train.losses pinned to numbers worked out by hand (math.log / math.exp, never the function under
 test), and to TRL 1.16's own loss code.
 
 TRL's DPOTrainer has no standalone loss function: the maths lives inline in
@@ -21,7 +21,7 @@ import types
 import pytest
 import torch
 
-from mpo.losses import (
+from mpo.train.losses import (
     DeltaTracker,
     bco_pair,
     dpo_sigmoid,

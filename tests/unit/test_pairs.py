@@ -7,7 +7,8 @@ import random
 import pytest
 
 from mpo.config import PairsConfig
-from mpo.pairs import (
+from mpo.records import Prompt, ScoredRollout
+from mpo.rounds.pairs import (
     PAIR_REASONS,
     PROMPT_REASONS,
     PairStats,
@@ -18,7 +19,6 @@ from mpo.pairs import (
     read_pair_stats,
     write_pair_stats,
 )
-from mpo.records import Prompt, ScoredRollout
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}]
 

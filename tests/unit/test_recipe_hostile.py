@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mpo.config import ConfigError, load_recipe
-from mpo.recipe_yaml import MAX_VALUES
+from mpo.config.recipe_yaml import MAX_VALUES
 
 
 def _write(tmp_path, text: str):

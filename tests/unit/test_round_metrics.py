@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from mpo.iterate import rollout_metrics, train_metrics
 from mpo.records import ScoredRollout
-from mpo.report import format_round_table
+from mpo.rounds.driver import rollout_metrics, train_metrics
+from mpo.rounds.report import format_round_table
 
 
 def _scored(rewards, responses=None):

@@ -3,7 +3,7 @@
 import pytest
 
 from mpo.records import Rollout
-from mpo.stages import chunk_seed, parts_dir, run_chunked
+from mpo.rounds.chunks import chunk_seed, parts_dir, run_chunked
 
 
 def _rollouts(chunk, seed, calls):
@@ -63,7 +63,7 @@ def test_chunk_seed_is_stable_and_distinct():
 
 
 def test_last_complete_checkpoint_passes_over_a_cut_short_one(tmp_path):
-    from mpo.stages import last_complete_checkpoint
+    from mpo.keys import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "missing") is None
     for step, state in [(2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)]:

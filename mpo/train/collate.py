@@ -10,7 +10,7 @@
   is skipped), ``skip`` drops the pair, ``error`` stops. Every truncation and skip is counted in
   :class:`LengthReport` and named in its messages. Items are re-encoded on access (pixels are not
   held in memory); the length decisions are made once, at construction.
-- :class:`PairCollator` builds the batch :func:`mpo.logprobs.pair_logps` consumes: rows ``[0, B)``
+- :class:`PairCollator` builds the batch :func:`mpo.train.logprobs.pair_logps` consumes: rows ``[0, B)``
   are ``prompt+chosen``, rows ``[B, 2B)`` ``prompt+rejected``, right-padded; ``response_mask`` marks
   response tokens; ``pixel_values`` / ``image_grid_thw`` hold each pair's images ONCE (not repeated
   for the rejected row). Text-only and image pairs mix freely in one batch.

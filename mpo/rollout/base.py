@@ -1,4 +1,4 @@
-"""What every rollout engine provides (the interface :mod:`mpo.rollout` and :mod:`mpo.rollout_vllm`
+"""What every rollout engine provides (the interface :mod:`mpo.rollout.hf` and :mod:`mpo.rollout.vllm`
 implement), the error they raise and the label a rollout records for its policy."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A run folder of ``mpo iterate``: where each round's files are, which policy and reference a round
-uses, and the keys that say what made each stage's output (:func:`mpo.stages.check_key`).
+uses, and the keys that say what made each stage's output (:func:`mpo.keys.check_key`).
 
 Run folder (``run.output_dir``)::
 
@@ -12,7 +12,7 @@ Run folder (``run.output_dir``)::
     round_000/train/             mpo train's folder: ref_logps.jsonl, checkpoints, metrics.jsonl, policy/
     round_000/manifest.json      written last: the round is finished
     summary.json, plots/*.png    per-round curves
-    .mpo-digests.json            cached file digests for the keys (mpo.identity; only an accelerator)
+    .mpo-digests.json            cached file digests for the keys (mpo.keys; only an accelerator)
 
 Round ``n`` rolls out from ``round_{n-1}/train/policy`` (round 0 from ``model.policy``), found
 under the run folder as it is now (the manifests' absolute paths record where it was made), and keys
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from mpo.config import Recipe
 from mpo.errors import MpoError
+from mpo.keys import check_key, digest, legacy_records_digest, prompts_identity
 from mpo.models import folder_identity, legacy_folder_identity
 from mpo.records import Prompt
-from mpo.stages import check_key, digest, legacy_records_digest, prompts_identity
 
 # The settings that change what a stage makes (beyond its inputs and models); the rest (logging,
 # W&B, engine memory, parallel layout, iterate.rounds) may change between runs of one folder.
@@ -95,8 +95,8 @@ class RoundLayout:
         """Compare every finished or partial stage's key with this run's before anything is written
         (so a refused run leaves the folder, ``config.yaml`` included, as it was). Rounds and stages
         are checked in order, so a refusal names the earliest stage to redo."""
-        from mpo.stages import key_path
-        from mpo.training import KEY_FILE
+        from mpo.keys import key_path
+        from mpo.train.run import KEY_FILE
 
         for n in range(self.recipe.iterate.rounds):
             for name in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
@@ -108,9 +108,9 @@ class RoundLayout:
                 return
 
     def check(self, n: int, stage: str, prompts: list[Prompt]) -> dict:
-        """:func:`mpo.stages.check_key` for round ``n``'s ``stage`` (a file name of :data:`STAGES`, or
+        """:func:`mpo.keys.check_key` for round ``n``'s ``stage`` (a file name of :data:`STAGES`, or
         ``train``); returns the key."""
-        from mpo.training import KEY_FILE
+        from mpo.train.run import KEY_FILE
 
         make = {"rollouts.jsonl": self.rollout_key, "scored.jsonl": self.score_key,
                 "pairs.jsonl": self.pairs_key, "train": self.train_key}[stage]
@@ -161,7 +161,7 @@ class RoundLayout:
                 **self.settings(ROLLOUT_SETTINGS, legacy)}
 
     def _prompts_identity(self, prompts: list[Prompt]) -> dict:
-        """:func:`mpo.stages.prompts_identity`, once per prompt list (every stage key of every round
+        """:func:`mpo.keys.prompts_identity`, once per prompt list (every stage key of every round
         holds it)."""
         if self._prompts is None or self._prompts[0] is not prompts:
             self._prompts = (prompts, prompts_identity(prompts))
@@ -184,6 +184,6 @@ class RoundLayout:
     @staticmethod
     def _stage_digest(key: dict, legacy: bool) -> str:
         """The digest of the stage before's key, as that stage's key file holds it."""
-        from mpo.stages import stamped
+        from mpo.keys import stamped
 
         return digest(key if legacy else stamped(key))

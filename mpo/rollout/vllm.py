@@ -26,7 +26,7 @@ Between rounds (``rollout.weight_refresh``):
 
 ``data_parallel_size > 1`` is refused here: vLLM's offline ``LLM`` does not support data
 parallelism in one process; ``iterate.launch: distributed`` runs one replica per process
-(:mod:`mpo.launch`). ``gpu_memory_utilization`` on the CPU
+(:mod:`mpo.rounds.launch`). ``gpu_memory_utilization`` on the CPU
 backend is the fraction of host memory vLLM reserves (weights + KV cache).
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.records import Rollout
-from mpo.rollout_base import Backend, RolloutError
+from mpo.rollout.base import Backend, RolloutError
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

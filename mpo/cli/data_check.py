@@ -68,7 +68,7 @@ def _encoder(recipe):
     if recipe.model.policy:
         folder = model_folder(recipe.model.policy, "model.policy")
         return ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder)), str(folder), folder
-    from mpo.tiny import build_processor, load_real_vocab_tokenizer
+    from mpo.cli.tiny import build_processor, load_real_vocab_tokenizer
 
     processor = build_processor(load_real_vocab_tokenizer(), recipe.model.min_pixels, recipe.model.max_pixels)
     return ChatEncoder(processor), "the bundled Qwen2.5 tokenizer (no model.policy given)", None
@@ -78,7 +78,7 @@ def check_data(source: str | Path, recipe=None, kind: str | None = None) -> Data
     """Read every row of ``source`` and report on it (see the module docstring)."""
     from mpo.config import load_recipe
     from mpo.data import guess_kind, scan
-    from mpo.images import ImageError
+    from mpo.data.images import ImageError
     from mpo.models import max_positions
 
     recipe = recipe or load_recipe(None)

@@ -1,6 +1,6 @@
 """Prompts and preference sets from JSONL, MMPR ``meta.json``, parquet and local HF dataset folders.
 
-Rows of any source may take any of the shapes :mod:`mpo.row_shapes` accepts (this project's
+Rows of any source may take any of the shapes :mod:`mpo.data.row_shapes` accepts (this project's
 records, TRL's standard, conversational, implicit-prompt and prompt-only formats, MMPR's and a
 simple question shape); :attr:`Loaded.shapes` counts the rows of each.
 
@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mpo.images import ImageError, check_image
+from mpo.data.images import ImageError, check_image
+from mpo.data.row_shapes import DataError, build
 from mpo.records import iter_jsonl, read_text
-from mpo.row_shapes import DataError, build
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Loaded:
     records: list
     sources: list[str] = field(default_factory=list)  # where each record came from: file:line / file:row N
     skipped: list[str] = field(default_factory=list)  # one message per skipped row
-    shapes: dict[str, int] = field(default_factory=dict)  # row shape name -> rows of it (mpo.row_shapes)
+    shapes: dict[str, int] = field(default_factory=dict)  # row shape name -> rows of it (mpo.data.row_shapes)
 
 
 def _rows(path: Path, split: str | None = None) -> Iterator[tuple[str, dict, Path]]:
@@ -127,7 +127,7 @@ class Row:
 def guess_kind(path: str | os.PathLike, split: str | None = None) -> str:
     """``preferences`` if the source's first row fits a preference shape or has ``chosen`` or
     ``rejected`` (a bad pair is reported as a pair, not as a prompt), else ``prompts``."""
-    from mpo.row_shapes import PREFERENCE_SHAPES
+    from mpo.data.row_shapes import PREFERENCE_SHAPES
 
     for _, row, _ in _rows(Path(path), split):
         present = {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else {}

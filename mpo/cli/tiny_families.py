@@ -6,14 +6,14 @@ tower) with the family's own processor class and its checkpoint's real chat temp
 (``mpo/assets/chat_templates``), a byte-level BPE tokenizer trained here holding the family's special
 tokens (their strings match the real checkpoints; their ids do not), and the checkpoint's stop tokens
 in ``generation_config``. Images are small (56-pixel tiles or 4..64 merged tokens). The same seed
-gives the same weights. (Qwen2.5-VL, the reward model's family, is :mod:`mpo.tiny`'s.)
+gives the same weights. (Qwen2.5-VL, the reward model's family, is :mod:`mpo.cli.tiny`'s.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mpo.tiny import ASSETS, _corpus
+from mpo.cli.tiny import ASSETS, _corpus
 
 TEMPLATES = ASSETS / "chat_templates"
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

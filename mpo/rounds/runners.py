@@ -6,11 +6,11 @@
   memory, KV cache dropped) while scoring and training run, the HF policy moves to the CPU, and the
   reward model leaves the GPU while training runs. On a CPU these are no-ops.
 - :class:`LaunchedStages` (``distributed``): each stage of each round is a job of its own
-  (:mod:`mpo.launch`); this process only sequences them, joins each stage's parts and writes the
+  (:mod:`mpo.rounds.launch`); this process only sequences them, joins each stage's parts and writes the
   round's files.
 
 Both produce the same records: chunk c of a stage is made from its items and ``chunk_seed(seed,
-c)`` alone, wherever it runs (:func:`mpo.stages.run_chunked`).
+c)`` alone, wherever it runs (:func:`mpo.keys.run_chunked`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mpo.records import Rollout, ScoredRollout
-from mpo.stages import chunk_seed, run_chunked
+from mpo.rounds.chunks import chunk_seed, run_chunked
 
 
 def chunk_spec(layout, n: int, stage: str):
@@ -95,7 +95,7 @@ class InlineStages:
         return run_chunked(items, out, cls, process, chunk_size=size, seed=seed, desc=f"round {n} {stage}")
 
     def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
-        from mpo.training import run_training
+        from mpo.train.run import run_training
 
         if self._backend is not None:
             self._backend.sleep()
@@ -109,19 +109,19 @@ class InlineStages:
 
 
 class LaunchedStages:
-    """Every stage a job of its own (see :mod:`mpo.launch`); ``config`` is the run's resolved recipe."""
+    """Every stage a job of its own (see :mod:`mpo.rounds.launch`); ``config`` is the run's resolved recipe."""
 
     distributed = True
 
     def __init__(self, recipe, config: Path):
-        from mpo.launch import topology
+        from mpo.rounds.launch import topology
 
         self.recipe, self.config = recipe, Path(config)
         self.topology = topology(recipe.iterate)
         self.seconds: dict[tuple[int, str], float] = {}
 
     def launch(self, layout, n: int, stage: str) -> None:
-        from mpo.launch import run_stage_job, stage_command
+        from mpo.rounds.launch import run_stage_job, stage_command
 
         log_dir = layout.round_dir(n) / "logs" / stage
         command = stage_command(stage, self.config, n, self.recipe, self.topology, log_dir)

@@ -62,14 +62,14 @@ def tiny_policy(
     check_output_folder(out_dir, "OUT_DIR")
 
     if family != "qwen2_5_vl":
-        from mpo.tiny_families import save_family_policy
+        from mpo.cli.tiny_families import save_family_policy
 
         if vllm_compatible or real_vocab:
             raise MpoError("--vllm-compatible / --real-vocab: for --family qwen2_5_vl only")
         path = save_family_policy(out_dir, family, seed)
         typer.echo(f"tiny {family} policy written to {path}")
         return
-    from mpo.tiny import save_policy
+    from mpo.cli.tiny import save_policy
 
     path = save_policy(out_dir, seed, vllm_compatible=vllm_compatible, real_vocab=real_vocab)
     typer.echo(f"tiny policy written to {path}")
@@ -79,8 +79,8 @@ def tiny_policy(
 @guarded
 def tiny_reward(out_dir: Path, seed: Seed = 0, vllm_compatible: VllmCompatible = False, real_vocab: RealVocab = False):
     """Build a tiny reward model (backbone + value_head.safetensors, Skywork layout) into OUT_DIR."""
+    from mpo.cli.tiny import save_reward_model
     from mpo.cli_common import check_output_folder
-    from mpo.tiny import save_reward_model
 
     check_output_folder(out_dir, "OUT_DIR")
 
@@ -115,13 +115,13 @@ def train(
 ):
     """MPO on a preference set (jsonl, MMPR meta.json, parquet, dataset folder), or on round N's pairs."""
     if round_index is not None:
-        from mpo.cli_rounds import train_round
+        from mpo.cli.rounds import train_round
 
         return train_round(recipe, overrides, round_index, stage_only)
     from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
     from mpo.models import model_folder
-    from mpo.training import run_training
+    from mpo.train.run import run_training
 
     loaded = load_recipe(recipe, overrides or [])
     check_output_folder(loaded.run.output_dir, "run.output_dir")
@@ -141,9 +141,9 @@ def data_check(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
 ):
     """Rows, shapes, images and token lengths of a data set; exits 2 if any row is bad. Loads no model."""
+    from mpo.cli.data_check import check_data, format_report
     from mpo.cli_common import check_output_file, fail, write_or_recover
     from mpo.config import load_recipe
-    from mpo.data_check import check_data, format_report
     from mpo.errors import MpoError
     from mpo.records import write_json
 
@@ -166,19 +166,19 @@ def demo(
     seed: Seed = 0,
 ):
     """The whole loop on CPU on tiny models it builds itself."""
+    from mpo.cli.demo import run_demo
     from mpo.cli_common import check_output_folder
-    from mpo.demo import run_demo
 
     check_output_folder(out_dir, "--out-dir")
 
     run_demo(out_dir, seed)
 
 
-from mpo.cli_rounds import register as _register_round_commands  # noqa: E402
+from mpo.cli.rounds import register as _register_round_commands  # noqa: E402
 
 _register_round_commands(app)
 
-from mpo.sweep import register as _register_sweep  # noqa: E402  (import-light: typer only)
+from mpo.cli.sweep import register as _register_sweep  # noqa: E402  (import-light: typer only)
 
 _register_sweep(app)
 

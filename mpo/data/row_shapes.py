@@ -145,7 +145,7 @@ def _named(text: str, where: str, image_cache: Path | None) -> str:
     """A path as it is; a ``file://`` URI as its path; a ``data:image`` URI decoded and an
     ``http(s)://`` URL fetched (once: a URL's cache file is reused, so every stage and every rerun
     reads the same bytes) into the image cache."""
-    from mpo.images import ImageError, check_bytes, data_uri_bytes, fetch_url, shown
+    from mpo.data.images import ImageError, check_bytes, data_uri_bytes, fetch_url, shown
 
     if text.startswith("file://"):
         return text[len("file://"):]

@@ -1,6 +1,6 @@
 """Prefix-shared pair log-probs: each pair's prompt runs through the language model once.
 
-Chosen and rejected share the prompt (and its images). :func:`mpo.logprobs.pair_logps` already runs
+Chosen and rejected share the prompt (and its images). :func:`mpo.train.logprobs.pair_logps` already runs
 the vision tower once per pair, but the language model still sees the prompt twice, in the rows
 ``prompt+chosen`` and ``prompt+rejected``. With long prompts (256+ visual tokens per image) and short
 answers that is nearly half of the step. Prefix sharing (Wang et al., "Accelerating Direct
@@ -19,11 +19,11 @@ log-probs (and their gradients, which flow into the prompt once from both respon
 unshared ones up to float rounding (tested to 1e-5). The first rejected token is predicted from the
 prompt's last position, whose logits are shared with the first chosen token.
 
-The batch is the ordinary pair batch of :class:`mpo.collate.PairCollator` (rows ``[0, B)`` chosen,
-``[B, 2B)`` rejected); packing happens here, and the result is a :class:`mpo.logprobs.PairLogps` in
+The batch is the ordinary pair batch of :class:`mpo.train.collate.PairCollator` (rows ``[0, B)`` chosen,
+``[B, 2B)`` rejected); packing happens here, and the result is a :class:`mpo.train.logprobs.PairLogps` in
 that batch's layout, so callers cannot tell the paths apart. Everything runs inside the (possibly
 DDP / DeepSpeed / PEFT-wrapped) model's own ``__call__``, once per batch, after the one vision encode
-on the unwrapped model that :func:`mpo.logprobs.pair_logps` also does: gradient checkpointing, LoRA,
+on the unwrapped model that :func:`mpo.train.logprobs.pair_logps` also does: gradient checkpointing, LoRA,
 DDP and ZeRO-2/3 see one ordinary forward.
 
 Where the model cannot take this (an attention implementation without custom 4-D masks such as
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mpo import logprobs
 from mpo.chat import PER_TOKEN, mrope_positions
-from mpo.logprobs import PairLogps, image_features, pair_logps, unwrap
+from mpo.train import logprobs
+from mpo.train.logprobs import PairLogps, image_features, pair_logps, unwrap
 
 MASKED_ATTENTION = ("sdpa", "eager")  # the implementations that take a custom 4-D mask
 
@@ -166,9 +166,9 @@ def _pad_id(model) -> int:
 
 
 def shared_pair_logps(model, batch: dict) -> PairLogps:
-    """:func:`mpo.logprobs.pair_logps` with each prompt computed once (see the module docstring).
+    """:func:`mpo.train.logprobs.pair_logps` with each prompt computed once (see the module docstring).
 
-    ``batch``: the pair batch of :class:`mpo.collate.PairCollator` (``input_ids``,
+    ``batch``: the pair batch of :class:`mpo.train.collate.PairCollator` (``input_ids``,
     ``attention_mask``, ``response_mask`` [2B, T]; optional ``pixel_values`` [P, C] and
     ``image_grid_thw`` [I, 3], each pair's images once). Returns ``PairLogps`` over [2B, T]."""
     inner = unwrap(model)

@@ -1,5 +1,5 @@
 """Each stage of a round as its own distributed job (``iterate.launch: distributed``), on launchers
-that exist: ``torchrun`` for rollout replicas and scoring ranks (:mod:`mpo.stage_rank`), ``accelerate
+that exist: ``torchrun`` for rollout replicas and scoring ranks (:mod:`mpo.rounds.rank`), ``accelerate
 launch`` for training (``-m mpo train CONFIG --round N``, with the recipe's accelerate / DeepSpeed
 config). Each job owns whole GPUs and exits when its stage is done, so no vLLM engine, reward model
 and trainer are ever resident together.
@@ -112,7 +112,7 @@ def stage_command(stage: str, config: Path, n: int, recipe, topo: Topology, log_
         return _accelerate(recipe, topo, port, log_dir) + ["-m", "mpo", "train", str(config), "--round", str(n),
                                                          "--stage-only"]
     procs = replicas_per_node(recipe, topo) if stage == "rollout" else topo.nproc_per_node
-    return _torchrun(topo, procs, port, log_dir) + ["-m", "mpo.stage_rank", stage, str(config), "--round", str(n)]
+    return _torchrun(topo, procs, port, log_dir) + ["-m", "mpo.rounds.rank", stage, str(config), "--round", str(n)]
 
 
 def _accelerate(recipe, topo: Topology, port: int, log_dir: Path) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mpo.tiny import ASSETS
+from mpo.cli.tiny import ASSETS
 
 DEMO = ASSETS / "demo"
 DEMO_PROMPTS = DEMO / "prompts.jsonl"
@@ -68,7 +68,7 @@ def train_reward_model(out: Path, init_dir: Path, seed: int) -> Path:
 def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
     from mpo.data import load_prompts
     from mpo.records import PreferencePair, write_jsonl
-    from mpo.training import run_training
+    from mpo.train.run import run_training
 
     folder = out / "warmup"
     if (folder / "policy" / "config.json").exists():
@@ -85,8 +85,8 @@ def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
 def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> list[dict]:
     import torch
 
-    from mpo.iterate import run_iterate
-    from mpo.tiny import save_policy, save_reward_model
+    from mpo.cli.tiny import save_policy, save_reward_model
+    from mpo.rounds.driver import run_iterate
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     start = time.perf_counter()

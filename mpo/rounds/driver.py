@@ -1,6 +1,6 @@
 """The round driver: rollout -> score -> pairs -> MPO (reference log-probs first) -> checkpoint.
 
-The run folder and the stage keys are :mod:`mpo.round_layout`'s.
+The run folder and the stage keys are :mod:`mpo.rounds.layout`'s.
 
 Round ``n`` rolls out from ``round_{n-1}/train/policy`` (round 0 from ``model.policy``). Every stage
 writes its file atomically and is skipped when that file exists; rollout and scoring keep finished
@@ -8,7 +8,7 @@ chunks; training resumes from the Trainer's last checkpoint. So a run killed at 
 again continues where it stopped and produces the same pairs. Each stage is also a command of its own
 (``mpo rollout|score|pairs|train RECIPE --round N``).
 
-Each stage's output is reused only if it was made the same way (``mpo.stages.check_key``: the
+Each stage's output is reused only if it was made the same way (``mpo.keys.check_key``: the
 policy, reward model and reference, the prompt set's content and the settings that change results,
 kept in ``<stage>.key.json`` beside it); the run folder is locked while a command works in it
 (``mpo.run_lock``). Prompts are checked before any model loads (ids, images, and their token
@@ -26,8 +26,8 @@ from pathlib import Path
 from mpo.config import Recipe
 from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
-from mpo.round_layout import RoundLayout
-from mpo.stages import chunk_seed
+from mpo.rounds.chunks import chunk_seed
+from mpo.rounds.layout import RoundLayout
 
 
 def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
@@ -58,7 +58,7 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
     With ``data.special_tokens=error`` a prompt holding a control token's text is refused here too."""
     from mpo import control_tokens as control
     from mpo.chat import ChatEncoder
-    from mpo.images import ImageError
+    from mpo.data.images import ImageError
     from mpo.models import max_positions, model_folder, recipe_processor, stop_ids
 
     folder = model_folder(recipe.model.policy or "", "model.policy")
@@ -118,7 +118,7 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
 
 
 def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list[ScoredRollout]):
-    from mpo.pairs import build_pairs, read_pair_stats, write_pair_stats
+    from mpo.rounds.pairs import build_pairs, read_pair_stats, write_pair_stats
 
     out, stats_path = layout.file(n, "pairs.jsonl"), layout.file(n, "pair_stats.json")
     layout.check(n, "pairs.jsonl", prompts)
@@ -147,7 +147,7 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
 def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int, stages=None) -> Path:
     """MPO on the round's pairs (in this process, or ``stages``' job); a round without pairs keeps
     its policy (counted in the manifest)."""
-    from mpo.engines import InlineStages
+    from mpo.rounds.runners import InlineStages
 
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
@@ -226,17 +226,17 @@ def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], stages, extra_
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
     """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests.
 
-    With ``iterate.launch: distributed`` each stage runs as its own job (:mod:`mpo.engines`); on a
+    With ``iterate.launch: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`); on a
     node other than 0 this only joins those jobs (:func:`follow_rounds`)."""
     from mpo.config import save_resolved
-    from mpo.engines import make_stages
-    from mpo.identity import kept_beside
-    from mpo.report import RunReport
+    from mpo.keys import kept_beside
+    from mpo.rounds.report import RunReport
+    from mpo.rounds.runners import make_stages
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
     if recipe.iterate.launch == "distributed":
-        from mpo.launch import topology
+        from mpo.rounds.launch import topology
 
         if not topology(recipe.iterate).main_node:
             return follow_rounds(layout)
@@ -269,8 +269,8 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
 def follow_rounds(layout: RoundLayout) -> list[dict]:
     """A node other than 0 of a distributed run: join each stage job node 0 starts (the same
     launches, meeting at the rendezvous), and wait for node 0 to write what follows each."""
-    from mpo.engines import LaunchedStages
-    from mpo.launch import wait_for
+    from mpo.rounds.launch import wait_for
+    from mpo.rounds.runners import LaunchedStages
 
     config = layout.run_dir / "config.yaml"
     wait_for(config, "the resolved recipe")

@@ -5,10 +5,10 @@ accumulation, DDP / DeepSpeed launch, bf16 autocast, gradient checkpointing, che
 W&B reporting. What this class adds:
 
 - ``compute_loss``: policy log-probs of a pair batch with one vision encode per pair and, with
-  ``train.share_prompt``, one prompt per pair (:mod:`mpo.shared_prefix`; else
-  :func:`mpo.logprobs.pair_logps`), reference log-probs (precomputed and carried in the batch, a
-  frozen ``ref_model``, or the PEFT model with its adapter disabled), and :func:`mpo.losses.mpo_loss`.
-- δ of the BCO quality loss (:class:`mpo.losses.DeltaTracker`): every micro-batch of an optimizer
+  ``train.share_prompt``, one prompt per pair (:mod:`mpo.train.shared_prefix`; else
+  :func:`mpo.train.logprobs.pair_logps`), reference log-probs (precomputed and carried in the batch, a
+  frozen ``ref_model``, or the PEFT model with its adapter disabled), and :func:`mpo.train.losses.mpo_loss`.
+- δ of the BCO quality loss (:class:`mpo.train.losses.DeltaTracker`): every micro-batch of an optimizer
   step uses the same δ; the rewards of the whole accumulation window are summed (and all-reduced
   across ranks) and folded in once per optimizer step, so δ does not depend on how a window is split
   into micro-batches. Evaluation reads δ and never updates it. δ is Trainer state
@@ -24,7 +24,7 @@ W&B reporting. What this class adds:
   process, to ``OUTPUT_DIR/metrics.jsonl`` (one JSON object per log). The end-of-training row's
   ``train_loss`` is the mean over every step, a resumed run's too (:class:`LossTotal`).
 - A preemption signal stops training at the end of its step with a checkpoint
-  (:class:`mpo.trainer_setup.StopOnSignal`, :mod:`mpo.preempt`).
+  (:class:`mpo.train.setup.StopOnSignal`, :mod:`mpo.preempt`).
 
 Not supported: FSDP (the single vision encode calls the vision tower outside the root forward) and a
 live reference model under ZeRO-3 (use the default precomputed reference).
@@ -42,10 +42,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from mpo.errors import MpoError
-from mpo.logprobs import PairLogps
-from mpo.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
-from mpo.shared_prefix import PairForward
-from mpo.trainer_setup import MetricsFile, StopOnSignal
+from mpo.train.logprobs import PairLogps
+from mpo.train.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
+from mpo.train.setup import MetricsFile, StopOnSignal
+from mpo.train.shared_prefix import PairForward
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -140,21 +140,21 @@ def find_peft_model(model):
 
 
 class MPOTrainer(Trainer):
-    """``Trainer`` on :class:`mpo.collate.PairDataset` batches with the MPO loss.
+    """``Trainer`` on :class:`mpo.train.collate.PairDataset` batches with the MPO loss.
 
     Args (beyond ``Trainer``'s): ``loss`` a :class:`mpo.config.LossConfig`; ``ref_model`` a frozen
     reference for ``reference: live`` with full tuning (None when the batches carry precomputed
     reference log-probs, or with PEFT, where the adapter-disabled model is the reference);
-    ``pair_forward`` the pair log-prob path (:func:`mpo.shared_prefix.choose_pair_forward`; default
-    the unshared :func:`mpo.logprobs.pair_logps`); ``pair_lengths`` per-pair row lengths for the
-    length-grouped train sampler (:mod:`mpo.batching`; None: transformers' own sampler).
+    ``pair_forward`` the pair log-prob path (:func:`mpo.train.shared_prefix.choose_pair_forward`; default
+    the unshared :func:`mpo.train.logprobs.pair_logps`); ``pair_lengths`` per-pair row lengths for the
+    length-grouped train sampler (:mod:`mpo.train.batching`; None: transformers' own sampler).
     """
 
     def __init__(self, *args, loss, ref_model=None, pair_forward=None, pair_lengths=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pair_forward = pair_forward or PairForward(False, "no pair_forward given")
         self.pair_lengths = pair_lengths
-        self._padding = torch.zeros(3, dtype=torch.float64)  # tokens, slots, micro-batches (mpo.batching)
+        self._padding = torch.zeros(3, dtype=torch.float64)  # tokens, slots, micro-batches (mpo.train.batching)
         self.loss_config = loss
         self.args.restore_callback_states_from_checkpoint = True  # δ comes back with the checkpoint
         self.ref_model = ref_model
@@ -233,12 +233,12 @@ class MPOTrainer(Trainer):
         with peft_model.disable_adapter():
             return self.pair_forward(model, inputs)
 
-    # ---- length-grouped batches (mpo.batching) ------------------------------------------------
+    # ---- length-grouped batches (mpo.train.batching) ------------------------------------------------
 
     def _get_train_sampler(self, train_dataset=None):
         if self.pair_lengths is None or (train_dataset is not None and train_dataset is not self.train_dataset):
             return super()._get_train_sampler(train_dataset)
-        from mpo.batching import LengthGroupedPairSampler
+        from mpo.train.batching import LengthGroupedPairSampler
 
         a = self.args
         step = a.train_batch_size * a.gradient_accumulation_steps * max(1, a.world_size)
@@ -247,7 +247,7 @@ class MPOTrainer(Trainer):
 
     def padding_report(self) -> dict:
         """Tokens, slots and padding fraction of the training micro-batches run (all ranks)."""
-        from mpo.batching import padding_summary
+        from mpo.train.batching import padding_summary
 
         return padding_summary(self._padding, self.pair_forward, self.pair_lengths is not None)
 

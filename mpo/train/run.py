@@ -2,7 +2,7 @@
 
 Steps (:func:`run_training`): load and check the preference pairs (any source :mod:`mpo.data`
 reads) -> load the policy and processor -> :func:`build_trainer` (freeze parts / add a LoRA adapter,
-:class:`mpo.trainer.MPOTrainer`) -> :func:`precompute_reference` (``train.reference: precomputed``,
+:class:`mpo.train.trainer.MPOTrainer`) -> :func:`precompute_reference` (``train.reference: precomputed``,
 the default: one no-grad pass before training, cached in ``ref_logps.jsonl`` keyed by pair content
 and reference identity, so a rerun reuses it and only one model is in memory; ``live``: a frozen
 copy, or with LoRA the adapter-disabled model, nothing to precompute) -> train -> save.
@@ -14,7 +14,7 @@ the padding fraction of the micro-batches this process trained, from step ``from
 ``checkpoint-N/`` (Trainer's; δ inside its ``trainer_state.json``), and at the end ``policy/`` (full model +
 processor; with LoRA the adapter merged in), ``adapter/`` (LoRA only) and ``mpo_state.json`` (final δ).
 
-Parts for ``train.freeze``: see :mod:`mpo.trainer_setup`. With LoRA, frozen parts get no adapter;
+Parts for ``train.freeze``: see :mod:`mpo.train.setup`. With LoRA, frozen parts get no adapter;
 R1V2's adapter-only tuning is ``freeze: [vision, language]`` without LoRA (only the merger trains).
 """
 
@@ -94,7 +94,7 @@ def reference_fingerprint(recipe) -> str:
 
 
 def training_arguments(recipe, resume: bool = False):
-    from mpo.trainer_setup import base_arguments, checkpointing_arguments
+    from mpo.train.setup import base_arguments, checkpointing_arguments
 
     t, run = recipe.train, recipe.run
     return base_arguments(
@@ -114,13 +114,13 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
     """Dataset and trainer for ``pairs`` (parts frozen, LoRA added, a live reference where the recipe
     asks for one, the pair forward: prompt-shared or not, ``train.share_prompt``); returns
     ``(trainer, dataset)``. The precomputed reference is :func:`precompute_reference`'s."""
-    from mpo.batching import pair_lengths
     from mpo.chat import ChatEncoder
-    from mpo.collate import PairCollator, PairDataset, pad_token_id
     from mpo.models import eos_list
-    from mpo.shared_prefix import choose_pair_forward
-    from mpo.trainer import MPOTrainer
-    from mpo.trainer_setup import add_lora, freeze_parts, frozen_summary
+    from mpo.train.batching import pair_lengths
+    from mpo.train.collate import PairCollator, PairDataset, pad_token_id
+    from mpo.train.setup import add_lora, freeze_parts, frozen_summary
+    from mpo.train.shared_prefix import choose_pair_forward
+    from mpo.train.trainer import MPOTrainer
 
     t = recipe.train
     stops = eos_list(getattr(model.generation_config, "eos_token_id", None))
@@ -151,10 +151,10 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
     (cached by pair content and the reference's identity, so only what is missing is computed), carried
     in the dataset's items. The reference is ``train.reference_model`` where set, else the policy with
     any adapter disabled. Returns how many were computed."""
-    from mpo.batching import pair_lengths
-    from mpo.logprobs import attach_reference_logps
-    from mpo.shared_prefix import choose_pair_forward
-    from mpo.trainer import reference_context
+    from mpo.train.batching import pair_lengths
+    from mpo.train.logprobs import attach_reference_logps
+    from mpo.train.shared_prefix import choose_pair_forward
+    from mpo.train.trainer import reference_context
 
     t = recipe.train
     if t.reference != "precomputed":
@@ -178,7 +178,7 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
 def save_outputs(trainer, processor, recipe) -> Path:
     """``policy/`` (+ ``adapter/`` with LoRA), processor and final δ, written by the main process."""
     from mpo.records import write_json
-    from mpo.trainer import find_peft_model
+    from mpo.train.trainer import find_peft_model
 
     out = Path(recipe.run.output_dir)
     policy_dir = out / "policy"
@@ -202,9 +202,9 @@ def training_key(recipe, pairs, legacy: bool = False) -> dict:
     """What a training run's checkpoints and outputs are made of: the pairs' content (images by
     content), the policy and reference models by content and every setting that changes the weights
     (logging and W&B may change; model references by content, not path). ``legacy``: the key as
-    the earlier format held it (paths and file times; :mod:`mpo.identity`)."""
+    the earlier format held it (paths and file times; :mod:`mpo.keys`)."""
+    from mpo.keys import legacy_records_digest, records_digest
     from mpo.models import folder_identity, legacy_folder_identity
-    from mpo.stages import legacy_records_digest, records_digest
 
     model = legacy_folder_identity if legacy else folder_identity
     dump = recipe.model_dump(mode="json")
@@ -235,7 +235,7 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
         raise ConfigError(
             "data.preferences: a preference set (jsonl, MMPR meta.json, parquet, dataset folder) is required"
         )
-    from mpo.identity import kept_beside
+    from mpo.keys import kept_beside
 
     out = Path(recipe.run.output_dir)
     with run_lock(out), kept_beside(out):
@@ -247,10 +247,10 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
 
     from mpo.config import save_resolved
     from mpo.errors import writing_into
+    from mpo.keys import check_key, key_matches, last_complete_checkpoint, write_key
     from mpo.preempt import check, deferred
     from mpo.records import write_json
-    from mpo.stages import check_key, key_matches, last_complete_checkpoint, write_key
-    from mpo.trainer_setup import trim_metrics, wandb_scope
+    from mpo.train.setup import trim_metrics, wandb_scope
 
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     loaded = _load_pairs(recipe, out, rounds)
@@ -293,7 +293,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         trainer.train(resume_from_checkpoint=checkpoint)
         _stop_if_preempted(trainer, out, rounds)
         policy_dir = save_outputs(trainer, processor, recipe)
-        # the padding of this run's training micro-batches (mpo.batching), once they have run
+        # the padding of this run's training micro-batches (mpo.train.batching), once they have run
         padding = {**trainer.padding_report(), "from_step": from_step}
         write_json(out / "data_report.json", {**data_report, "padding": padding})
     check(f"training finished and saved ({policy_dir}); rerun the same command to continue")
@@ -302,7 +302,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
 
 
 def _stop_if_preempted(trainer, out: Path, rounds: bool) -> None:
-    """After a preemption signal stopped training (:class:`mpo.trainer_setup.StopOnSignal`): the one
+    """After a preemption signal stopped training (:class:`mpo.train.setup.StopOnSignal`): the one
     line naming the checkpoint and how to resume."""
     from mpo.preempt import check
 

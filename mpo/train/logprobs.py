@@ -22,7 +22,7 @@ ZeRO 1-3; FSDP (which only gathers parameters inside the root forward) is not su
 
 ``ℓ`` is the SUM of the response tokens' log-probs (the MPO paper's, arXiv 2411.10442); every token under the response
 mask counts, whatever its id (id 0 included). Text-only pairs (no images) go through the same path.
-:mod:`mpo.shared_prefix` computes the same from the same batch with each prompt run once
+:mod:`mpo.train.shared_prefix` computes the same from the same batch with each prompt run once
 (``train.share_prompt``, the default); this two-row path is its fallback and its test oracle.
 """
 
@@ -115,7 +115,7 @@ _MASK_KEEP = _accepts_mask_keep()
 
 
 def pair_logps(model, batch: dict) -> PairLogps:
-    """Log-probs of a collated pair batch (see :mod:`mpo.collate`), one vision encode per pair.
+    """Log-probs of a collated pair batch (see :mod:`mpo.train.collate`), one vision encode per pair.
 
     ``batch``: ``input_ids``, ``attention_mask``, ``response_mask`` [2B, T]; the processor's
     per-token types (``mm_token_type_ids``, ``token_type_ids``) [2B, T] where the family has them;
@@ -212,7 +212,7 @@ def compute_reference_logps(
     """``{index: (chosen ℓ, rejected ℓ)}`` for ``indices`` of a PairDataset, model in eval mode.
 
     ``forward``: the pair log-prob function (default :func:`pair_logps`; a
-    :class:`mpo.shared_prefix.PairForward`); ``lengths``: per-pair row lengths, to batch each rank's
+    :class:`mpo.train.shared_prefix.PairForward`); ``lengths``: per-pair row lengths, to batch each rank's
     share in length order (less padding; results are keyed by index, so order does not matter).
     Distributed: every rank takes a strided share and runs the same number of batches (padded by
     repeating its last index, so ZeRO-3 collectives stay in step); results are all-gathered.

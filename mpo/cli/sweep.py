@@ -201,7 +201,7 @@ def is_finished(out_dir: Path) -> bool:
 
 
 def has_checkpoint(out_dir: Path) -> bool:
-    from mpo.stages import last_complete_checkpoint
+    from mpo.keys import last_complete_checkpoint
 
     return last_complete_checkpoint(out_dir) is not None
 
@@ -235,8 +235,8 @@ def run_points(sweep: Sweep, launch: str | None = None) -> None:
 
 def _train_in_process(sweep: Sweep, point: Point) -> None:
     """``run_training`` for one point; its W&B settings are scoped to the point (see
-    :func:`mpo.training.wandb_environment`), so each point's W&B files land in its own folder."""
-    from mpo.training import run_training
+    :func:`mpo.train.run.wandb_environment`), so each point's W&B files land in its own folder."""
+    from mpo.train.run import run_training
 
     try:
         run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / "ref_logps.jsonl")

@@ -17,7 +17,7 @@ train on the same pairs). Unlike transformers' ``LengthGroupedSampler`` (which t
 walk from long to short pairs.
 
 A pair's length is ``P + C + R`` (prompt, chosen, rejected tokens): its packed row under the shared
-forward (:mod:`mpo.shared_prefix`), and what orders ``P + max(C, R)``, the unshared rows, nearly as
+forward (:mod:`mpo.train.shared_prefix`), and what orders ``P + max(C, R)``, the unshared rows, nearly as
 well. One key for both layouts keeps ``train.share_prompt`` a pure speed switch: on or off, the same
 pairs train together. :func:`padding_summary` turns the trainer's token and slot counts into the
 ``padding`` entry of ``data_report.json``.
@@ -31,7 +31,7 @@ DEFAULT_GROUP = 32  # global batches per sorted mega-batch
 
 
 def pair_lengths(dataset) -> list[int]:
-    """``P + C + R`` of each pair of a :class:`mpo.collate.PairDataset` (its packed row length)."""
+    """``P + C + R`` of each pair of a :class:`mpo.train.collate.PairDataset` (its packed row length)."""
     return [p.prompt_len + p.chosen_len + p.rejected_len for p in dataset.plans]
 
 

@@ -10,7 +10,7 @@ import typer
 
 from mpo.cli_common import guarded
 from mpo.errors import MpoError
-from mpo.identity import kept_beside
+from mpo.keys import kept_beside
 from mpo.run_lock import run_lock
 
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe for mpo iterate.")]
@@ -21,7 +21,7 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Recipe overrides
 def _layout(recipe: Path, overrides, round_index: int):
     from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
-    from mpo.round_layout import RoundLayout
+    from mpo.rounds.layout import RoundLayout
 
     loaded = load_recipe(recipe, overrides or [])
     check_output_folder(loaded.run.output_dir, "run.output_dir")
@@ -33,7 +33,7 @@ def _layout(recipe: Path, overrides, round_index: int):
 def _stages(layout):
     """Where the stage runs (``iterate.launch``); a launched job reads the resolved recipe from the run folder."""
     from mpo.config import save_resolved
-    from mpo.engines import make_stages
+    from mpo.rounds.runners import make_stages
 
     return make_stages(layout.recipe, save_resolved(layout.recipe, layout.run_dir))
 
@@ -49,7 +49,7 @@ def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
     """N rounds of rollout -> score -> pairs -> MPO; rerun the same command to resume."""
     from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
-    from mpo.iterate import run_iterate
+    from mpo.rounds.driver import run_iterate
 
     loaded = load_recipe(recipe, overrides or [])
     check_output_folder(loaded.run.output_dir, "run.output_dir")
@@ -59,7 +59,7 @@ def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
 @guarded
 def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Sample responses for one round (writes round_NNN/rollouts.jsonl)."""
-    from mpo.iterate import check_models, load_round_prompts, stage_rollout
+    from mpo.rounds.driver import check_models, load_round_prompts, stage_rollout
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
@@ -75,8 +75,8 @@ def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Ove
 @guarded
 def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Score one round's rollouts with the reward model (writes round_NNN/scored.jsonl)."""
-    from mpo.iterate import check_models, load_round_prompts, stage_score
     from mpo.records import Rollout, read_jsonl
+    from mpo.rounds.driver import check_models, load_round_prompts, stage_score
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
@@ -90,8 +90,8 @@ def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
 @guarded
 def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Build one round's preference pairs (writes round_NNN/pairs.jsonl and pair_stats.json)."""
-    from mpo.iterate import load_round_prompts, stage_pairs
     from mpo.records import ScoredRollout, read_jsonl
+    from mpo.rounds.driver import load_round_prompts, stage_pairs
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
@@ -104,9 +104,9 @@ def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
 def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = False) -> None:
     """``mpo train RECIPE --round N``: MPO on round N's pairs, then the round's manifest (not with
     ``stage_only``: the launched training of ``iterate.launch: distributed``, whose driver writes it)."""
-    from mpo.iterate import finish_round, load_round_prompts, stage_train
-    from mpo.pairs import read_pair_stats
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
+    from mpo.rounds.driver import finish_round, load_round_prompts, stage_train
+    from mpo.rounds.pairs import read_pair_stats
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):

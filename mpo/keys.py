@@ -1,134 +1,137 @@
-"""Resumable stage outputs: work split into chunks, each chunk written atomically as it finishes.
-
-A stage that processes many items (rollout, scoring) calls :func:`run_chunked`. Finished chunks
-land in ``<output>.parts/NNNNN.jsonl`` (temporary file + rename); when every chunk is there they are
-joined into the stage's output file, again atomically, and the parts folder is removed. A process
-killed at any moment leaves either finished chunks, which a restart reuses, or a stray temporary
-file, which is ignored: nothing finished is recomputed and nothing partial is trusted.
-
-Each chunk gets its own seed derived from (base seed, chunk index), so a resumed stage produces the
-same records as an uninterrupted one.
+"""Stage keys: what made a piece of work, kept beside it, so finished work is reused only when
+nothing that changes its results has changed.
 
 What made a stage's output is kept beside it (:func:`check_key`: ``<output stem>.key.json``, written
 before the work starts): the models' identities, the input's content digest and the settings that
-change results, all by content (:mod:`mpo.identity`: sizes and digests, no paths or file times), so
-a run folder copied or moved elsewhere reads back. Finished or partial work made with anything else
-is never reused; the run stops with one line naming what changed and what to delete.
-"""
+change results. Finished or partial work made with anything else is never reused; the run stops
+with one line naming what changed and what to delete.
 
+A file is known by its size and a content digest (SHA-256), never its path or its times, so a run
+copied or moved elsewhere (``cp -a``, ``mv``) keeps every key and a file touched without a change in
+its bytes keeps its identity. Hashing a model's weights on every run would be slow, so digests are
+kept beside the run (``RUN/.mpo-digests.json``, :func:`kept_beside`), each under the file's path
+relative to the run folder with its size, modification and change times, inode and device; an entry
+is used only when all of these still match, so the cache can make a run faster, never give a wrong
+identity. It is written only when a stage key is written: a finished run started again writes
+nothing, and a read-only copy reads back.
+
+Keys written before identities were content-based (absolute paths and modification times) are
+recognised by :data:`KEY_FORMAT`'s absence; :func:`legacy_file_stat` (and
+:func:`mpo.models.legacy_folder_identity`) rebuild such a key for today's inputs, to check it as it was.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from mpo.errors import MpoError, RunFolderError
-from mpo.records import read_jsonl, to_dict, write_json, write_jsonl
+from mpo.errors import RunFolderError
+from mpo.records import to_dict, write_json
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def chunk_seed(base_seed: int, *keys: object) -> int:
-    """A stable 31-bit seed from a base seed and any keys (round, chunk index, ...)."""
-    digest = hashlib.sha256(repr((base_seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+CACHE_NAME = ".mpo-digests.json"
+KEY_FORMAT = 2  # stage keys carry "key_format": 2; keys without it are the earlier (path and mtime) format
+_BLOCK = 1 << 20
 
 
-def parts_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".parts")
+def _signature(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
 
 
-def run_chunked(
-    items: Sequence[T],
-    output: str | Path,
-    record_cls: type[R],
-    process: Callable[[Sequence[T], int], list[R]],
-    *,
-    chunk_size: int,
-    seed: int = 0,
-    desc: str | None = None,
-    share: tuple[int, int] | None = None,
-) -> list[R] | None:
-    """Process ``items`` chunk by chunk into ``output`` (JSONL of ``record_cls``), resumably.
-
-    ``process(chunk, chunk_seed)`` returns the records of one chunk. If ``output`` already exists
-    the stage is finished and its records are returned without any work. ``desc`` labels the
-    progress bar (shown on a terminal; counted in items, finished chunks included).
-
-    ``share=(rank, world)``: one rank of a distributed stage. It makes the missing chunks it owns
-    (chunk c belongs to rank c mod world) and returns None; a later call without ``share`` (every
-    part then exists) joins them. Chunks and their seeds do not depend on the world size, so the
-    output is the same bytes for any world size, and a resumed stage may run with another.
-    """
-    from tqdm import tqdm
-
-    output = Path(output)
-    if output.exists():
-        return None if share is not None else read_jsonl(output, record_cls)
-    if chunk_size < 1:
-        raise MpoError(f"chunk_size must be >= 1, got {chunk_size}")
-    parts = parts_dir(output)
-    _check_layout(parts, {"chunk_size": chunk_size, "num_items": len(items), "seed": seed})
-    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    process = _stopping_with_a_line(process, parts, len(chunks))
-    if share is not None:
-        rank, world = share
-        for index in range(rank, len(chunks), world):
-            part = parts / f"{index:05d}.jsonl"
-            if not part.exists():
-                write_jsonl(part, process(chunks[index], chunk_seed(seed, index)))
-        return None
-    records: list[R] = []
-    with tqdm(total=len(items), desc=desc, unit="item", disable=None if desc else True) as bar:
-        for index, chunk in enumerate(chunks):
-            part = parts / f"{index:05d}.jsonl"
-            if part.exists():
-                records.extend(read_jsonl(part, record_cls))
-            else:
-                produced = process(chunk, chunk_seed(seed, index))
-                write_jsonl(part, produced)
-                records.extend(produced)
-            bar.update(len(chunk))
-    write_jsonl(output, records)
-    shutil.rmtree(parts, ignore_errors=True)
-    return records
+def _hash_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _stopping_with_a_line(process, parts: Path, total: int):
-    """``process``, whose preemption (:mod:`mpo.preempt`: a signal stops a chunk at once) says how
-    many chunks are finished and kept."""
-    def run(chunk, seed):
-        from mpo.preempt import Preempted
+class DigestCache:
+    """File digests by absolute path and stat signature; ``home`` (a run folder) keeps them on disk."""
 
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home).absolute() if home is not None else None
+        self.entries: dict[str, tuple[list[int], str]] = {}
+        self.used: set[str] = set()  # the files asked about while this cache was active: what is saved
+        self.dirty = False
+        self.hashed = 0  # files read in this process (for tests and curiosity)
+        if self.home is not None:
+            self._load()
+
+    def _load(self) -> None:
         try:
-            return process(chunk, seed)
-        except Preempted as err:
-            done = len(list(parts.glob("[0-9]*.jsonl")))
-            raise Preempted(f"{str(err).split(';')[0]}; {done} of {total} chunks finished and kept in {parts}: "
-                            "rerun the same command to continue", err.exit_status - 128) from None
+            stored = json.loads((self.home / CACHE_NAME).read_text(encoding="utf-8"))
+            for rel, (signature, value) in stored.get("files", {}).items():
+                self.entries[os.path.normpath(self.home / rel)] = (list(signature), str(value))
+        except (OSError, ValueError, TypeError, AttributeError):
+            self.entries = {}  # missing or unreadable: only an accelerator, start empty
 
-    return run
+    def digest(self, path: str | os.PathLike) -> str:
+        """``"<size>:<sha256>"`` of the file at ``path``."""
+        where = os.path.normpath(os.path.abspath(path))
+        signature = _signature(os.stat(where))
+        known = self.entries.get(where)
+        self.used.add(where)
+        if known is None or known[0] != signature:
+            value = _hash_file(where)
+            self.hashed += 1
+            if os.stat(where).st_mtime_ns == signature[1]:  # not written to while it was read
+                self.entries[where] = (signature, value)
+                self.dirty = True
+            known = (signature, value)
+        return f"{signature[0]}:{known[1]}"
+
+    def save(self) -> None:
+        """Write the digests beside the run (atomically); an unwritable folder is left as it is."""
+        if self.home is None or not self.dirty:
+            return
+        from mpo.records import write_json
+
+        files = {os.path.relpath(path, self.home): list(self.entries[path])
+                 for path in sorted(self.used) if path in self.entries}
+        with contextlib.suppress(OSError):
+            write_json(self.home / CACHE_NAME, {"files": files})
+            self.dirty = False
 
 
-def _check_layout(parts: Path, layout: dict) -> None:
-    """Finished chunks are reused only if they were cut the same way from the same items."""
-    meta = parts / "layout.json"
-    if meta.exists():
-        found = json.loads(meta.read_text(encoding="utf-8"))
-        if found != layout:
-            raise RunFolderError(
-                f"{parts}: finished chunks were made with {found}, this run asks for {layout}; "
-                "rerun with the same settings or delete the folder to start the stage again"
-            )
-    else:
-        parts.mkdir(parents=True, exist_ok=True)
-        write_json(meta, layout)
+_ACTIVE: list[DigestCache] = [DigestCache()]
+
+
+@contextlib.contextmanager
+def kept_beside(folder: str | os.PathLike):
+    """Keep this block's file digests in ``folder`` (a run folder). Inside another such block
+    (``mpo train`` run by ``mpo iterate``) the outer run's cache goes on serving."""
+    if _ACTIVE[-1].home is not None:
+        yield _ACTIVE[-1]
+        return
+    cache = DigestCache(folder)
+    cache.entries = {**_ACTIVE[0].entries, **cache.entries}
+    _ACTIVE.append(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.remove(cache)
+        _ACTIVE[0].entries.update(cache.entries)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A file's identity, ``"<size>:<sha256>"`` (through the active cache)."""
+    return _ACTIVE[-1].digest(path)
+
+
+def save_digests() -> None:
+    """Write the active run's digest cache (called where a stage key is written)."""
+    _ACTIVE[-1].save()
+
+
+def legacy_file_stat(path: str | os.PathLike) -> list:
+    """A file as keys of the earlier format held it: ``[size, mtime_ns]``."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def key_path(output: str | os.PathLike) -> Path:
@@ -143,9 +146,8 @@ def digest(value: Any) -> str:
 
 
 def _record_digest(record: Any) -> str:
-    """A record's content, its ``images`` by their files' content (:func:`mpo.identity.file_digest`),
+    """A record's content, its ``images`` by their files' content (:func:`mpo.keys.file_digest`),
     not by path: the same prompt read from a copied folder is the same prompt."""
-    from mpo.identity import file_digest
 
     fields = to_dict(record)
     if "images" in fields:
@@ -174,7 +176,6 @@ def prompts_identity(prompts: Sequence[Any]) -> dict:
 
 def legacy_records_digest(records: Sequence[Any]) -> str:
     """:func:`records_digest` as keys of the earlier format held it (images by size and mtime)."""
-    from mpo.identity import legacy_file_stat
 
     h = hashlib.sha256()
     for record in records:
@@ -236,15 +237,13 @@ def key_differences(found: dict, key: dict) -> str:
 
 
 def stamped(key: dict[str, Any]) -> dict[str, Any]:
-    """``key`` as it is written and reads back, marked with the key format (:mod:`mpo.identity`)."""
-    from mpo.identity import KEY_FORMAT
+    """``key`` as it is written and reads back, marked with the key format (:mod:`mpo.keys`)."""
 
     return json.loads(json.dumps({"key_format": KEY_FORMAT, **key}, default=str))
 
 
 def write_key(path: Path, key: dict[str, Any]) -> None:
     """Write a stage key (and the run's digest cache: the stage is about to write anyway)."""
-    from mpo.identity import save_digests
 
     write_json(path, stamped(key))
     save_digests()
@@ -319,7 +318,6 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
     transformers writes a checkpoint's files one by one and ``trainer_state.json`` last, and picks
     the highest-numbered folder on resume even if a kill cut it short. A checkpoint counts here only
     when its ``trainer_state.json`` exists and parses, so a half-written one is passed over."""
-    import re
 
     folder = Path(folder)
     if not folder.is_dir():

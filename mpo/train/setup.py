@@ -1,4 +1,4 @@
-"""What the MPO trainer (:mod:`mpo.trainer`) and the reward-model trainer (:mod:`reward.trainer`)
+"""What the MPO trainer (:mod:`mpo.train.trainer`) and the reward-model trainer (:mod:`reward.trainer`)
 set up the same way on ``transformers.Trainer``.
 
 - **Parts** for ``train.freeze`` / ``reward_train.freeze``: ``vision`` = the vision tower without its

@@ -1,6 +1,6 @@
 """Recipes: strict, typed configuration loaded from YAML plus ``a.b=value`` overrides.
 
-YAML is read with ``yaml.SafeLoader``, repeated keys and alias bombs refused (:mod:`mpo.recipe_yaml`);
+YAML is read with ``yaml.SafeLoader``, repeated keys and alias bombs refused (:mod:`mpo.config.recipe_yaml`);
 overrides are parsed and merged by OmegaConf (so values are typed as YAML types them and ``${a.b}``
 interpolations resolve); the merged tree is validated by pydantic models that forbid unknown keys. Every problem becomes one line naming the key, what was
 given and, for choices and unknown keys, what is valid.
@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from mpo.config.recipe_yaml import ConfigError, check_interpolations, parse_yaml
 from mpo.models import absolute, classify
-from mpo.recipe_yaml import ConfigError, check_interpolations, parse_yaml
 from mpo.records import atomic_write_text, read_text
 
 # Paths in a recipe mean what they mean from the working directory the command runs in: they are
@@ -78,7 +78,7 @@ class DataConfig(Section):
 
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = "vllm"
-    # Every pairs.strategy (mpo.pairs) pairs two samples of one prompt: fewer than 2 makes no pair.
+    # Every pairs.strategy (mpo.rounds.pairs) pairs two samples of one prompt: fewer than 2 makes no pair.
     num_samples: int = Field(8, ge=1)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -160,10 +160,10 @@ class TrainConfig(Section):
     freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
-    # One packed [prompt, chosen, rejected] row per pair, the prompt computed once (mpo.shared_prefix);
+    # One packed [prompt, chosen, rejected] row per pair, the prompt computed once (mpo.train.shared_prefix);
     # false: two rows per pair. Falls back to two rows, saying why, where the model cannot take it.
     share_prompt: bool = True
-    # Micro-batches of pairs of similar length (mpo.batching); false: transformers' random order.
+    # Micro-batches of pairs of similar length (mpo.train.batching); false: transformers' random order.
     group_by_length: bool = True
     reference: Literal["precomputed", "live"] = "precomputed"
     # The reference policy's folder; default: the policy training starts from (model.policy).

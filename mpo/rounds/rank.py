@@ -1,8 +1,8 @@
-"""One rank of a distributed rollout or scoring stage (what :mod:`mpo.launch` starts with torchrun):
+"""One rank of a distributed rollout or scoring stage (what :mod:`mpo.rounds.launch` starts with torchrun):
 
-    python -m mpo.stage_rank rollout|score RUN/config.yaml --round N
+    python -m mpo.rounds.rank rollout|score RUN/config.yaml --round N
 
-The rank makes the missing chunks it owns (chunk c belongs to rank c mod world; ``mpo.stages``) and
+The rank makes the missing chunks it owns (chunk c belongs to rank c mod world; ``mpo.keys``) and
 exits; the driver joins the parts. Before anything heavy loads it keeps only its own GPUs visible
 (its slice of ``CUDA_VISIBLE_DEVICES``: ``rollout.tensor_parallel_size`` GPUs for a vLLM replica,
 one otherwise) and takes torchrun's rendezvous variables out of its environment, so each replica is
@@ -65,12 +65,12 @@ def _run(recipe, stage: str, n: int, started: float) -> None:
     tensor_parallel = recipe.rollout.tensor_parallel_size if stage == "rollout" and recipe.rollout.backend == "vllm" else 1
     keep_gpus(local_rank, tensor_parallel)
 
-    from mpo.engines import chunk_spec, make_scorer, rollout_chunks, score_chunks
-    from mpo.iterate import load_round_prompts
     from mpo.records import Rollout, read_jsonl
     from mpo.rollout import make_backend
-    from mpo.round_layout import RoundLayout
-    from mpo.stages import run_chunked
+    from mpo.rounds.chunks import run_chunked
+    from mpo.rounds.driver import load_round_prompts
+    from mpo.rounds.layout import RoundLayout
+    from mpo.rounds.runners import chunk_spec, make_scorer, rollout_chunks, score_chunks
 
     layout = RoundLayout(recipe)
     prompts = load_round_prompts(recipe, quiet=rank != 0)
@@ -96,7 +96,7 @@ def _run(recipe, stage: str, n: int, started: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpo.stage_rank", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mpo.rounds.rank", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("rollout", "score"))
     parser.add_argument("config", help="the run's resolved recipe (RUN/config.yaml)")
     parser.add_argument("--round", type=int, required=True, dest="round_index")
