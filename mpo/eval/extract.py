@@ -32,8 +32,8 @@ _PHRASE = re.compile(
     r"(?:\s+(?:is|would\s+be|should\s+be|will\s+be)|\s*[:=])\s*:?\s*"
     r"|(?:答案|选项|故选|应选|选)\s*(?:是|为|[:：])?\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|。|\n|$")
-_KEY_WORD = re.compile(r"(?<![a-z])(?:therefore|thus|so|hence|answer|is|are|be|equals|approximately)(?![a-z])|=|≈",
-                       re.IGNORECASE)
+_KEY_WORD = re.compile(r"(?<![a-z])(?:therefore|thus|so|hence|answer|is|are|be|equals|approximately)(?![a-z])"
+                       r"|=|≈", re.IGNORECASE)
 _DECLINES = re.compile(
     r"cannot|can't|can not|impossible|unable|not possible|not enough|insufficient|not provided|not given"
     r"|not specified|without (?:the|more|additional|further|specific|any)|please provide|sorry|not provide"
@@ -45,6 +45,7 @@ _FRACTION = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _LETTER = re.compile(r"^\(?([A-Z])\)?(?=$|[.:)\s,])")
 _BRACKETED = re.compile(r"\(([A-Z])\)")
+_LINE_LETTER = re.compile(r"(?m)^\s*([A-Z])[.):](?=\s|$)")
 _FEW_WORDS = re.compile(r"[^a-zA-Z]*(?:[a-zA-Z]+[^a-zA-Z]*){0,2}")  # "12 cm", "x = 3 m": a number answer
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -69,7 +70,8 @@ def final_part(response: str) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces kept; None if none closes."""
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces kept; None if it
+    does not close."""
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
@@ -195,7 +197,7 @@ def _choice_from_text(text: str, choices: list[str]) -> str | None:
     bracketed = [(m.start(), m.group(1)) for m in _BRACKETED.finditer(text) if m.group(1) in letters]
     if bracketed:
         return bracketed[-1][1]
-    leading = [m.group(1) for m in re.finditer(r"(?m)^\s*([A-Z])[.):](?=\s|$)", text) if m.group(1) in letters]
+    leading = [m.group(1) for m in _LINE_LETTER.finditer(text) if m.group(1) in letters]
     if leading:
         return leading[-1]
     negated = _yes_no_negation(text, letters, choices)
@@ -222,6 +224,54 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"\w+", clean(text).lower()))
 
 
+def _stated(text: str) -> str | None:
+    """The answer as stated: the last ``\\boxed{}``, else the last answer phrase (raw text)."""
+    stated = last_boxed(text)
+    return _after_phrase(text) if stated is None else stated
+
+
+def sole_number(text: str) -> float | None:
+    """The value of ``text`` when it is one number, optionally ``x = `` before it and unit words after
+    ("x = 12.5 degrees", "1,200 cm", "\\frac{3}{2}", "45%"); None for anything else ("12.5 + y")."""
+    cleaned = _GROUPED.sub("", _FRACTION.sub(r"\1/\2", clean(text).replace("−", "-")))
+    cleaned = re.sub(r"^[A-Za-z]\s*=\s*", "", cleaned)
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+(?:\.\d+)?)?(?:\s*[A-Za-z°%]+)*", cleaned):
+        return None
+    return to_number(cleaned)
+
+
+def answer_matches(response: str, answer, choices: list[str] | None = None, answer_type: str | None = None,
+                   precision: int | None = None) -> bool:
+    """Whether the final answer of ``response`` equals the ground truth ``answer``.
+
+    With ``choices``: the extracted letter equals the truth's letter (the truth is a letter, or an
+    option's text). Without: a single-letter truth is an option letter ("Answer: (D) 12" is D);
+    numbers compare as numbers (:func:`sole_number`: 12.50 = 12.5, "x = 12.5 degrees" = 12.5, rounded
+    to ``precision`` for floats when given, else within 1e-6); other text compares case- and
+    markup-insensitively.
+    """
+    truth = str(answer).strip()
+    if choices:
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        wanted = truth.upper() if truth.upper() in letters else choice_letter(truth, choices)
+        return wanted is not None and extract_answer(response, choices) == wanted
+    text = final_part(response)
+    stated = _stated(text)
+    if stated is None:
+        stated = _key_tail(text, False) if len(text.split()) > 3 else text
+    if not stated:
+        return False
+    if len(truth) == 1 and truth.isalpha():
+        found = _LETTER.match(clean(stated).upper())
+        return found is not None and found.group(1) == truth.upper()
+    got, expected = sole_number(stated), sole_number(truth)
+    if got is not None and expected is not None:
+        if answer_type == "float" and precision is not None:
+            return round(got, int(precision)) == round(expected, int(precision))
+        return abs(got - expected) <= max(1e-9, 1e-6 * abs(expected))
+    return _norm(stated) == _norm(truth)
+
+
 def extract_answer(response: str, choices: list[str] | None = None, answer_type: str | None = None,
                    precision: int | None = None) -> str | None:
     """The final answer stated in ``response``, or None when it states none.
@@ -241,9 +291,7 @@ def extract_answer(response: str, choices: list[str] | None = None, answer_type:
     text = final_part(response)
     if not text:
         return None
-    stated = last_boxed(text)
-    if stated is None:
-        stated = _after_phrase(text)
+    stated = _stated(text)
     if choices:
         letter = choice_letter(stated, choices) if stated else None
         return letter or _choice_from_text(text, choices) or (clean(stated) if stated else None)

@@ -29,7 +29,8 @@ _BRACKETED_LETTER = re.compile(r"\(([A-Za-z])\)")
 BREAKDOWNS = ("question_type", "answer_type", "language", "source", "category", "task", "context",
               "grade", "skills")
 
-_CHOICE_HINT = "Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
+_CHOICE_HINT = ("Please answer the question and provide the correct option letter, e.g., A, B, C, D, "
+                "at the end.")
 _VALUE_HINTS = {
     ("integer", None): "Please answer the question requiring an integer answer and provide the final "
                        "value, e.g., 1, 2, 3, at the end.",
@@ -71,12 +72,13 @@ def build_query(row: dict) -> str:
     lines = [f"Hint: {_hint(row)}", question]
     if row.get("choices"):
         lines.append("Choices:")
-        lines += [f"({letter}) {choice}" for letter, choice in zip(letters(len(row["choices"])), row["choices"])]
+        choices = row["choices"]
+        lines += [f"({letter}) {choice}" for letter, choice in zip(letters(len(choices)), choices)]
     return "\n".join(lines)
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions each cost 1), as ``Levenshtein.distance``."""
+    """Levenshtein distance (insertion, deletion, substitution each cost 1), as ``Levenshtein.distance``."""
     if len(a) < len(b):
         a, b = b, a
     previous = list(range(len(b) + 1))
@@ -89,7 +91,7 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def nearest_choice(text: str, choices: list[str]) -> str:
-    """The choice at the smallest edit distance from ``text``; the first such on ties (``get_most_similar``)."""
+    """The choice at the smallest edit distance from ``text``, the first on ties (``get_most_similar``)."""
     distances = [edit_distance(text, choice) for choice in choices]
     return choices[distances.index(min(distances))]
 
@@ -196,7 +198,8 @@ def load_problems(path: Path) -> dict[str, dict]:
     rows = list(data.values()) if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(row, dict) and "pid" in row for row in rows):
         raise MpoError(f"{path}: expected MathVista rows with a 'pid' (pid -> row, a list, or JSONL)")
-    missing = [(row["pid"], k) for row in rows for k in ("question_type", "answer_type", "answer") if k not in row]
+    missing = [(row["pid"], k) for row in rows for k in ("question_type", "answer_type", "answer")
+               if k not in row]
     if missing:
         raise MpoError(f"{path}: pid {missing[0][0]!r} has no {missing[0][1]!r}")
     return {str(row["pid"]): row for row in rows}

@@ -28,8 +28,8 @@ DISCIPLINES = {
     "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
     "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
     "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
-    "Health and Medicine": ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
-                            "Pharmacy", "Public_Health"],
+    "Health and Medicine": ["Basic_Medical_Science", "Clinical_Medicine",
+                            "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health"],
     "Humanities and Social Science": ["History", "Literature", "Sociology", "Psychology"],
     "Tech and Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
                              "Energy_and_Power", "Materials", "Mechanical_Engineering"],
@@ -39,8 +39,8 @@ SUBJECT_ORDER = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
     "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science", "Design",
     "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics", "Energy_and_Power", "Finance",
-    "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math", "Mechanical_Engineering",
-    "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology",
+    "Geography", "History", "Literature", "Manage", "Marketing", "Materials", "Math",
+    "Mechanical_Engineering", "Music", "Pharmacy", "Physics", "Psychology", "Public_Health", "Sociology",
 )
 MULTI_CHOICE_CLOSING = "Answer with the option's letter from the given choices directly."
 OPEN_CLOSING = "Answer the question using a single word or phrase."
@@ -48,7 +48,8 @@ _EDGE_PUNCTUATION = [",", ".", "!", "?", ";", ":", "'"]
 _KEY_WORDS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
 _GROUPED = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")  # 1,234,567
 _SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")  # 1.5e-3
-_PLAIN = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")  # 12, 1.5, .5 (not part of the above)
+# 12, 1.5, .5 (not followed by an exponent or by a comma and digit)
+_PLAIN = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
 
 
 def subject_of(sample_id: str) -> str:
@@ -214,7 +215,8 @@ def scores_table(results: dict) -> dict:
         table[f"Overall-{discipline}"] = {"num": sum(results[s]["num_example"] for s in present),
                                           "acc": round(_weighted([results[s] for s in present]), 3)}
         for subject in present:
-            table[subject] = {"num": results[subject]["num_example"], "acc": round(results[subject]["acc"], 3)}
+            result = results[subject]
+            table[subject] = {"num": result["num_example"], "acc": round(result["acc"], 3)}
     ordered = [results[s] for s in SUBJECT_ORDER if s in results]
     table["Overall"] = {"num": sum(r["num_example"] for r in ordered), "acc": round(_weighted(ordered), 3)}
     return table

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from mpo.eval.agreement import measure_agreement
-from mpo.eval.extract import declines, extract_answer, final_part, last_boxed, to_number
+from mpo.eval.extract import (
+    answer_matches,
+    declines,
+    extract_answer,
+    final_part,
+    last_boxed,
+    sole_number,
+    to_number,
+)
 from mpo.eval.mathvista import load_problems, rule_extraction
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "eval" / "mathvista"
@@ -70,11 +78,36 @@ def test_option_text_yes_no_and_declining():
     assert extract_answer("No, the pizza is whole.", choices) == "B"
     assert extract_answer("The pizza is not split in half.", choices) == "B"      # negated statement
     assert extract_answer("The pizza is split in half.", choices) is None
-    assert extract_answer("Without more information it is impossible to say; not enough data.", choices) is None
+    assert extract_answer("Without more information it is impossible to say.", choices) is None
     assert declines("Please provide the table.") and not declines("The table shows 5.")
     plants = ["plants decrease", "plants increase", "nothing happens"]
     assert extract_answer("Fewer birds would mean the plants increase over time, I believe.", plants) == "B"
     assert extract_answer("The answer is: Plants Increase", plants) == "B"
+
+
+# the first twelve: the cases rule_first pairs check today (tests/unit/test_pairs.py)
+@pytest.mark.parametrize("response, truth, correct", [
+    ("The answer is D.", "D", True), ("the answer is d", "D", True), ("Answer: B", "D", False),
+    ("The answer is D. 12 degrees", "D", True), ("Answer: (D) 12", "D", True),
+    ("\\boxed{12.50}", "12.5", True),
+    ("The answer is 3", "3.0", True), ("The answer is 4", "3", False),
+    ("So the answer is x = 12.5 degrees.", "12.5", True), ("The answer is 1,200 cm", "1200", True),
+    ("The answer is 12.5 + y", "12.5", False), ("", "A", False),
+    ("<think>the answer is C</think>The answer is A", "A", True), ("so it is \\frac{3}{2}", "1.5", True),
+    ("The answer is Paris.", "paris", True), ("The answer is Lyon.", "Paris", False),
+])
+def test_answer_matches(response, truth, correct):
+    assert answer_matches(response, truth) is correct
+
+
+def test_answer_matches_with_choices_and_precision():
+    choices = ["22", "40", "44", "48"]
+    assert answer_matches("The answer is (C).", "C", choices)
+    assert answer_matches("The answer is (C).", "44", choices)
+    assert not answer_matches("I'd say 48.", "44", choices)
+    assert answer_matches("The answer is 1.26", "1.3", answer_type="float", precision=1)
+    assert not answer_matches("The answer is 1.26", "1.3")
+    assert sole_number("45%") == 45 and sole_number("x = 3 m") == 3 and sole_number("3 + 4") is None
 
 
 def test_helpers():
@@ -84,7 +117,8 @@ def test_helpers():
 
 
 def test_rule_extraction_falls_back_to_the_last_line_for_multiple_choice():
-    row = {"question_type": "multi_choice", "choices": ["red", "blue"], "answer_type": "text", "precision": None}
+    row = {"question_type": "multi_choice", "choices": ["red", "blue"], "answer_type": "text",
+           "precision": None}
     assert rule_extraction("Hmm.\nI cannot tell the colour.", row) == "I cannot tell the colour."
     free = {"question_type": "free_form", "choices": None, "answer_type": "integer", "precision": None}
     assert rule_extraction("I cannot tell.", free) == ""

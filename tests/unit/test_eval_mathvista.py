@@ -30,7 +30,7 @@ def outputs():
 # The 15 testmini rows that changed after the official queries were made (output_chatgpt.json's `query`).
 CHOICES_REORDERED = {"99", "168", "229", "287", "291", "513", "670", "688", "849"}  # same options, new order
 CHOICES_CHANGED = {"272"}  # the clock's options themselves differ (1:30, 6:30, 5:30, 4:30, 12:30 then)
-STRAY_WHITESPACE = {"237", "353", "617", "833", "999"}  # a trailing space or "\r\n" now ends a choice/question
+STRAY_WHITESPACE = {"237", "353", "617", "833", "999"}  # a trailing " " or "\r\n" ends a choice/question now
 
 
 def test_built_queries_equal_the_official_ones_but_for_15_rows_that_changed_since(testmini, outputs):
@@ -53,7 +53,8 @@ def test_query_shape_hint_question_unit_choices():
     row = {"pid": "x", "question": "How long is it?", "unit": "cm", "choices": ["1", "2"],
            "question_type": "multi_choice", "answer_type": "text", "precision": None}
     assert mathvista.build_query(row) == (
-        "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+        "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, "
+        "at the end.\n"
         "Question: How long is it? (Unit: cm)\nChoices:\n(A) 1\n(B) 2")
     free = dict(row, choices=None, unit=None, question_type="free_form", answer_type="float", precision=2.0)
     assert "two decimal places" in mathvista.build_query(free).split("\n")[0]
@@ -78,17 +79,20 @@ def test_scores_reproduce_scores_chatgpt_json_exactly(outputs):
     as_scored["4"]["metadata"]["skills"] = ["arithmetic reasoning"]
     table = mathvista.scores_table(_judged(as_scored, lambda p: p.get("extraction", "")))
     assert table == published
-    assert [list(table[k]) for k in mathvista.BREAKDOWNS[:-1]] == [list(published[k]) for k in mathvista.BREAKDOWNS[:-1]]
+    in_order = mathvista.BREAKDOWNS[:-1]
+    assert [list(table[k]) for k in in_order] == [list(published[k]) for k in in_order]
     now = mathvista.scores_table(_judged(outputs, lambda p: p.get("extraction", "")))
     assert now["skills"]["geometry reasoning"] == {"accuracy": "25.56", "correct": 57, "total": 223}
-    assert {k: v for k, v in now.items() if k != "skills"} == {k: v for k, v in published.items() if k != "skills"}
+    now.pop("skills")
+    assert now == {k: v for k, v in published.items() if k != "skills"}
 
 
 def test_judge_output_keeps_the_official_prediction_and_rules_fill_missing_extractions(outputs):
     rows = {pid: mathvista.judge_output(problem) for pid, problem in outputs.items()}
     assert sum(row["true_false"] for row in rows.values()) == 235
     assert [pid for pid, row in rows.items() if row["extracted_by"] == "rules"] == ["2", "4"]
-    assert all(row["true_false"] == outputs[pid]["true_false"] for pid, row in rows.items() if pid not in ("2", "4"))
+    assert all(row["true_false"] == outputs[pid]["true_false"] for pid, row in rows.items()
+               if pid not in ("2", "4"))
     # pid 246: GPT-4 extracted "0.0002" for an integer answer; the scorer of the day wrote prediction None
     assert rows["246"]["prediction"] is None
     assert mathvista.judge_output(outputs["246"], keep_prediction=False)["prediction"] == "0"
