@@ -161,6 +161,11 @@ def choice_letter(text: str, choices: list[str]) -> str | None:
     or a bracketed letter inside it; None if none."""
     letters = [chr(ord("A") + i) for i in range(len(choices))]
     cleaned = clean(text)
+    dialogue = re.match(r"A:\s+(\S.*)", cleaned, re.DOTALL)  # "A: no" is "Answer: no" (Q/A style)
+    if dialogue and not _LETTER.match(dialogue.group(1)):
+        named = choice_letter(dialogue.group(1), choices)
+        if named:
+            return named
     found = _LETTER.match(cleaned) or _LETTER.match(cleaned.removeprefix("Option ").removeprefix("option "))
     if found and found.group(1) in letters:
         return found.group(1)
@@ -187,7 +192,7 @@ def _choice_from_text(text: str, choices: list[str]) -> str | None:
     line (MMMU's ``parse_multi_choice_response`` order); the "no" of a yes/no question answered by a
     negated statement; the option whose text occurs last (MMMU's content match)."""
     letters = [chr(ord("A") + i) for i in range(len(choices))]
-    whole = choice_letter(text, choices) if len(text.split()) <= 3 else None
+    whole = choice_letter(text, choices) if len(text.split()) <= 3 or text.startswith("A: ") else None
     if whole:
         return whole
     first = _words(text).split(" ")[0]

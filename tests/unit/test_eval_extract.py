@@ -76,6 +76,7 @@ def test_multiple_choice_letters(response, expected):
 def test_option_text_yes_no_and_declining():
     choices = ["Yes", "No"]
     assert extract_answer("No, the pizza is whole.", choices) == "B"
+    assert extract_answer("A: No, it is not the maximum.", choices) == "B"            # "A:" as in Q/A
     assert extract_answer("The pizza is not split in half.", choices) == "B"      # negated statement
     assert extract_answer("The pizza is split in half.", choices) is None
     assert extract_answer("Without more information it is impossible to say.", choices) is None
@@ -134,6 +135,16 @@ def test_rules_agree_with_gpt4_extraction_on_the_official_chatgpt_outputs():
     assert abs(report["rule_accuracy"] - report["official_accuracy"]) <= 0.5
     assert report["official_correct"] == 235
     assert len(report["disagreements"]) == report["problems"] - report["agree"]
+
+
+def test_rows_changed_after_extraction_are_counted_apart():
+    row = {"pid": "1", "question_type": "free_form", "answer_type": "integer", "precision": None,
+           "choices": None, "answer": "3"}
+    report = measure_agreement({"1": {**row, "response": "", "extraction": "3"},
+                                "2": {**row, "pid": "2", "response": "So it is 3.", "extraction": "3"},
+                                "3": {**row, "pid": "3", "response": "So it is 4.", "extraction": "3"}})
+    assert (report["inconsistent"], report["problems"], report["agree"], report["disagreements"]) == (1, 2, 1, ["3"])
+    assert report["rule_accuracy"] == 50.0 and report["official_accuracy"] == 100.0
 
 
 def test_fixture_is_the_published_file():
