@@ -95,14 +95,16 @@ def _after_phrase(text: str) -> str | None:
 
 
 def clean(text: str) -> str:
-    """Markup dropped: ``\\text{x}`` -> ``x``, ``$``, ``**``, ``\\(``/``\\)``, surrounding quotes, trailing
-    punctuation; whitespace collapsed."""
+    """Markup dropped: ``\\text{x}`` -> ``x``, ``$``, ``**``, ``\\(``/``\\)``, surrounding quotes and
+    parentheses, trailing punctuation; whitespace collapsed."""
     previous = None
     while previous != text:
         previous, text = text, _WRAPPERS.sub(r"\1", text)
     text = text.replace("$", "").replace("**", "").replace("\\(", "").replace("\\)", "").replace("\\%", "%")
-    text = " ".join(text.split()).strip().strip("\"'`").strip()
-    return text.rstrip(".,;:!").strip()
+    text = " ".join(text.split()).strip().strip("\"'`").strip().rstrip(".,;:!").strip()
+    if text.startswith("(") and text.endswith(")") and "(" not in text[1:-1] and ")" not in text[1:-1]:
+        text = text[1:-1].strip()
+    return text
 
 
 def _sentences(text: str) -> list[str]:
