@@ -185,15 +185,26 @@ def scores_table(judged: list[dict]) -> dict:
     return table
 
 
+def _parquet_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq  # comes with `datasets`; only parquet input needs it
+
+    names = pq.read_schema(path).names
+    return pq.read_table(path, columns=[n for n in names if n != "decoded_image"]).to_pylist()
+
+
 def load_problems(path: Path) -> dict[str, dict]:
     """MathVista problems by pid from ``testmini.json`` (pid -> row, as in the benchmark's repository),
-    an ``output_*.json`` (the same, with responses), a JSON list or a JSONL file of rows with ``pid``."""
+    an ``output_*.json`` (the same, with responses), a JSON list or a JSONL file of rows with ``pid``,
+    or the Hugging Face parquet form (``AI4Math/MathVista``; its ``decoded_image`` column is not read)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = [json.loads(line) for line in text.splitlines() if line.strip()] \
-            if path.suffix == ".jsonl" else json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if path.suffix == ".parquet":
+            data = _parquet_rows(path)
+        else:
+            text = path.read_text(encoding="utf-8")
+            data = [json.loads(line) for line in text.splitlines() if line.strip()] \
+                if path.suffix == ".jsonl" else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise MpoError(f"{path}: cannot read MathVista problems: {exc}") from None
     rows = list(data.values()) if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(row, dict) and "pid" in row for row in rows):

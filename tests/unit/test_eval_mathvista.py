@@ -127,6 +127,19 @@ def test_edit_distance_is_levenshtein():
         == [0, 3, 3, 2, 2, 3]
 
 
+def test_parquet_form_as_on_hugging_face(tmp_path, testmini):
+    """The `datasets` form: one row per problem, precision a float (1.0), an image column not read."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [dict(row, precision=None if row["precision"] is None else float(row["precision"]),
+                 decoded_image={"bytes": b"\x89PNG", "path": row["image"]}) for row in testmini.values()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "testmini-00000-of-00001.parquet")
+    loaded = mathvista.load_problems(tmp_path / "testmini-00000-of-00001.parquet")
+    assert list(loaded) == list(testmini) and "decoded_image" not in loaded["1"]
+    assert all(mathvista.build_query(loaded[pid]) == mathvista.build_query(testmini[pid]) for pid in testmini)
+    assert mathvista.judge("1.25", loaded["1"]) == ("1.2", True)  # precision 1.0 rounds as 1
+
+
 def test_load_problems_errors_name_the_file(tmp_path):
     bad = tmp_path / "out.json"
     bad.write_text('{"1": {"question": "q"}}')
