@@ -162,7 +162,7 @@ def _accuracy(correct: int, total: int) -> dict:
 def scores_table(judged: list[dict]) -> dict:
     """The ``scores_*.json`` structure for judged problems (rows with ``true_false`` and ``metadata``).
 
-    ``average`` then one group per :data:`BREAKDOWNS` key (from the row or its ``metadata``; ``skills``
+    ``average`` then one group per :data:`BREAKDOWNS` key (from ``metadata``, else the row; ``skills``
     is a list and a problem counts once for each of its skills). Groups keep first-seen order, then are
     sorted by their accuracy string, highest first (a stable sort, as the official ``sorted``; the
     official ``skills`` order among equal accuracies comes from a ``set`` and may differ).
@@ -175,7 +175,8 @@ def scores_table(judged: list[dict]) -> dict:
     for key in BREAKDOWNS:
         counts: dict[str, list[int]] = {}
         for row in judged:
-            value = row[key] if key in row else row.get("metadata", {}).get(key)
+            metadata = row.get("metadata") or {}
+            value = metadata[key] if key in metadata else row.get(key)  # merged over the row, as official
             for group in (dict.fromkeys(value) if key == "skills" else [value]):
                 tally = counts.setdefault(group, [0, 0])
                 tally[0] += row["true_false"] is True
