@@ -4,6 +4,7 @@ published numbers, and the files it writes (tests/fixtures/eval; SOURCE.txt ther
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def test_mathvista_scores_and_predictions(tmp_path):
     assert rows[0] == {"pid": "1", "extraction": "0.1", "prediction": "0.1", "true_false": False,
                        "extracted_by": "official"}
     assert sum(row["true_false"] for row in rows) == 235
+
+
+def test_a_second_model_scored_by_the_older_integer_rule(tmp_path):
+    """mPLUG-Owl's published scores were made when integers were normalised by ``str(int(x))``: pid 525's
+    extraction "-0.005" scored wrong then, while today's ``str(int(float(x)))`` makes it "0", right.
+    Keeping the official ``prediction`` reproduces the published file exactly; re-normalising is one off."""
+    folder = EVAL / "mathvista" / "mplugowl"
+    path = tmp_path / "output_mplugowl_7b_ft.json"
+    path.write_bytes(gzip.decompress((folder / "output_mplugowl_7b_ft_DERIVED.json.gz").read_bytes()))
+    published = json.loads((folder / "scores_mplugowl_7b_ft.json").read_text(encoding="utf-8"))
+    rows, scores = score_only.score_mathvista(path)
+    assert scores == published
+    _, today = score_only.score_mathvista(path, keep_predictions=False)
+    assert (today["average"]["correct"], published["average"]["correct"]) == (223, 222)
+    assert next(r for r in rows if r["pid"] == "525")["extraction"] == "-0.005"
 
 
 def test_mathvista_without_official_extractions_uses_the_rules(tmp_path):
