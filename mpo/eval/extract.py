@@ -269,7 +269,7 @@ def answer_matches(response: str, answer, choices: list[str] | None = None, answ
     if not stated:
         return False
     if len(truth) == 1 and truth.isalpha():
-        found = _LETTER.match(clean(stated).upper())
+        found = _LETTER.match(re.sub(r"^(?:option|choice)\s+", "", clean(stated), flags=re.IGNORECASE).upper())
         return found is not None and found.group(1) == truth.upper()
     got, expected = sole_number(stated), sole_number(truth)
     if got is not None and expected is not None:

@@ -96,6 +96,7 @@ def test_option_text_yes_no_and_declining():
     ("The answer is 12.5 + y", "12.5", False), ("", "A", False),
     ("<think>the answer is C</think>The answer is A", "A", True), ("so it is \\frac{3}{2}", "1.5", True),
     ("The answer is Paris.", "paris", True), ("The answer is Lyon.", "Paris", False),
+    ("The correct answer is option D.", "D", True), ("**D**", "D", True), ("Dogs.", "D", False),
 ])
 def test_answer_matches(response, truth, correct):
     assert answer_matches(response, truth) is correct
