@@ -101,13 +101,15 @@ def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bo
     unsafe) to load: see the module docstring. ``reward``: a reward model (Qwen2.5-VL with its value
     head); ``reward_backbone``: a Qwen2.5-VL to start reward training from (a value head optional);
     else a policy (an image-text-to-text model). ``processor``: its tokenizer and processor files too.
-    A folder that passed is not read again in this process while its files stay as they were."""
+    A folder that passed is not read again in this process while its files stay as they were (a pass
+    with its processor files also answers a check of the weights alone), so each command checks each
+    folder once however many of its parts ask."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"{key}: {folder}: not a folder")
     memo = (str(folder.resolve()), reward, reward_backbone, processor)
     signature = _signature(folder)
-    if _CHECKED.get(memo) == signature:
+    if signature in (_CHECKED.get(memo), _CHECKED.get((*memo[:3], True))):
         return
     config = _read_json(folder / "config.json", key, "not a model folder (no config.json)")
     weights = sorted(folder.glob("*.safetensors"))

@@ -100,11 +100,12 @@ def _scorer_options(
     }
 
 
-def read_items(path: Path) -> tuple[list[dict], list[dict]]:
-    """Rows of a scoring input file and their items (``where`` = ``file:line``; relative image paths
-    resolved against the file's folder). Rows need ``messages`` and ``response``; ``images`` is optional."""
-    from mpo.records import RecordError, iter_jsonl
-    from reward.scorer import ScoreError
+def read_items(path: Path) -> tuple[list[dict], list]:
+    """Rows of a scoring input file and their :class:`reward.items.ScoreItem` (``where`` = ``file:line``;
+    relative image paths resolved against the file's folder). Rows need ``messages`` and ``response``;
+    ``images`` is optional."""
+    from mpo.records import Prompt, RecordError, iter_jsonl
+    from reward.scorer import ScoreError, ScoreItem
 
     if not path.is_file():
         raise ScoreError(f"input not found: {path}")
@@ -121,9 +122,7 @@ def read_items(path: Path) -> tuple[list[dict], list[dict]]:
             raise RecordError(f"{where}: field 'images': expected a list of paths")
         resolved = [i if Path(i).is_absolute() else str(path.parent / i) for i in images]
         rows.append(row)
-        items.append(
-            {"messages": row["messages"], "images": resolved, "response": row["response"], "where": where}
-        )
+        items.append(ScoreItem(Prompt(where, row["messages"], resolved), row["response"], where))
     if not rows:
         raise ScoreError(f"{path}: no rows to score (the file is empty)")
     return rows, items
@@ -152,9 +151,9 @@ def score(
     from mpo.cli_common import check_output_file, write_or_recover
     from mpo.models import model_folder
     from mpo.records import write_jsonl
-    from reward.scorer import Scorer
+    from reward.scorer import ScoreOptions, Scorer
 
-    model_folder(model, "--model", reward=True)
+    folder = model_folder(model, "--model", reward=True)  # checked once: the scorer finds it checked
     check_output_file(output, "--output", "scores.jsonl")
     rows, items = read_items(input)
     options = _scorer_options(
@@ -169,7 +168,7 @@ def score(
         allow_empty=allow_empty,
         special_tokens=special_tokens.value,
     )
-    scorer = Scorer(model, **options)
+    scorer = Scorer(folder, ScoreOptions(**options))
     start = time.perf_counter()
     result = scorer.score_all(items)
     seconds = time.perf_counter() - start

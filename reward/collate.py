@@ -13,7 +13,7 @@ What it does:
   token and image tokens cannot be cut.
 - :class:`PairDataset` encodes a pair when it is read (the prompt, images included, once; the two
   responses as token ids), so a large set never sits preprocessed in memory.
-- :func:`collate_pairs` right-pads the chosen rows, then the rejected rows, into one ``[2B, T]``
+- :class:`PairCollator` right-pads the chosen rows, then the rejected rows, into one ``[2B, T]``
   batch. Images are kept once per pair (``pixel_values`` concatenated in pair order,
   ``image_grid_thw`` stacked); text-only pairs add none, so a batch may mix both.
 - :class:`PairwiseRewardModel`, the model side of that batch format, runs the vision encoder once
@@ -175,13 +175,10 @@ class PairwiseRewardModel(nn.Module):
         if pixel_values is not None:
             grids = torch.cat([image_grid_thw, image_grid_thw])
             if self.features_once:
-                from transformers.modeling_outputs import BaseModelOutputWithPooling
+                from mpo.train.logprobs import pair_image_features
 
-                model = self.reward.backbone.model
-                images = model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-                features = tuple(images.pooler_output)
-                both = BaseModelOutputWithPooling(pooler_output=features + features)
-                vision["mm_encoder_outputs"] = {"image": both}
+                images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+                vision["mm_encoder_outputs"] = {"image": pair_image_features(self.reward.backbone, images)}
             else:
                 vision["pixel_values"] = torch.cat([pixel_values, pixel_values])
             vision["image_grid_thw"] = grids

@@ -62,7 +62,7 @@ def evaluate_model(
     skipped: list[str] = []
 
     def score_fn(items):
-        if scorer.on_too_long != "skip":
+        if scorer.options.on_too_long != "skip":
             return scorer.score(items)
         result = scorer.score_all(items)
         skipped.extend(f"{s.where}: {s.num_tokens} tokens" for s in result.skipped)
@@ -70,12 +70,12 @@ def evaluate_model(
 
     start = time.perf_counter()
     results = evaluate(benchmark, data, _tagged(score_fn, data, counter), image_root=image_root,
-                       unscored_is_wrong=scorer.on_too_long == "skip")
+                       unscored_is_wrong=scorer.options.on_too_long == "skip")
     seconds = time.perf_counter() - start
     results["model"] = str(model_dir)
     results["data"] = str(data)
     results["scoring"] = {
-        "dtype": scorer.dtype,
+        "dtype": scorer.options.dtype,
         "device": scorer.device,
         "items": counter.get("items", 0),
         "seconds": round(seconds, 3),

@@ -61,13 +61,15 @@ def image_inputs(model, prompts: Sequence[PromptEncoding], device) -> dict:
     order; each distinct prompt (object) runs through the vision tower once."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    from mpo.train.logprobs import image_features
+
     distinct = {id(p): p.vision for p in prompts if "pixel_values" in p.vision}
     if not distinct:
         return {}
     visions = list(distinct.values())
     pixel_values = torch.cat([v["pixel_values"] for v in visions]).to(device)
     grids = torch.cat([v["image_grid_thw"] for v in visions]).to(device)
-    per_image = model.backbone.model.get_image_features(pixel_values, grids, return_dict=True).pooler_output
+    per_image = image_features(model.backbone, {"pixel_values": pixel_values, "image_grid_thw": grids}).pooler_output
     features, start = {}, 0
     for key, vision in distinct.items():
         count = vision["image_grid_thw"].shape[0]

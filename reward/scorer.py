@@ -1,18 +1,21 @@
 """Batched, in-process scoring of (conversation, response) items with a reward model.
 
-An item is ``{"messages", "images", "response"}`` (plus an optional ``"where"``, e.g. ``file:line``,
-used in error messages): HF chat messages whose ``{"type": "image"}`` parts take ``images`` in
-order (paths, PIL images, or ``{"bytes", "path"}`` structs), and the assistant response to score.
+An item is a :class:`reward.items.ScoreItem`: a prompt record (HF chat messages whose
+``{"type": "image"}`` parts take its images in order: paths, PIL images, or ``{"bytes", "path"}``
+structs), the assistant response to score, and ``where`` (e.g. ``file:line``) for messages. Records
+become items through :func:`reward.items.rollout_items` and :func:`reward.items.pair_items`; a plain
+``{"messages", "images", "response", "where"}`` object is taken too. Options: :class:`ScoreOptions`.
 
 How a call runs:
 
 1. Every item is checked before anything heavy happens: messages a list of objects, response a
-   string, not empty (unless ``allow_empty``), every image path readable (``mpo.data.check_image``).
-   A bad item is an error naming it.
-2. The model and processor are loaded once (on the first call), then each item is encoded through
-   :class:`mpo.chat.ChatEncoder`. Items that share a prompt (same messages and images: the samples
-   of one rollout prompt, the two responses of a benchmark row) share one prompt encoding, so each
-   image is decoded and preprocessed once; distinct prompts go through the processor together.
+   string, not empty (unless ``allow_empty``), images a list (:func:`reward.items.as_item`).
+2. The processor is loaded (once) and each item encoded through :class:`mpo.chat.ChatEncoder`,
+   still before the model's weights load: each image is opened, checked and resized once
+   (:func:`mpo.data.images.fit_image`); a bad item is an error naming it. Items that share a prompt
+   (same messages and images: the samples of one rollout prompt, the two responses of a benchmark
+   row) share one prompt encoding, so each image is decoded and preprocessed once; distinct prompts
+   go through the processor together. Then the model loads (once).
    Text holding a control token's literal (``<|im_end|>``...) is scored as plain text; with
    ``special_tokens="error"`` such an item is refused before the model loads.
 3. Items longer than ``max_length`` tokens (image tokens included; default: the model's
@@ -41,25 +44,57 @@ the published model computes. The scorer derives it from the token ids for every
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mpo.errors import MpoError
 from reward.forward import Encoded, run_prompts, score_full, score_responses
+from reward.items import ScoreError, ScoreItem, as_item, fitted, prompt_key, where_of
 
 ON_TOO_LONG = ("error", "skip")
+__all__ = ["ON_TOO_LONG", "ScoreError", "ScoreItem", "ScoreOptions", "ScoreResult", "Scorer", "plan_batches"]
 
 
-class ScoreError(MpoError):
-    """An item that cannot be scored; the message names it."""
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How a :class:`Scorer` runs (checked when made; ``device`` None: CUDA when there is one)."""
+
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    device: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    token_budget: int = 8192
+    max_batch_size: int = 64
+    max_length: int | None = None
+    on_too_long: str = "error"
+    allow_empty: bool = False
+    progress: bool = True
+    padding_side: str = "right"
+    share_prompts: bool = True
+    special_tokens: str = "escape"  # escape: control-token text scored as plain text (mpo.control_tokens)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ScoreError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.padding_side not in ("right", "left"):
+            raise ScoreError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.special_tokens not in ("escape", "error"):
+            raise ScoreError(f"special_tokens must be escape or error, got {self.special_tokens!r}")
+        if self.on_too_long not in ON_TOO_LONG:
+            raise ScoreError(f"on_too_long must be one of {', '.join(ON_TOO_LONG)}, got {self.on_too_long!r}")
+        if self.token_budget < 1 or self.max_batch_size < 1 or (self.max_length is not None and self.max_length < 1):
+            raise ScoreError("token_budget, max_batch_size and max_length must be >= 1")
+
+    @classmethod
+    def for_rounds(cls, model) -> ScoreOptions:
+        """A round's score stage: the recipe's ``model`` section (dtype, attention, pixel bounds);
+        empty responses scored (pairs counts them), no progress bars."""
+        return cls(dtype=model.dtype, attn_implementation=model.attn_implementation, min_pixels=model.min_pixels,
+                   max_pixels=model.max_pixels, allow_empty=True, progress=False)
 
 
 @dataclass
@@ -77,10 +112,6 @@ class ScoreResult:
     skipped: list[Skipped] = field(default_factory=list)
     num_tokens: int = 0  # real (unpadded) tokens scored
     num_batches: int = 0
-
-
-def where_of(item: dict, index: int) -> str:
-    return str(item.get("where") or f"item {index}")
 
 
 def plan_batches(
@@ -107,112 +138,23 @@ def plan_batches(
     return batches
 
 
-def check_item(item: Any, index: int, allow_empty: bool = False, checked: set | None = None) -> None:
-    """Shape and content checks that need no model; images are verified on disk (each path once
-    when a ``checked`` set is shared between calls)."""
-    from mpo.data.images import ImageError, check_image
-
-    where = where_of(item, index) if isinstance(item, dict) else f"item {index}"
-    if not isinstance(item, dict):
-        raise ScoreError(f"{where}: expected an object with messages, images, response")
-    messages = item.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ScoreError(f"{where}: field 'messages': expected a non-empty list of objects")
-    response = item.get("response")
-    if not isinstance(response, str):
-        raise ScoreError(f"{where}: field 'response': expected a string, got {type(response).__name__}")
-    if not allow_empty and not response.strip():
-        raise ScoreError(f"{where}: empty response (pass allow_empty to score it anyway)")
-    images = item.get("images") or []
-    if not isinstance(images, list):
-        raise ScoreError(f"{where}: field 'images': expected a list, got {type(images).__name__}")
-    for image in images:
-        if isinstance(image, (str, Path)) and (checked is None or str(image) not in checked):
-            try:
-                check_image(image)
-            except ImageError as err:
-                raise ScoreError(f"{where}: field 'images': {err}") from None
-            if checked is not None:
-                checked.add(str(image))
-
-
-def _pil(image: Any, where: str):
-    """A path, a PIL image or an HF ``{"bytes", "path"}`` struct as an RGB PIL image."""
-    from PIL import Image
-
-    from mpo.data.images import ImageError, open_image
-
-    if isinstance(image, (str, Path)):
-        try:
-            return open_image(image)
-        except ImageError as err:
-            raise ScoreError(f"{where}: {err}") from None
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        try:
-            return open_image(io.BytesIO(image["bytes"]))
-        except ImageError as err:
-            detail = str(err).split(" (", 1)[-1].rstrip(")")
-            raise ScoreError(f"{where}: embedded image {image.get('path')!r} unreadable ({detail})") from None
-    if isinstance(image, Image.Image):
-        return open_image(image)
-    raise ScoreError(
-        f"{where}: image: expected a path, a PIL image or {{bytes, path}}, got {type(image).__name__}"
-    )
-
-
-def _image_key(image: Any) -> Any:
-    if isinstance(image, (str, Path)):
-        return ("path", str(image))
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        return ("bytes", hashlib.sha256(image["bytes"]).digest())
-    return ("object", id(image))
-
-
 class Scorer:
     """Score items with a Skywork-layout reward model folder; ``scorer.score`` fits
     ``reward.benchmarks.evaluate``'s ``score_fn``."""
 
-    def __init__(
-        self,
-        model_dir: str | Path | None,
-        dtype: str = "float32",
-        attn_implementation: str = "sdpa",
-        device: str | None = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        token_budget: int = 8192,
-        max_batch_size: int = 64,
-        max_length: int | None = None,
-        on_too_long: str = "error",
-        allow_empty: bool = False,
-        progress: bool = True,
-        padding_side: str = "right",
-        share_prompts: bool = True,
-        special_tokens: str = "escape",
-    ):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ScoreError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        if padding_side not in ("right", "left"):
-            raise ScoreError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        if special_tokens not in ("escape", "error"):
-            raise ScoreError(f"special_tokens must be escape or error, got {special_tokens!r}")
-        if on_too_long not in ON_TOO_LONG:
-            raise ScoreError(f"on_too_long must be one of {', '.join(ON_TOO_LONG)}, got {on_too_long!r}")
-        if token_budget < 1 or max_batch_size < 1 or (max_length is not None and max_length < 1):
-            raise ScoreError("token_budget, max_batch_size and max_length must be >= 1")
+    def __init__(self, model_dir: str | Path | None, options: ScoreOptions | None = None, **overrides):
+        """``options`` (default :class:`ScoreOptions`), with ``overrides`` by name (``progress=False``)."""
+        names = {f.name for f in fields(ScoreOptions)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"Scorer: unknown option(s) {', '.join(unknown)}")
+        self.options = replace(options or ScoreOptions(), **overrides)
         if model_dir is not None:
             from mpo.models import model_folder
 
-            model_dir = model_folder(model_dir, "reward model", reward=True)
+            model_dir = model_folder(model_dir, "reward model", reward=True)  # once per process
         self.model_dir = model_dir
-        self.dtype, self.attn_implementation = dtype, attn_implementation
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.token_budget, self.max_batch_size = token_budget, max_batch_size
-        self.max_length, self.on_too_long = max_length, on_too_long
-        self.allow_empty, self.progress = allow_empty, progress
-        self.padding_side, self.share_prompts = padding_side, share_prompts
-        self.special_tokens = special_tokens  # escape: control-token text scored as plain text (mpo.control_tokens)
+        self.device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None
         self.processor = None
         self.encoder = None
@@ -239,23 +181,34 @@ class Scorer:
             if next(self.model.parameters()).device.type != torch.device(self.device).type:
                 self.model.to(self.device)
             return self
-        from mpo.models import load_processor
         from reward.model import RewardModel
 
-        processor = load_processor(self.model_dir, self.min_pixels, self.max_pixels)
+        self._encoder()
+        o = self.options
         model = RewardModel.from_pretrained(
-            self.model_dir, dtype=self.dtype, attn_implementation=self.attn_implementation, device=self.device
+            self.model_dir, dtype=o.dtype, attn_implementation=o.attn_implementation, device=self.device
         )
-        self._attach(model, processor)
+        self._attach(model, self.processor)
         return self
+
+    def _encoder(self):
+        """The processor's :class:`mpo.chat.ChatEncoder`, the processor loaded on first use (not the weights)."""
+        if self.encoder is None:
+            from mpo.chat import ChatEncoder
+            from mpo.models import load_processor
+
+            self.processor = load_processor(self.model_dir, self.options.min_pixels, self.options.max_pixels)
+            self.encoder = ChatEncoder(self.processor)
+        return self.encoder
 
     def _attach(self, model, processor) -> None:
         from mpo.chat import ChatEncoder
 
-        self.model, self.processor = model, processor
-        self.encoder = ChatEncoder(processor)
+        if self.encoder is None or self.processor is not processor:
+            self.processor, self.encoder = processor, ChatEncoder(processor)
+        self.model = model
         config = model.config
-        self.limit = self.max_length or config.text_config.max_position_embeddings
+        self.limit = self.options.max_length or config.text_config.max_position_embeddings
         self.pad_id = self.encoder.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.encoder.tokenizer.eos_token_id or 0
@@ -264,61 +217,63 @@ class Scorer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, items: Sequence[dict], chunk: int = 32) -> list[Encoded]:
-        """Encode every item; items with the same messages and images share one prompt encoding.
+    def encode(self, items: Sequence[ScoreItem | dict], chunk: int = 32) -> list[Encoded]:
+        """Encode every item; items with the same messages and images share one prompt encoding, and
+        each of its images is opened, checked and resized once (:func:`reward.items.fitted`).
         Distinct prompts go through the processor ``chunk`` at a time, responses through the
         tokenizer in one call."""
         from tqdm import tqdm
 
         from mpo.chat import ChatError
 
-        keys, first = [], {}
+        encoder = self._encoder()
+        items = [as_item(item, n, allow_empty=True) for n, item in enumerate(items)]
+        image_processor = getattr(self.processor, "image_processor", None)
+        keys, first, pictures, opened = [], {}, {}, {}
         for index, item in enumerate(items):
-            images = item.get("images") or []
-            key = (json.dumps(item["messages"], sort_keys=True, default=str), tuple(map(_image_key, images)))
+            key = prompt_key(item)
             keys.append(key)
-            if key not in first:
-                first[key] = index
-                try:
-                    self.encoder.check_images(item["messages"], images)
-                except ChatError as err:
-                    raise ScoreError(f"{where_of(item, index)}: {err}") from None
+            if key in first:
+                continue
+            first[key] = index
+            try:
+                encoder.check_images(item.messages, item.images or [])
+            except ChatError as err:
+                raise ScoreError(f"{where_of(item, index)}: {err}") from None
+            for image, image_key in zip(item.images or [], key[1]):  # each image read once, before any bar
+                if image_key not in opened:
+                    opened[image_key] = fitted(image, image_processor, where_of(item, index))
+            pictures[key] = [opened[image_key] for image_key in key[1]]
         distinct = list(first.items())
         prompts = {}
-        with tqdm(total=len(distinct), desc="encoding", unit="prompt", disable=not self.progress) as bar:
+        with tqdm(total=len(distinct), desc="encoding", unit="prompt", disable=not self.options.progress) as bar:
             for start in range(0, len(distinct), chunk):
                 part = distinct[start : start + chunk]
-                pictures = [
-                    [_pil(i, where_of(items[n], n)) for i in items[n].get("images") or []] for _, n in part
-                ]
-                encoded = self.encoder.encode_prompts([items[n]["messages"] for _, n in part], pictures)
+                encoded = encoder.encode_prompts([items[n].messages for _, n in part], [pictures[k] for k, _ in part])
                 prompts.update(zip((key for key, _ in part), encoded))
                 bar.update(len(part))
-        responses = self.encoder.responses_ids([item["response"] for item in items])
+        responses = encoder.responses_ids([item.response for item in items])
         return [Encoded(prompts[key], ids) for key, ids in zip(keys, responses)]
 
     # ------------------------------------------------------------------ scoring
 
-    def score_all(self, items: Sequence[dict]) -> ScoreResult:
+    def score_all(self, items: Sequence[ScoreItem | dict]) -> ScoreResult:
         """Score ``items``; too-long items are skipped or raise, per ``on_too_long``."""
-        return self._run(items, skip=self.on_too_long == "skip")
+        return self._run(items, skip=self.options.on_too_long == "skip")
 
-    def score(self, items: Sequence[dict]) -> list[float]:
+    def score(self, items: Sequence[ScoreItem | dict]) -> list[float]:
         """One finite score per item, in order (the ``score_fn`` of ``reward.benchmarks``). A too-long
         item is an error here whatever ``on_too_long`` says: the caller needs every score."""
         return [float(s) for s in self._run(items, skip=False).scores]
 
-    def _run(self, items: Sequence[dict], skip: bool) -> ScoreResult:
-        items = list(items)
+    def _run(self, items: Sequence[ScoreItem | dict], skip: bool) -> ScoreResult:
+        items = [as_item(item, n, self.options.allow_empty) for n, item in enumerate(items)]
         if not items:
             return ScoreResult(scores=[])
-        checked: set[str] = set()
-        for index, item in enumerate(items):
-            check_item(item, index, self.allow_empty, checked)
-        if self.special_tokens == "error":
+        if self.options.special_tokens == "error":
             self._refuse_control_tokens(items)
+        encoded = self.encode(items)  # before the weights load: a bad image is named first
         self.load()
-        encoded = self.encode(items)
         result = ScoreResult(scores=[None] * len(items))
         todo = []
         for index, enc in enumerate(encoded):
@@ -337,14 +292,13 @@ class Scorer:
 
     __call__ = score
 
-    def _refuse_control_tokens(self, items: list[dict]) -> None:
+    def _refuse_control_tokens(self, items: list[ScoreItem]) -> None:
         """``special_tokens=error``: the first item holding a control token's text, before weights load."""
         from mpo.control_tokens import check_rows, literals
-        from mpo.models import load_processor
 
-        processor = self.processor or load_processor(self.model_dir, self.min_pixels, self.max_pixels)
-        check_rows(literals(processor), ((where_of(item, n), item["messages"], {"response": item["response"]})
-                                         for n, item in enumerate(items)), "--special-tokens")
+        self._encoder()
+        check_rows(literals(self.processor), ((where_of(item, n), item.messages, {"response": item.response})
+                                              for n, item in enumerate(items)), "--special-tokens")
 
     @torch.inference_mode()
     def _score_batches(self, items, encoded, todo: list[int], result: ScoreResult) -> None:
@@ -353,8 +307,8 @@ class Scorer:
         groups: dict[int, list[int]] = {}  # items by (shared) prompt encoding
         for index in todo:
             groups.setdefault(id(encoded[index].prompt), []).append(index)
-        run = self._run_shared if self.share_prompts and len(groups) < len(todo) else self._run_full
-        with tqdm(total=len(todo), desc="scoring", unit="item", disable=not self.progress) as bar:
+        run = self._run_shared if self.options.share_prompts and len(groups) < len(todo) else self._run_full
+        with tqdm(total=len(todo), desc="scoring", unit="item", disable=not self.options.progress) as bar:
             for indices, scores in run(encoded, todo, list(groups.values())):
                 for index, value in zip(indices, scores.float().cpu().tolist()):
                     if not math.isfinite(value):
@@ -367,24 +321,24 @@ class Scorer:
     def _run_full(self, encoded, todo, groups):
         """Every item as prompt + response, longest first, batched by the token budget."""
         for batch in plan_batches(
-            [encoded[i].num_tokens for i in todo], self.token_budget, self.max_batch_size
+            [encoded[i].num_tokens for i in todo], self.options.token_budget, self.options.max_batch_size
         ):
             indices = [todo[i] for i in batch]
             rows = [encoded[i] for i in indices]
-            yield indices, score_full(self.model, rows, self.pad_id, self.padding_side, self.device)
+            yield indices, score_full(self.model, rows, self.pad_id, self.options.padding_side, self.device)
 
     def _run_shared(self, encoded, todo, groups):
         """Prompts in chunks within the token budget, each chunk's prompts run once; then their
         responses, in batches of similar response lengths, on the prompts' cached keys and values."""
         prompt_lengths = [len(encoded[group[0]].prompt.input_ids) for group in groups]
-        for chunk in plan_batches(prompt_lengths, self.token_budget, self.max_batch_size):
+        for chunk in plan_batches(prompt_lengths, self.options.token_budget, self.options.max_batch_size):
             prompts = [encoded[groups[g][0]].prompt for g in chunk]
-            done = run_prompts(self.model, prompts, self.pad_id, self.padding_side, self.device)
+            done = run_prompts(self.model, prompts, self.pad_id, self.options.padding_side, self.device)
             rows = [(slot, index) for slot, g in enumerate(chunk) for index in groups[g]]
             sizes = [len(encoded[index].response_ids) for _, index in rows]
             width = done.mask.shape[1]
             for batch in plan_batches(
-                [width + n for n in sizes], self.token_budget, self.max_batch_size, sizes
+                [width + n for n in sizes], self.options.token_budget, self.options.max_batch_size, sizes
             ):
                 picked = [rows[b] for b in batch]
                 responses = [encoded[index].response_ids for _, index in picked]

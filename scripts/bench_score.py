@@ -44,10 +44,13 @@ ITEM_SETS = (("distinct", 1), ("pairs", 2), ("rollouts-4", 4), ("rollouts-8", 8)
 
 def make_items(
     folder: Path, count: int, per_prompt: int, sizes: tuple[int, int], words: tuple[int, int], seed: int = 0
-) -> list[dict]:
-    """``count`` items with one real PNG each (random sizes), ``per_prompt`` responses per prompt,
-    responses of ``words`` (min, max) words."""
+) -> list:
+    """``count`` :class:`reward.items.ScoreItem` with one real PNG each (random sizes), ``per_prompt``
+    responses per prompt record, responses of ``words`` (min, max) words."""
     from PIL import Image
+
+    from mpo.records import Prompt
+    from reward.items import ScoreItem
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,13 +61,14 @@ def make_items(
         Image.new("RGB", (rng.randint(*sizes), rng.randint(*sizes)), colour).save(path)
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "?"
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = Prompt(f"p{p}", messages, [str(path)])
         for _ in range(per_prompt):
             response = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
-            items.append({"messages": messages, "images": [str(path)], "response": response})
+            items.append(ScoreItem(prompt, response))
     return items[:count]
 
 
-def card_loop(model, processor, items: list[dict]) -> list[float]:
+def card_loop(model, processor, items: list) -> list[float]:
     """The model card's scoring, one item per forward."""
     import torch
     from PIL import Image
@@ -73,9 +77,9 @@ def card_loop(model, processor, items: list[dict]) -> list[float]:
     device = next(backbone.parameters()).device
     scores = []
     for item in items:
-        messages = item["messages"] + [{"role": "assistant", "content": item["response"]}]
+        messages = item.messages + [{"role": "assistant", "content": item.response}]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        images = [Image.open(path).convert("RGB") for path in item["images"]]
+        images = [Image.open(path).convert("RGB") for path in item.images]
         inputs = processor(text=[text], images=images, padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
             hidden = backbone(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
@@ -101,7 +105,7 @@ def timed(fns: dict, repeats: int, sync) -> tuple[dict, dict]:
     return {name: statistics.median(t) for name, t in times.items()}, results
 
 
-def compare(name: str, items: list[dict], model, processor, scorer, repeats: int, sync) -> dict:
+def compare(name: str, items: list, model, processor, scorer, repeats: int, sync) -> dict:
     seconds, results = timed(
         {
             "loop": lambda: card_loop(model, processor, items),
@@ -116,7 +120,7 @@ def compare(name: str, items: list[dict], model, processor, scorer, repeats: int
     return {
         "name": name,
         "items": len(items),
-        "prompts": len({json.dumps(i["messages"]) for i in items}),
+        "prompts": len({json.dumps(i.messages) for i in items}),
         "tokens": scored.num_tokens,
         "batches": scored.num_batches,
         "card_loop_s": loop_s,

@@ -30,12 +30,12 @@ def _layout(recipe: Path, overrides, round_index: int):
     return RoundLayout(loaded)
 
 
-def _stages(layout):
+def _runner(layout):
     """Where the stage runs (``iterate.launch``); a launched job reads the resolved recipe from the run folder."""
     from mpo.config import save_resolved
-    from mpo.rounds.runners import make_stages
+    from mpo.rounds.runners import make_runner
 
-    return make_stages(layout.recipe, save_resolved(layout.recipe, layout.run_dir))
+    return make_runner(layout.recipe, save_resolved(layout.recipe, layout.run_dir))
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -64,11 +64,11 @@ def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Ove
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         check_models(layout.recipe)
-        stages = _stages(layout)
+        runner = _runner(layout)
         try:
-            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), stages)
+            rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), runner)
         finally:
-            stages.close()
+            runner.close()
     typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, 'rollouts.jsonl')}")
 
 
@@ -83,7 +83,7 @@ def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
         check_models(layout.recipe)
         rollouts = read_jsonl(_need(layout.file(round_index, "rollouts.jsonl"), "rollout"), Rollout)
         prompts = load_round_prompts(layout.recipe)
-        scored = stage_score(layout, round_index, prompts, rollouts, _stages(layout))
+        scored = stage_score(layout, round_index, prompts, rollouts, _runner(layout))
     typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, 'scored.jsonl')}")
 
 

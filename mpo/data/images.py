@@ -40,6 +40,8 @@ MAX_RATIO = 200  # qwen_vl_utils.vision_process.MAX_RATIO (a test keeps them equ
 FETCH_TIMEOUT_S = 30
 FETCH_MAX_BYTES = 256 << 20
 _ANIMATED_NOTED: set[str] = set()
+_CHECKED: dict[tuple, tuple[int, int]] = {}  # (path, size, mtime) of files check_image passed -> size
+FITTED = "mpo_fitted_for"  # PIL info key: the resize rule fit_image applied to this image
 
 
 class ImageError(MpoError):
@@ -83,7 +85,13 @@ def _too_large(path, size: tuple[int, int]) -> None:
 
 def check_image(path: str | os.PathLike) -> tuple[int, int]:
     """Verify an image file without keeping it decoded (size, aspect ratio, data); returns its
-    ``(width, height)``. An animated image is noted once on stderr: its first frame is used."""
+    ``(width, height)``. An animated image is noted once on stderr: its first frame is used. A file
+    that passed is not opened again in this process while its size and time stay (a run's pairs
+    reloaded for training name the images its prompts' loading checked)."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    memo = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns) if stat else None
+    if memo in _CHECKED:
+        return _CHECKED[memo]
     image = _opened(path)
     with image:
         size = image.size
@@ -94,10 +102,16 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
             image.verify()
         except Exception as err:  # PIL raises many kinds for corrupt data
             raise ImageError(f"image unreadable: {path} ({err})") from None
+    _note_animated(path, frames)
+    if memo is not None:
+        _CHECKED[memo] = size
+    return size
+
+
+def _note_animated(path, frames: int) -> None:
     if frames > 1 and str(path) not in _ANIMATED_NOTED:
         _ANIMATED_NOTED.add(str(path))
         print(f"note: {path} is animated ({frames} frames); its first frame is used", file=sys.stderr)
-    return size
 
 
 def check_bytes(data: bytes, name: str) -> None:
@@ -174,7 +188,7 @@ def to_rgb(image):
 
 def open_image(image):
     """A path, an open binary file or a PIL image as an RGB PIL image; a bad file is an
-    :class:`ImageError` naming it."""
+    :class:`ImageError` naming it (an animated file is noted as :func:`check_image` notes it)."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
@@ -187,6 +201,8 @@ def open_image(image):
             opened.load()
         except Exception as err:
             raise ImageError(f"image unreadable: {name} ({err})") from None
+        if isinstance(image, (str, os.PathLike)):
+            _note_animated(image, getattr(opened, "n_frames", 1))
         return to_rgb(opened)
 
 
@@ -235,14 +251,20 @@ def fitted_size(size: tuple[int, int], rule, name="an image") -> tuple[int, int]
 
 
 def fit_image(image, image_processor):
-    """An image (path, open file or PIL image) opened as RGB and resized for ``image_processor``:
-    by the Qwen-family rule (``qwen_vl_utils.fetch_image``) where it has one, else as it is."""
-    rgb = open_image(image)
+    """An image (path, open file or PIL image) opened, checked (size, aspect ratio, data) and
+    resized for ``image_processor`` in one pass, the one way every stage reads an image: by the
+    Qwen-family rule (``qwen_vl_utils.fetch_image``) where it has one, else as it is. An image this
+    function already gave back for the same rule is returned as it is (the scorer fits each image
+    once, naming the item a bad one came from, then hands the result to :class:`mpo.chat.ChatEncoder`)."""
     rule = resize_rule(image_processor)
-    if rule is None:
-        return rgb
-    from qwen_vl_utils.vision_process import fetch_image
+    if getattr(image, "info", {}).get(FITTED, False) == rule:
+        return image
+    rgb = open_image(image)
+    if rule is not None:
+        from qwen_vl_utils.vision_process import fetch_image
 
-    check_aspect(rgb.size, _name(image, "an embedded image"))
-    low, high, patch = rule
-    return fetch_image({"image": rgb, "min_pixels": low, "max_pixels": high}, image_patch_size=patch)
+        check_aspect(rgb.size, _name(image, "an embedded image"))
+        low, high, patch = rule
+        rgb = fetch_image({"image": rgb, "min_pixels": low, "max_pixels": high}, image_patch_size=patch)
+    rgb.info[FITTED] = rule
+    return rgb

@@ -89,18 +89,19 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
     return kept
 
 
-def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], stages) -> list[Rollout]:
-    """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy."""
+def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], runner) -> list[Rollout]:
+    """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy (``runner``: a
+    :class:`mpo.rounds.runners.StageRunner`)."""
     out = layout.file(n, "rollouts.jsonl")
     layout.check(n, "rollouts.jsonl", prompts)
     if out.exists():
         return read_jsonl(out, Rollout)
-    rollouts = stages.chunks(layout, n, "rollout", prompts, prompts)
+    rollouts = runner.rollout(layout, n, prompts)
     print(f"round {n}: {len(rollouts)} rollouts of {len(prompts)} prompts -> {out}")
     return rollouts
 
 
-def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], stages
+def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: list[Rollout], runner
                 ) -> list[ScoredRollout]:
     """Score every rollout with the reward model (empty responses too: pairs counts them)."""
     by_id = {p.prompt_id: p for p in prompts}
@@ -112,7 +113,7 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
     if missing:
         raise MpoError(f"{layout.file(n, 'rollouts.jsonl')}: rollouts of prompts that are not in data.prompts "
                        f"({', '.join(map(repr, missing[:3]))}); delete {layout.redo(n, 'rollouts.jsonl')}")
-    scored = stages.chunks(layout, n, "score", rollouts, prompts)
+    scored = runner.score(layout, n, rollouts, prompts)
     print(f"round {n}: {len(scored)} rollouts scored, mean reward {statistics.fmean(s.reward for s in scored):.3f} -> {out}")
     return scored
 
@@ -144,10 +145,10 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
     return recipe
 
 
-def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int, stages=None) -> Path:
-    """MPO on the round's pairs (in this process, or ``stages``' job); a round without pairs keeps
+def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int, runner=None) -> Path:
+    """MPO on the round's pairs (``runner``'s way; default: in this process); a round without pairs keeps
     its policy (counted in the manifest)."""
-    from mpo.rounds.runners import InlineStages
+    from mpo.rounds.runners import InlineRunner
 
     if num_pairs == 0:
         print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
@@ -158,7 +159,7 @@ def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: i
         return train_dir / "policy"
     resume = any(train_dir.glob("checkpoint-*"))
     print(f"round {n}: MPO on {num_pairs} pairs")
-    return (stages or InlineStages(layout.recipe)).train(layout, n, round_recipe(layout, n), key, resume)
+    return (runner or InlineRunner(layout.recipe)).train(layout, n, round_recipe(layout, n), key, resume)
 
 
 def rollout_metrics(scored: list[ScoredRollout]) -> dict:
@@ -204,17 +205,17 @@ def finish_round(layout: RoundLayout, n: int, scored, stats, policy_out: Path, s
     return manifest
 
 
-def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], stages, extra_metrics=None) -> dict:
+def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_metrics=None) -> dict:
     """One round, every finished stage checked against its key and skipped; returns the manifest."""
     seconds = {}
     start = time.perf_counter()
-    rollouts = stage_rollout(layout, n, prompts, stages)
+    rollouts = stage_rollout(layout, n, prompts, runner)
     seconds["rollout"], start = time.perf_counter() - start, time.perf_counter()
-    scored = stage_score(layout, n, prompts, rollouts, stages)
+    scored = stage_score(layout, n, prompts, rollouts, runner)
     seconds["score"], start = time.perf_counter() - start, time.perf_counter()
     pairs, stats = stage_pairs(layout, n, prompts, scored)
     seconds["pairs"], start = time.perf_counter() - start, time.perf_counter()
-    policy_out = stage_train(layout, n, prompts, len(pairs), stages)
+    policy_out = stage_train(layout, n, prompts, len(pairs), runner)
     seconds["train"] = time.perf_counter() - start
     done = layout.manifest(n)
     if done is not None:
@@ -231,7 +232,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     from mpo.config import save_resolved
     from mpo.keys import kept_beside
     from mpo.rounds.report import RunReport
-    from mpo.rounds.runners import make_stages
+    from mpo.rounds.runners import make_runner
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
@@ -249,19 +250,19 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
             config = save_resolved(recipe, layout.run_dir)
         print(f"resolved recipe: {config}")
         report = RunReport(recipe, layout.run_dir)
-        stages = make_stages(recipe, config, backend, scorer)
+        runner = make_runner(recipe, config, backend, scorer)
         manifests = []
         try:
             for n in range(recipe.iterate.rounds):
                 finished = layout.manifest(n) is not None
                 if not finished:
                     report.start()
-                manifest = run_round(layout, n, prompts, stages, extra_metrics)
+                manifest = run_round(layout, n, prompts, runner, extra_metrics)
                 manifests.append(manifest)
                 if not finished:
                     report.round_done(manifest, layout.file(n, "scored.jsonl"), prompts)
         finally:
-            stages.close()
+            runner.close()
         report.finish(manifests)
     return manifests
 
@@ -270,24 +271,24 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
     """A node other than 0 of a distributed run: join each stage job node 0 starts (the same
     launches, meeting at the rendezvous), and wait for node 0 to write what follows each."""
     from mpo.rounds.launch import wait_for
-    from mpo.rounds.runners import LaunchedStages
+    from mpo.rounds.runners import LaunchedRunner
 
     config = layout.run_dir / "config.yaml"
     wait_for(config, "the resolved recipe")
-    stages = LaunchedStages(layout.recipe, config)
+    runner = LaunchedRunner(layout.recipe, config)
     for n in range(layout.recipe.iterate.rounds):
         if layout.manifest(n) is not None:
             continue
         for stage, name in (("rollout", "rollouts.jsonl"), ("score", "scored.jsonl")):
             if not layout.file(n, name).exists():
-                stages.launch(layout, n, stage)
+                runner.launch(layout, n, stage)
             wait_for(layout.file(n, name), name)
         wait_for(layout.file(n, "pair_stats.json"), "pair_stats.json")
         trained = (layout.file(n, "train") / "mpo_state.json").exists()
         if json.loads(layout.file(n, "pair_stats.json").read_text())["pairs_kept"] and not trained:
-            stages.launch(layout, n, "train")
+            runner.launch(layout, n, "train")
         wait_for(layout.file(n, "manifest.json"), "the round's manifest")
-    print(f"node {stages.topology.node_rank}: every round finished")
+    print(f"node {runner.topology.node_rank}: every round finished")
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 
 
@@ -297,10 +298,9 @@ def check_models(recipe: Recipe) -> None:
     and processor files (:func:`mpo.models.check_model_folder`; one line naming the key and file).
     Later loads of the same folders in this process find them checked."""
     from mpo.models import model_folder
+    from mpo.rounds.runners import reward_model_folder
 
     model_folder(recipe.model.policy or "", "model.policy")
-    if not recipe.model.reward_model:
-        raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
-    model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
+    reward_model_folder(recipe)
     if recipe.train.reference_model:
         model_folder(recipe.train.reference_model, "train.reference_model")

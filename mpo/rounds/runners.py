@@ -1,23 +1,26 @@
 """Where a round's rollout, scoring and training run (``iterate.launch``).
 
-- :class:`InlineStages` (``inline``): in this process. The rollout backend and the reward model are
+Both runners have the interface of :class:`StageRunner` (rollout, score, train, close).
+
+- :class:`InlineRunner` (``inline``): in this process. The rollout backend and the reward model are
   built when a stage first needs them (a finished run loads neither) and kept across rounds; on a GPU
   they give the memory back between stages: the vLLM engine sleeps (level 1: weights to host
   memory, KV cache dropped) while scoring and training run, the HF policy moves to the CPU, and the
   reward model leaves the GPU while training runs. On a CPU these are no-ops.
-- :class:`LaunchedStages` (``distributed``): each stage of each round is a job of its own
+- :class:`LaunchedRunner` (``distributed``): each stage of each round is a job of its own
   (:mod:`mpo.rounds.launch`); this process only sequences them, joins each stage's parts and writes the
   round's files.
 
 Both produce the same records: chunk c of a stage is made from its items and ``chunk_seed(seed,
-c)`` alone, wherever it runs (:func:`mpo.keys.run_chunked`).
+c)`` alone, wherever it runs (:func:`mpo.rounds.chunks.run_chunked`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
-from mpo.records import Rollout, ScoredRollout
+from mpo.records import Prompt, Rollout, ScoredRollout
 from mpo.rounds.chunks import chunk_seed, run_chunked
 
 
@@ -43,32 +46,54 @@ def score_chunks(prompts, scorer):
     by_id = {p.prompt_id: p for p in prompts}
 
     def score(chunk, _seed):
-        items = [{"messages": by_id[r.prompt_id].messages, "images": by_id[r.prompt_id].images,
-                  "response": r.response, "where": f"{r.prompt_id}#{r.sample_idx}"} for r in chunk]
-        rewards = scorer.score(items)
+        from reward.items import rollout_items
+
+        rewards = scorer.score(rollout_items(by_id, chunk))
         return [ScoredRollout(**r.__dict__, reward=float(value)) for r, value in zip(chunk, rewards)]
 
     return score
 
 
-def make_scorer(recipe):
-    """The run's reward model (a Skywork-layout folder) as a batched scorer."""
+def reward_model_folder(recipe) -> Path:
+    """``model.reward_model``'s folder, checked (:func:`mpo.models.model_folder`: once per process)."""
     from mpo.errors import MpoError
     from mpo.models import model_folder
-    from reward.scorer import Scorer
 
     if not recipe.model.reward_model:
         raise MpoError("model.reward_model: a reward model folder (Skywork layout) is required")
-    folder = model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
-    return Scorer(folder, dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
-                  min_pixels=recipe.model.min_pixels, max_pixels=recipe.model.max_pixels, allow_empty=True,
-                  progress=False)
+    return model_folder(recipe.model.reward_model, "model.reward_model", reward=True)
 
 
-class InlineStages:
+def make_scorer(recipe):
+    """The run's reward model (a Skywork-layout folder) as a batched scorer."""
+    from reward.scorer import ScoreOptions, Scorer
+
+    return Scorer(reward_model_folder(recipe), ScoreOptions.for_rounds(recipe.model))
+
+
+class StageRunner(ABC):
+    """Runs the stages of a round (rollout, score, train) somewhere; each stage's records are the
+    same wherever it runs. The driver (:mod:`mpo.rounds.driver`) decides what is due and calls these."""
+
+    @abstractmethod
+    def rollout(self, layout, n: int, prompts: list[Prompt]) -> list[Rollout]:
+        """Round ``n``'s rollouts of ``prompts`` (written to its ``rollouts.jsonl``)."""
+
+    @abstractmethod
+    def score(self, layout, n: int, rollouts: list[Rollout], prompts: list[Prompt]) -> list[ScoredRollout]:
+        """Round ``n``'s ``rollouts`` scored by the reward model (written to its ``scored.jsonl``)."""
+
+    @abstractmethod
+    def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
+        """MPO on round ``n``'s pairs (``round_recipe``: :func:`mpo.rounds.driver.round_recipe`); the trained policy."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Give back what the runner holds (a rollout engine); called once, after the last stage."""
+
+
+class InlineRunner(StageRunner):
     """Every stage in this process (see the module docstring)."""
-
-    distributed = False
 
     def __init__(self, recipe, backend=None, scorer=None):
         self.recipe, self._backend, self._scorer = recipe, backend, scorer
@@ -88,11 +113,16 @@ class InlineStages:
         self._scorer = self._scorer or make_scorer(self.recipe)
         return self._scorer
 
-    def chunks(self, layout, n: int, stage: str, items, prompts):
+    def _chunked(self, layout, n: int, stage: str, items, process):
         out, cls, size, seed = chunk_spec(layout, n, stage)
-        process = rollout_chunks(self.recipe, self._policy_backend(layout.policy(n))) if stage == "rollout" \
-            else score_chunks(prompts, self._reward_scorer())
         return run_chunked(items, out, cls, process, chunk_size=size, seed=seed, desc=f"round {n} {stage}")
+
+    def rollout(self, layout, n: int, prompts: list[Prompt]) -> list[Rollout]:
+        return self._chunked(layout, n, "rollout", prompts,
+                             rollout_chunks(self.recipe, self._policy_backend(layout.policy(n))))
+
+    def score(self, layout, n: int, rollouts: list[Rollout], prompts: list[Prompt]) -> list[ScoredRollout]:
+        return self._chunked(layout, n, "score", rollouts, score_chunks(prompts, self._reward_scorer()))
 
     def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
         from mpo.train.run import run_training
@@ -108,26 +138,26 @@ class InlineStages:
             self._backend.close()
 
 
-class LaunchedStages:
+class LaunchedRunner(StageRunner):
     """Every stage a job of its own (see :mod:`mpo.rounds.launch`); ``config`` is the run's resolved recipe."""
-
-    distributed = True
 
     def __init__(self, recipe, config: Path):
         from mpo.rounds.launch import topology
 
         self.recipe, self.config = recipe, Path(config)
-        self.topology = topology(recipe.iterate)
+        self.topology = topology(recipe.launch)
         self.seconds: dict[tuple[int, str], float] = {}
 
     def launch(self, layout, n: int, stage: str) -> None:
+        """Round ``n``'s ``stage`` as a job; returns when it has ended (its seconds in :attr:`seconds`)."""
         from mpo.rounds.launch import run_stage_job, stage_command
 
         log_dir = layout.round_dir(n) / "logs" / stage
         command = stage_command(stage, self.config, n, self.recipe, self.topology, log_dir)
         self.seconds[(n, stage)] = run_stage_job(stage, n, command, self.topology, log_dir)
 
-    def chunks(self, layout, n: int, stage: str, items, prompts):
+    def _joined(self, layout, n: int, stage: str, items):
+        """The stage's job launched, then its parts joined (every chunk must be there)."""
         out, cls, size, seed = chunk_spec(layout, n, stage)
         self.launch(layout, n, stage)
 
@@ -136,16 +166,22 @@ class LaunchedStages:
 
         return run_chunked(items, out, cls, missing, chunk_size=size, seed=seed)
 
+    def rollout(self, layout, n: int, prompts: list[Prompt]) -> list[Rollout]:
+        return self._joined(layout, n, "rollout", prompts)
+
+    def score(self, layout, n: int, rollouts: list[Rollout], prompts: list[Prompt]) -> list[ScoredRollout]:
+        return self._joined(layout, n, "score", rollouts)
+
     def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
         self.launch(layout, n, "train")
         return Path(round_recipe.run.output_dir) / "policy"
 
     def close(self) -> None:
-        pass
+        pass  # each job gave back its own
 
 
-def make_stages(recipe, config: Path, backend=None, scorer=None):
-    """The stages of ``iterate.launch``: :class:`InlineStages` or :class:`LaunchedStages`."""
+def make_runner(recipe, config: Path, backend=None, scorer=None) -> StageRunner:
+    """The runner ``iterate.launch`` names: :class:`InlineRunner` or :class:`LaunchedRunner`."""
     if recipe.iterate.launch == "distributed":
-        return LaunchedStages(recipe, config)
-    return InlineStages(recipe, backend, scorer)
+        return LaunchedRunner(recipe, config)
+    return InlineRunner(recipe, backend, scorer)

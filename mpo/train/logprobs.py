@@ -90,6 +90,14 @@ def image_features(model, images: dict):
     return encode(**{k: v for k, v in images.items() if k in accepted}, return_dict=True)
 
 
+def pair_image_features(model, images: dict):
+    """A batch of pairs' images encoded once for both rows of each pair: :func:`image_features`
+    then :func:`repeated` (chosen rows, then rejected rows), what ``mm_encoder_outputs["image"]``
+    takes. The one place the policy (:func:`pair_logps`) and the reward model
+    (:class:`reward.collate.PairwiseRewardModel`) encode a pair's images."""
+    return repeated(image_features(model, images))
+
+
 def repeated(output):
     """An image encoder's output for both rows of each pair (chosen rows, then rejected rows), whatever
     its structure: a tensor [images or tiles, ...], or a tuple / list of per-image tensors; and the
@@ -130,7 +138,7 @@ def pair_logps(model, batch: dict) -> PairLogps:
     images = {k: v for k, v in batch.items() if k not in BATCH_KEYS and k not in PER_TOKEN}
     grid = None
     if images.get("pixel_values") is not None:
-        kwargs["mm_encoder_outputs"] = {"image": repeated(image_features(model, images))}
+        kwargs["mm_encoder_outputs"] = {"image": pair_image_features(model, images)}
         twice = {k: torch.cat([v, v]) for k, v in images.items() if k != "pixel_values"}
         grid = twice.pop("image_grid_thw", None)  # read by the rotary positions below
         kwargs.update(twice)  # image_sizes and the like, one per image of each row

@@ -263,3 +263,55 @@ def test_bytes_image_that_is_not_an_image_is_named(scorer):
     }
     with pytest.raises(ScoreError, match=r"item 0: embedded image 'a\.jpg' unreadable"):
         scorer.score([item])
+
+
+# ---------------------------------------------------------------- records, options, one check per folder
+
+
+def test_records_score_as_their_plain_items_do(scorer, items):
+    from mpo.records import PreferencePair, Prompt, Rollout
+    from reward.items import ScoreItem, pair_items, rollout_items
+
+    records = [ScoreItem(Prompt(str(n), i["messages"], i["images"]), i["response"]) for n, i in enumerate(items)]
+    assert scorer.score(records) == scorer.score(items)
+    prompts = {"p": Prompt("p", items[1]["messages"], items[1]["images"])}
+    rollouts = [Rollout("p", n, items[n]["response"], 3, "stop", "pi") for n in (1, 2)]
+    assert [i.where for i in rollout_items(prompts, rollouts)] == ["p#1", "p#2"]
+    assert scorer.score(rollout_items(prompts, rollouts)) == scorer.score([{**items[1], "response": r.response}
+                                                                           for r in rollouts])
+    pair = PreferencePair("p", items[1]["messages"], items[1]["images"], items[1]["response"], items[2]["response"])
+    assert scorer.score(pair_items(pair)) == scorer.score(rollout_items(prompts, rollouts))
+
+
+def test_options_are_one_checked_record(tiny_reward_dir):
+    from reward.scorer import ScoreOptions
+
+    options = ScoreOptions(token_budget=512, progress=False)
+    scorer = Scorer(tiny_reward_dir, options, max_batch_size=4)
+    assert (scorer.options.token_budget, scorer.options.max_batch_size, options.max_batch_size) == (512, 4, 64)
+    with pytest.raises(ScoreError, match="on_too_long must be one of error, skip"):
+        ScoreOptions(on_too_long="truncate")
+    with pytest.raises(TypeError, match="unknown option"):
+        Scorer(tiny_reward_dir, batch=3)
+
+
+def test_a_reward_folder_is_checked_once_per_process(tiny_reward_dir, monkeypatch):
+    import mpo.models
+
+    monkeypatch.setattr(mpo.models, "_CHECKED", {})
+    read = []
+    shapes = mpo.models.safetensors_shapes
+    monkeypatch.setattr(mpo.models, "safetensors_shapes", lambda file, key: read.append(file.name) or shapes(file, key))
+    mpo.models.model_folder(tiny_reward_dir, "model.reward_model", reward=True)  # the command's own check
+    Scorer(tiny_reward_dir, progress=False).load()  # the scorer's and the weights' checks find it done
+    assert sorted(read) == sorted(p.name for p in Path(tiny_reward_dir).glob("*.safetensors"))
+
+
+def test_each_image_is_opened_once_per_call(scorer, items, monkeypatch):
+    import mpo.data.images
+
+    opened = []
+    real = mpo.data.images._opened
+    monkeypatch.setattr(mpo.data.images, "_opened", lambda path, name=None: opened.append(str(path)) or real(path, name))
+    scorer.score(items)
+    assert sorted(opened) == sorted({image for item in items for image in item["images"]})
