@@ -36,6 +36,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # What a model fetched from the Hub needs here (the pickle copies many repositories carry are not).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+VALUE_HEAD_FILE = "value_head.safetensors"  # a reward model's head, beside its backbone
 VALUE_HEAD_KEYS = {"v_head.summary.weight", "v_head.summary.bias"}
 REWARD_MODEL_TYPE = "qwen2_5_vl"  # reward.model.RewardModel's backbone
 # What AutoProcessor needs: a tokenizer's vocabulary (any of these) and the image processor's settings.
@@ -114,7 +115,7 @@ def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bo
     config = _read_json(folder / "config.json", key, "not a model folder (no config.json)")
     weights = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin")
-    model_weights = [w for w in weights if w.name != "value_head.safetensors"]
+    model_weights = [w for w in weights if w.name != VALUE_HEAD_FILE]
     if not model_weights:
         if pickles:
             raise ModelFolderError(
@@ -131,13 +132,13 @@ def check_model_folder(folder: str | os.PathLike, key: str = "model", reward: bo
             raise ModelFolderError(f"{key}: {index}: shard(s) missing: {', '.join(missing)}")
     for file in weights:
         shapes = safetensors_shapes(file, key)
-        if file.name == "value_head.safetensors":
+        if file.name == VALUE_HEAD_FILE:
             _check_value_head(file, shapes, config, key)
         else:
             _check_embedding_shapes(file, shapes, config, key)
     _check_architecture(folder, config, key, reward or reward_backbone)
-    if reward and not (folder / "value_head.safetensors").is_file():
-        raise ModelFolderError(f"{key}: {folder}: no value_head.safetensors (not a reward model, Skywork layout)")
+    if reward and not (folder / VALUE_HEAD_FILE).is_file():
+        raise ModelFolderError(f"{key}: {folder}: no {VALUE_HEAD_FILE} (not a reward model, Skywork layout)")
     if processor:
         _check_processor_files(folder, key)
     _CHECKED[memo] = signature

@@ -76,6 +76,7 @@ class PreferencePair:
 
 
 R = TypeVar("R")
+TEMP_SUFFIX = ".tmp"  # an atomic write's temporary, .NAME.XXXX.tmp beside NAME (mpo.run_lock removes stale ones)
 
 _HINTS_CACHE: dict[type, dict[str, Any]] = {}
 
@@ -225,7 +226,7 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     with writing_into(path.parent, f"writing {path.name}"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
                 write(handle)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VALUE_HEAD_FILE = "value_head.safetensors"
+from mpo.models import VALUE_HEAD_FILE
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

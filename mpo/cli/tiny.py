@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpo.models import VALUE_HEAD_FILE
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 SPECIAL_TOKENS = [
@@ -248,5 +250,5 @@ def save_reward_model(out_dir: str | Path, seed: int = 0, **kwargs) -> Path:
 
     out = save_policy(out_dir, seed, **kwargs)
     hidden = json.loads((out / "config.json").read_text())["text_config"]["hidden_size"]
-    save_file(value_head_tensors(hidden, seed), str(out / "value_head.safetensors"), metadata={"format": "pt"})
+    save_file(value_head_tensors(hidden, seed), str(out / VALUE_HEAD_FILE), metadata={"format": "pt"})
     return out
