@@ -9,7 +9,7 @@
 - **Anywhere else** (rollout and scoring chunks, the reference pass, model loading) the process stops
   at once with the same kind of line: finished chunks and files are kept (every write is a temporary
   file and a rename), so the same command resumes.
-- **A driver running a launched stage job** (``iterate.launch: distributed``) passes the signal on to
+- **A driver running a launched stage job** (``launch.mode: distributed``) passes the signal on to
   the job's ranks (:func:`forwarding`) and waits for them to stop as above.
 
 The handlers are installed while a process holds (or shares) a run folder's lock

@@ -7,7 +7,7 @@ taken over with a line saying so. The file is removed when the holder finishes, 
 finished run leaves the folder as it found it. A read-only folder is not locked: nothing can write
 there, so a finished run can still be read back.
 
-Processes a holder starts for its stages (``iterate.launch: distributed``) share its lock: the holder
+Processes a holder starts for its stages (``launch.mode: distributed``) share its lock: the holder
 writes a random token into the lock file and hands it to them with the lock's path
 (``MPO_RUN_LOCK``, ``MPO_RUN_LOCK_TOKEN``); a process with that proof runs under the lock of that
 folder only while the file holds the token (a rank whose driver has gone stops with one line), and

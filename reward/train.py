@@ -45,7 +45,7 @@ def stage_key(recipe, stage, init_dir: Path, legacy: bool = False) -> dict:
     from mpo.models import folder_identity, legacy_folder_identity
 
     shared = recipe.reward_train.model_dump(mode="json")
-    for name in ("stages", "logging_steps", "save_steps", "num_workers", "summary_pairs"):
+    for name in ("phases", "logging_steps", "save_steps", "num_workers", "summary_pairs"):
         shared.pop(name)
     model = recipe.model.model_dump(mode="json")
     settings = {"reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
@@ -214,17 +214,17 @@ def run_stages(recipe) -> list[dict]:
     from mpo.run_lock import run_lock
 
     cfg = recipe.reward_train
-    if not cfg.stages:
-        raise MpoError("reward_train.stages is empty: nothing to train")
+    if not cfg.phases:
+        raise MpoError("reward_train.phases is empty: nothing to train")
     if not cfg.init_from:
         raise MpoError("reward_train.init_from is not set: the first stage needs a model to start from")
     out = Path(recipe.run.output_dir)
     summaries, init_dir = [], None
     with run_lock(out), kept_beside(out), writing_into(out, "reward-model training"):
-        finished = (out / "config.yaml").is_file() and all((out / s.name / "done.json").is_file() for s in cfg.stages)
+        finished = (out / "config.yaml").is_file() and all((out / s.name / "done.json").is_file() for s in cfg.phases)
         if PartialState().is_main_process and not finished:  # a finished run (perhaps copied here) is only read
             print(f"resolved recipe: {save_resolved(recipe, out)}")
-        for stage in cfg.stages:
+        for stage in cfg.phases:
             init_dir = init_dir or model_folder(cfg.init_from, "reward_train.init_from")
             summaries.append(_stage(recipe, stage, init_dir, out / stage.name))
             init_dir = out / stage.name
@@ -250,7 +250,7 @@ def _stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
     if found != key or {k: v for k, v in config.items() if k != "data"} != _portable(stage):
         from mpo.keys import key_differences
 
-        later = [s.name for s in recipe.reward_train.stages]
+        later = [s.name for s in recipe.reward_train.phases]
         after = later[later.index(stage.name):]
         what = key_differences(found, key) if found != key else "stage settings changed"
         raise RunFolderError(

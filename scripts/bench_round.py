@@ -1,4 +1,4 @@
-"""Stage wall times of one round for 1 and 2 ranks, side by side in one run (``iterate.launch:
+"""Stage wall times of one round for 1 and 2 ranks, side by side in one run (``launch.mode:
 distributed`` on CPU: each rank one process with one thread; tiny models built offline).
 
 For each world size the rollout and scoring stages of round 0 run as the launches ``mpo iterate``

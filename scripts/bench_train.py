@@ -193,7 +193,7 @@ def our_trainer(policy, pairs_file, args, live: bool, share: bool):
             "train.weight_decay=0.0",
             "train.max_length=100000",
             f"train.gradient_checkpointing={args.gpu}",
-            f"train.reference={'live' if live else 'precomputed'}",
+            f"train.reference_logps={'live' if live else 'precomputed'}",
             f"train.share_prompt={share}",
             "train.save_steps=100000",
             f"train.freeze={'[vision]' if args.freeze_vision else '[]'}",

@@ -27,8 +27,8 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 GPUS=${SLURM_GPUS_PER_NODE:-8}
 # one task per node; mpo reads its node's rank from SLURM_NODEID
-srun --kill-on-bad-exit=1 mpo iterate "$RECIPE" iterate.launch=distributed "iterate.nnodes=$SLURM_NNODES" \
-    "iterate.nproc_per_node=${GPUS##*:}" "$@" &
+srun --kill-on-bad-exit=1 mpo iterate "$RECIPE" launch.mode=distributed "launch.nnodes=$SLURM_NNODES" \
+    "launch.nproc_per_node=${GPUS##*:}" "$@" &
 MPO=$!
 
 stop() {  # $1: the signal; $2: requeue afterwards

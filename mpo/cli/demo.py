@@ -60,7 +60,7 @@ def train_reward_model(out: Path, init_dir: Path, seed: int) -> Path:
 
     recipe = _recipe("reward.yaml", {"run.output_dir": str(out / "reward"), "run.seed": seed,
                                      "reward_train.init_from": str(init_dir)})
-    recipe.reward_train.stages[0].data = [str(DEMO / "reward_pairs.jsonl")]
+    recipe.reward_train.phases[0].data = [str(DEMO / "reward_pairs.jsonl")]
     run_stages(recipe)
     return out / "reward" / "final"
 

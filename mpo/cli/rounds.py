@@ -31,7 +31,7 @@ def _layout(recipe: Path, overrides, round_index: int):
 
 
 def _runner(layout):
-    """Where the stage runs (``iterate.launch``); a launched job reads the resolved recipe from the run folder."""
+    """Where the stage runs (``launch.mode``); a launched job reads the resolved recipe from the run folder."""
     from mpo.config import save_resolved
     from mpo.rounds.runners import make_runner
 
@@ -103,7 +103,7 @@ def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
 
 def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = False) -> None:
     """``mpo train RECIPE --round N``: MPO on round N's pairs, then the round's manifest (not with
-    ``stage_only``: the launched training of ``iterate.launch: distributed``, whose driver writes it)."""
+    ``stage_only``: the launched training of ``launch.mode: distributed``, whose driver writes it)."""
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
     from mpo.rounds.driver import finish_round, load_round_prompts, stage_train
     from mpo.rounds.pairs import read_pair_stats

@@ -165,13 +165,13 @@ def point_names(keys: list[str], combos: list[tuple[Any, ...]]) -> list[str]:
 
 def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), name: str | None = None) -> Sweep:
     """Resolve every point of the grid (so a bad key or value stops before anything trains)."""
-    from mpo.config import ConfigError, load_recipe
+    from mpo.config import ConfigError, current_key, load_recipe
 
     grid = parse_grid(list(grid_specs))
     base = load_recipe(recipe_path, list(overrides))
     given = {item.split("=", 1)[0].strip() for item in overrides}
     for key, _ in grid:
-        check_grid_key(key, base.model_dump(mode="json"))
+        check_grid_key(current_key(key), base.model_dump(mode="json"))  # an old key: where it is now
         if key in given:
             raise ConfigError(f"--grid {key}: also given as an override; keep one")
     root = Path(base.run.output_dir)
@@ -184,7 +184,7 @@ def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), na
         except ConfigError as err:
             raise ConfigError(f"grid point {' '.join(setting)}: {err}") from None
         settings.append(setting)
-        values.append(tuple(lookup(dumped, k) for k in sweep.keys))  # as the recipe typed them
+        values.append(tuple(lookup(dumped, current_key(k)) for k in sweep.keys))  # as the recipe typed them
     for setting, value, point_name in zip(settings, values, point_names(sweep.keys, values)):
         out = root / point_name
         point_overrides = [*overrides, *setting, f"run.output_dir={out}"]

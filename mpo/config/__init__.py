@@ -3,7 +3,8 @@
 YAML is read with ``yaml.SafeLoader``, repeated keys and alias bombs refused (:mod:`mpo.config.recipe_yaml`);
 overrides are parsed and merged by OmegaConf (so values are typed as YAML types them and ``${a.b}``
 interpolations resolve); the merged tree is validated by pydantic models that forbid unknown keys. Every problem becomes one line naming the key, what was
-given and, for choices and unknown keys, what is valid.
+given and, for choices and unknown keys, what is valid. Keys that moved (``iterate.launch`` is now
+``launch.mode``, ...) are still read from their old names, with a note (:mod:`mpo.config.moved_keys`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from mpo.config.moved_keys import current_key, keyed_dump, move_keys  # noqa: F401 (re-exported)
 from mpo.config.recipe_yaml import ConfigError, check_interpolations, parse_yaml
 from mpo.models import absolute, classify
 from mpo.records import atomic_write_text, read_text
@@ -31,10 +33,21 @@ from mpo.records import atomic_write_text, read_text
 # (mpo.models.classify).
 LocalPath = Annotated[str, AfterValidator(absolute)]
 ModelRef = Annotated[str, AfterValidator(classify)]
+CONFIG_FILE = "config.yaml"  # the resolved recipe, in the run folder (save_resolved)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# on_too_long, one vocabulary for every section: what happens to an item (a prompt to roll out, a pair
+# to train on) longer than the section's limit allows.
+#   error:    stop, naming the first such item (before any model loads where the lengths are known then)
+#   skip:     leave it out; the items left out are counted in the stage's report
+#   truncate: cut the responses' tails to fit, never prompt or image tokens; counted (train only: a
+#             prompt cut short would be another prompt, and a reward pair's score is read at its end)
+StopOrSkip = Literal["error", "skip"]
+OnTooLong = Literal[StopOrSkip, "truncate"]
 
 
 class RunConfig(Section):
@@ -88,8 +101,8 @@ class RolloutConfig(Section):
     data_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
-    # A prompt that leaves no room to generate under the policy's limit: stop, or skip it (counted).
-    on_too_long: Literal["error", "skip"] = "error"
+    # A prompt that leaves no room to generate under the policy's limit (OnTooLong's words).
+    on_too_long: StopOrSkip = "error"
     weight_refresh: Literal["reload", "restart"] = "reload"
 
     @field_validator("num_samples")
@@ -145,9 +158,10 @@ class LoraConfig(Section):
     target_modules: list[str] | str = "all-linear"
 
 
-class TrainConfig(Section):
-    learning_rate: float = Field(5e-6, gt=0)
-    num_epochs: float = Field(1.0, gt=0)
+class TrainingSection(Section):
+    """What ``train`` (the policy's MPO training) and ``reward_train`` (the reward model's phases)
+    share; the defaults are ``train``'s, :class:`RewardTrainConfig` overrides those that differ."""
+
     max_steps: int = -1
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -155,21 +169,29 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.05, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
+    # Tokens of a pair's longest row (prompt, image tokens and response); longer pairs: on_too_long.
     max_length: int = Field(6144, ge=16)
-    on_too_long: Literal["truncate", "skip", "error"] = "truncate"
+    on_too_long: OnTooLong = "truncate"
     freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list)
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(500, ge=1)
+
+
+class TrainConfig(TrainingSection):
+    learning_rate: float = Field(5e-6, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
     # One packed [prompt, chosen, rejected] row per pair, the prompt computed once (mpo.train.shared_prefix);
     # false: two rows per pair. Falls back to two rows, saying why, where the model cannot take it.
     share_prompt: bool = True
     # Micro-batches of pairs of similar length (mpo.train.batching); false: transformers' random order.
     group_by_length: bool = True
-    reference: Literal["precomputed", "live"] = "precomputed"
+    # The reference's log-probs: precomputed once before training (RUN/ref_logps.jsonl), or live (the
+    # reference model runs beside the policy at every step). Which policy is the reference: iterate.reference.
+    reference_logps: Literal["precomputed", "live"] = "precomputed"
     # The reference policy's folder; default: the policy training starts from (model.policy).
     reference_model: ModelRef | None = None
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(500, ge=1)
 
 
 class IterateConfig(Section):
@@ -179,10 +201,15 @@ class IterateConfig(Section):
     # Resumable units: finished chunks of prompts (rollout) and rollouts (scoring) survive a crash.
     rollout_chunk: int = Field(16, ge=1)
     score_chunk: int = Field(64, ge=1)
+
+
+class LaunchConfig(Section):
+    """Where ``mpo iterate``'s stages run (moved from ``iterate``: :mod:`mpo.config.moved_keys`)."""
+
     # inline: one process runs every stage (CPU, one GPU, the demo). distributed: each stage of each
     # round is its own launch (torchrun for rollout replicas and scoring ranks, accelerate launch for
     # training) that owns whole GPUs and exits when done; ranks share the stage's chunks.
-    launch: Literal["inline", "distributed"] = "inline"
+    mode: Literal["inline", "distributed"] = "inline"
     nproc_per_node: int | None = Field(None, ge=1)  # default: the visible GPUs (required on CPU)
     nnodes: int = Field(1, ge=1)
     node_rank: int | None = Field(None, ge=0)  # default: $NODE_RANK, $SLURM_NODEID, else 0
@@ -193,10 +220,10 @@ class IterateConfig(Section):
     accelerate_config: LocalPath | None = None
 
 
-class RewardStageConfig(Section):
+class RewardPhaseConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: list[LocalPath]
-    # Which pairs of the data this stage trains on: those with images, those without, or all.
+    # Which pairs of the data this phase trains on: those with images, those without, or all.
     modality: Literal["all", "multimodal", "text"] = "all"
     learning_rate: float = Field(1e-5, gt=0)
     num_epochs: float = Field(2.0, gt=0)
@@ -205,40 +232,38 @@ class RewardStageConfig(Section):
     @classmethod
     def _not_final(cls, name: str) -> str:
         if name == "final":
-            raise ValueError("'final' is reserved for the last stage's copy")
+            raise ValueError("'final' is reserved for the last phase's copy")
         return name
 
 
-class RewardTrainConfig(Section):
-    # Start of the first stage: a reward model folder, or a plain Qwen2.5-VL one (fresh value head).
-    init_from: ModelRef | None = None
-    stages: list[RewardStageConfig] = Field(default_factory=list)
-    per_device_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=lambda: ["vision"])
-    max_length: int = Field(4096, ge=16)
-    on_too_long: Literal["skip", "error"] = "skip"
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+class RewardTrainConfig(TrainingSection):
+    max_steps: int = -1  # per phase; -1: run the phase's epochs
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    max_steps: int = -1  # per stage; -1: run the stage's epochs
-    lora: LoraConfig | None = None
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(500, ge=0)  # resumable checkpoints inside a stage; 0: none
+    max_length: int = Field(4096, ge=16)
+    on_too_long: StopOrSkip = "skip"  # a pair's score is read at its end: never truncated
+    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=lambda: ["vision"])
+    save_steps: int = Field(500, ge=0)  # resumable checkpoints inside a phase; 0: none
+    # Start of the first phase: a reward model folder, or a plain Qwen2.5-VL one (fresh value head).
+    init_from: ModelRef | None = None
+    # The phases, trained one after the other, each from the one before (was: stages).
+    phases: list[RewardPhaseConfig] = Field(default_factory=list)
     num_workers: int = Field(0, ge=0)
-    # Training pairs (a seeded sample) scored before and after each stage for its summary; -1: all.
+    # Training pairs (a seeded sample) scored before and after each phase for its summary; -1: all.
     summary_pairs: int = Field(1000, ge=-1)
 
-    @field_validator("stages")
+    @property
+    def stages(self) -> list[RewardPhaseConfig]:
+        """The phases' old name (``reward_train.stages``)."""
+        return self.phases
+
+    @field_validator("phases")
     @classmethod
-    def _unique_names(cls, stages: list[RewardStageConfig]) -> list[RewardStageConfig]:
-        names = [stage.name for stage in stages]
+    def _unique_names(cls, phases: list[RewardPhaseConfig]) -> list[RewardPhaseConfig]:
+        names = [phase.name for phase in phases]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"stage names must be unique; repeated: {', '.join(repeated)}")
-        return stages
+            raise ValueError(f"phase names must be unique; repeated: {', '.join(repeated)}")
+        return phases
 
 
 class Recipe(Section):
@@ -250,6 +275,7 @@ class Recipe(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     iterate: IterateConfig = Field(default_factory=IterateConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     reward_train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
 
 
@@ -300,12 +326,16 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def resolve(data: dict, overrides: list[str] = (), source: str = "<recipe>") -> Recipe:
-    """Merge overrides into a recipe tree, resolve interpolations and validate."""
+    """Merge overrides into a recipe tree, resolve interpolations and validate. Old keys
+    (:data:`mpo.config.moved_keys.MOVED`) move to their new place in the tree and in the overrides
+    apart, before the merge: an old-named override still overrides the file's new-named key."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    data = move_keys(data, source)
+    given = move_keys(parse_overrides(list(overrides)), "overrides")
     try:
-        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(parse_overrides(list(overrides))))
+        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(given))
         check_interpolations(OmegaConf.to_container(merged, resolve=False), source)
         tree = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, TypeError) as err:  # TypeError: e.g. a.0.b=... into a list
@@ -338,7 +368,7 @@ def to_yaml(recipe: Recipe) -> str:
 def save_resolved(recipe: Recipe, run_dir: str | Path) -> Path:
     """Write the resolved recipe as ``config.yaml`` in the run folder (atomically; a file that
     already says the same is left untouched, so a rerun of a finished run changes nothing)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     text = to_yaml(recipe)
     if not (path.is_file() and path.read_text(encoding="utf-8") == text):
         atomic_write_text(path, text)

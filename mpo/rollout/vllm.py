@@ -25,7 +25,7 @@ Between rounds (``rollout.weight_refresh``):
 - ``restart``: shut the engine down and start a new one on the new folder.
 
 ``data_parallel_size > 1`` is refused here: vLLM's offline ``LLM`` does not support data
-parallelism in one process; ``iterate.launch: distributed`` runs one replica per process
+parallelism in one process; ``launch.mode: distributed`` runs one replica per process
 (:mod:`mpo.rounds.launch`). ``gpu_memory_utilization`` on the CPU
 backend is the fraction of host memory vLLM reserves (weights + KV cache).
 """
@@ -68,8 +68,8 @@ class VLLMBackend(Backend):
         if rollout_config.data_parallel_size > 1:
             raise RolloutError(
                 "rollout.data_parallel_size > 1: vLLM's offline LLM does not support data parallelism "
-                "in one process; run the replicas as processes of their own: iterate.launch=distributed "
-                "iterate.nproc_per_node=GPUS (one replica per rollout.tensor_parallel_size GPUs)"
+                "in one process; run the replicas as processes of their own: launch.mode=distributed "
+                "launch.nproc_per_node=GPUS (one replica per rollout.tensor_parallel_size GPUs)"
             )
         if max_images_per_prompt < 1:
             raise RolloutError(f"max_images_per_prompt must be >= 1, got {max_images_per_prompt}")

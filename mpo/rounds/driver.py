@@ -227,7 +227,7 @@ def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
     """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests.
 
-    With ``iterate.launch: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`); on a
+    With ``launch.mode: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`); on a
     node other than 0 this only joins those jobs (:func:`follow_rounds`)."""
     from mpo.config import save_resolved
     from mpo.keys import kept_beside
@@ -236,10 +236,10 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
-    if recipe.iterate.launch == "distributed":
+    if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
 
-        if not topology(recipe.iterate).main_node:
+        if not topology(recipe.launch).main_node:
             return follow_rounds(layout)
     check_models(recipe)  # before the run folder is touched
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):

@@ -1,4 +1,4 @@
-"""Each stage of a round as its own distributed job (``iterate.launch: distributed``), on launchers
+"""Each stage of a round as its own distributed job (``launch.mode: distributed``), on launchers
 that exist: ``torchrun`` for rollout replicas and scoring ranks (:mod:`mpo.rounds.rank`), ``accelerate
 launch`` for training (``-m mpo train CONFIG --round N``, with the recipe's accelerate / DeepSpeed
 config). Each job owns whole GPUs and exits when its stage is done, so no vLLM engine, reward model
@@ -9,7 +9,7 @@ and trainer are ever resident together.
   rank itself; vLLM's ``VLLM_DP_*`` offline data parallelism is not used); scoring runs
   ``nproc_per_node`` ranks, one reward model per GPU; training ``nproc_per_node x nnodes`` processes.
 - **Nodes.** Every node runs the same ``mpo iterate`` command (``scripts/slurm_iterate.sh``, or by
-  hand with ``iterate.node_rank`` / ``$NODE_RANK``); each stage job rendezvous at ``master_addr``
+  hand with ``launch.node_rank`` / ``$NODE_RANK``); each stage job rendezvous at ``master_addr``
   (``$MASTER_ADDR``) on ``master_port`` (+1 scoring, +2 training), and the run folder is on a shared
   file system. Node 0 joins each stage's parts, writes the round's files and holds the run lock; the
   other nodes wait for those files.
@@ -57,22 +57,22 @@ class Topology:
         return self.node_rank == 0
 
 
-def topology(iterate) -> Topology:
-    """Where the stages run, from ``iterate.*`` and the launcher's environment."""
+def topology(launch) -> Topology:
+    """Where the stages run, from the recipe's ``launch`` section and the launcher's environment."""
     import torch
 
     gpus = torch.cuda.device_count()
-    nproc = iterate.nproc_per_node or gpus
+    nproc = launch.nproc_per_node or gpus
     if not nproc:
-        raise MpoError("iterate.nproc_per_node: no GPU is visible, so say how many processes a node runs "
-                       "(e.g. iterate.nproc_per_node=2 on a CPU)")
-    node_rank = iterate.node_rank
+        raise MpoError("launch.nproc_per_node: no GPU is visible, so say how many processes a node runs "
+                       "(e.g. launch.nproc_per_node=2 on a CPU)")
+    node_rank = launch.node_rank
     if node_rank is None:
         node_rank = int(os.environ.get("NODE_RANK", os.environ.get("SLURM_NODEID", "0")))
-    if not 0 <= node_rank < iterate.nnodes:
-        raise MpoError(f"iterate.node_rank {node_rank}: outside 0..{iterate.nnodes - 1} (iterate.nnodes)")
-    addr = iterate.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    return Topology(nproc, iterate.nnodes, node_rank, addr, iterate.master_port, gpus)
+    if not 0 <= node_rank < launch.nnodes:
+        raise MpoError(f"launch.node_rank {node_rank}: outside 0..{launch.nnodes - 1} (launch.nnodes)")
+    addr = launch.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return Topology(nproc, launch.nnodes, node_rank, addr, launch.master_port, gpus)
 
 
 def replicas_per_node(recipe, topo: Topology) -> int:
@@ -80,7 +80,7 @@ def replicas_per_node(recipe, topo: Topology) -> int:
     rollout = recipe.rollout
     per = rollout.tensor_parallel_size if rollout.backend == "vllm" and topo.gpus else 1
     if topo.nproc_per_node % per:
-        raise MpoError(f"iterate.nproc_per_node {topo.nproc_per_node} is not a multiple of "
+        raise MpoError(f"launch.nproc_per_node {topo.nproc_per_node} is not a multiple of "
                        f"rollout.tensor_parallel_size {per}")
     replicas = topo.nproc_per_node // per
     if rollout.data_parallel_size not in (1, replicas * topo.nnodes):
@@ -117,8 +117,8 @@ def stage_command(stage: str, config: Path, n: int, recipe, topo: Topology, log_
 
 def _accelerate(recipe, topo: Topology, port: int, log_dir: Path) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if recipe.iterate.accelerate_config:
-        command += ["--config_file", recipe.iterate.accelerate_config]
+    if recipe.launch.accelerate_config:
+        command += ["--config_file", recipe.launch.accelerate_config]
     elif topo.nproc_per_node * topo.nnodes > 1:  # data parallel (on a CPU too, with ACCELERATE_USE_CPU)
         command += ["--multi_gpu"]
     command += ["--num_processes", str(topo.nproc_per_node * topo.nnodes), "--num_machines", str(topo.nnodes),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpo.config import Recipe
+from mpo.config import Recipe, keyed_dump
 from mpo.errors import MpoError
 from mpo.keys import check_key, digest, legacy_records_digest, prompts_identity
 from mpo.models import folder_identity, legacy_folder_identity
@@ -142,7 +142,7 @@ class RoundLayout:
     def settings(self, names, legacy: bool = False) -> dict:
         """``{"section.key": value}`` of the named settings (a bare section name: all of it). A model
         reference among them (``train.reference_model``) is held by content, as models are."""
-        dump = self.recipe.model_dump(mode="json")
+        dump = keyed_dump(self.recipe)
         out = {}
         for name in names:
             section, _, key = name.partition(".")

@@ -1,4 +1,4 @@
-"""Where a round's rollout, scoring and training run (``iterate.launch``).
+"""Where a round's rollout, scoring and training run (``launch.mode``).
 
 Both runners have the interface of :class:`StageRunner` (rollout, score, train, close).
 
@@ -181,7 +181,7 @@ class LaunchedRunner(StageRunner):
 
 
 def make_runner(recipe, config: Path, backend=None, scorer=None) -> StageRunner:
-    """The runner ``iterate.launch`` names: :class:`InlineRunner` or :class:`LaunchedRunner`."""
-    if recipe.iterate.launch == "distributed":
+    """The runner ``launch.mode`` names: :class:`InlineRunner` or :class:`LaunchedRunner`."""
+    if recipe.launch.mode == "distributed":
         return LaunchedRunner(recipe, config)
     return InlineRunner(recipe, backend, scorer)

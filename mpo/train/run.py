@@ -2,7 +2,7 @@
 
 Steps (:func:`run_training`): load and check the preference pairs (any source :mod:`mpo.data`
 reads) -> load the policy and processor -> :func:`build_trainer` (freeze parts / add a LoRA adapter,
-:class:`mpo.train.trainer.MPOTrainer`) -> :func:`precompute_reference` (``train.reference: precomputed``,
+:class:`mpo.train.trainer.MPOTrainer`) -> :func:`precompute_reference` (``train.reference_logps: precomputed``,
 the default: one no-grad pass before training, cached in ``ref_logps.jsonl`` keyed by pair content
 and reference identity, so a rerun reuses it and only one model is in memory; ``live``: a frozen
 copy, or with LoRA the adapter-disabled model, nothing to precompute) -> train -> save.
@@ -26,7 +26,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from mpo.config import ConfigError
+from mpo.config import ConfigError, keyed_dump
 
 TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
                   "model.max_pixels", "model.policy", "run.seed", "data.on_bad_image")
@@ -129,7 +129,7 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
         counts = freeze_parts(model, t.freeze)
         print(f"frozen: {frozen_summary(counts)}")
     live_copy = None
-    if t.reference == "live":  # train.reference_model when set (pi_0 in later rounds), else the start policy
+    if t.reference_logps == "live":  # train.reference_model when set (pi_0 in later rounds), else the start policy
         if t.reference_model:
             live_copy = load_model(recipe, t.reference_model, "train.reference_model").eval()
         elif t.lora is None:
@@ -147,7 +147,7 @@ def build_trainer(recipe, pairs, wheres, model, processor, resume: bool = False)
 
 
 def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
-    """``train.reference: precomputed``: the reference's log-probs of every pair, in one no-grad pass
+    """``train.reference_logps: precomputed``: the reference's log-probs of every pair, in one no-grad pass
     (cached by pair content and the reference's identity, so only what is missing is computed), carried
     in the dataset's items. The reference is ``train.reference_model`` where set, else the policy with
     any adapter disabled. Returns how many were computed."""
@@ -157,7 +157,7 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
     from mpo.train.trainer import reference_context
 
     t = recipe.train
-    if t.reference != "precomputed":
+    if t.reference_logps != "precomputed":
         return 0
     device = trainer.args.device
     model = trainer.model.to(device)
@@ -207,7 +207,7 @@ def training_key(recipe, pairs, legacy: bool = False) -> dict:
     from mpo.models import folder_identity, legacy_folder_identity
 
     model = legacy_folder_identity if legacy else folder_identity
-    dump = recipe.model_dump(mode="json")
+    dump = keyed_dump(recipe)
     key = {"pairs": (legacy_records_digest if legacy else records_digest)(pairs),
            "policy files": model(recipe.model.policy or ""),
            "reference files": model(recipe.train.reference_model or recipe.model.policy or "")}

@@ -228,7 +228,7 @@ class MPOTrainer(Trainer):
         if peft_model is None:
             raise MpoError(
                 "no reference: the batch carries no precomputed reference log-probs, no ref_model was given "
-                "and the model has no adapter to disable (set train.reference or pass ref_model)"
+                "and the model has no adapter to disable (set train.reference_logps or pass ref_model)"
             )
         with peft_model.disable_adapter():
             return self.pair_forward(model, inputs)
