@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from mpo.errors import RunFolderError, fault_line
+from mpo.records import TEMP_SUFFIX
 
 LOCK_NAME = ".mpo.lock"
 INHERITED = "MPO_RUN_LOCK"
@@ -197,7 +198,7 @@ def remove_stale_temporaries(folder: Path) -> int:
     """Remove what writes killed mid-way left (``.NAME.XXXX.tmp`` files: :mod:`mpo.records`' atomic
     writes); only the lock's holder calls this, so no write of another process is under way."""
     removed = 0
-    for tmp in folder.rglob(".*.tmp"):
+    for tmp in folder.rglob(f".*{TEMP_SUFFIX}"):
         if tmp.is_file() and not tmp.is_symlink():
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -136,6 +136,9 @@ def base_arguments(run, output_dir, run_name: str, dtype: str, **settings):
     )
 
 
+METRICS_FILE = "metrics.jsonl"  # a training run's logs, in its output folder (MetricsFile)
+
+
 class MetricsFile(TrainerCallback):
     """Appends every training log to a JSONL file on the main process (``step`` first); see
     :func:`trim_metrics` for resume. ``only_training_steps`` (the reward trainer's file) leaves out

@@ -44,10 +44,8 @@ from transformers.trainer_callback import ExportableState
 from mpo.errors import MpoError
 from mpo.train.logprobs import PairLogps
 from mpo.train.losses import DeltaTracker, mpo_loss, window_sum_across_ranks
-from mpo.train.setup import MetricsFile, StopOnSignal
+from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal
 from mpo.train.shared_prefix import PairForward
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWindow:
