@@ -36,6 +36,53 @@ from mpo.records import to_dict, write_json
 CACHE_NAME = ".mpo-digests.json"
 KEY_FORMAT = 2  # stage keys carry "key_format": 2; keys without it are the earlier (path and mtime) format
 _BLOCK = 1 << 20
+KEY_FILE = "run_key.json"  # a training run's key (mpo train, a round's train/, a reward-training phase)
+TRAINED_FILE = "mpo_state.json"  # mpo train writes it last, after policy/: the run finished (final δ)
+PHASE_DONE_FILE = "done.json"  # a reward-training phase writes it last: the phase finished (its summary)
+
+# What each kind of work's output is made of, beyond its inputs (models, prompts, pairs: by content).
+# A bare section name is each of its settings. NOT_RESULTS are never part of a key.
+MODEL_SETTINGS = ("model.dtype", "model.attn_implementation", "model.min_pixels", "model.max_pixels")
+ROLLOUT_SETTINGS = ("rollout.backend", "rollout.num_samples", "rollout.temperature", "rollout.top_p",
+                    "rollout.max_tokens", "rollout.seed", "rollout.max_model_len", "rollout.on_too_long",
+                    *MODEL_SETTINGS, "iterate.rollout_chunk")
+SCORE_SETTINGS = (*MODEL_SETTINGS, "iterate.score_chunk")
+PAIRS_SETTINGS = ("pairs",)
+TRAIN_SETTINGS = ("loss", "train", *MODEL_SETTINGS, "run.seed")
+REWARD_TRAIN_SETTINGS = ("reward_train", *MODEL_SETTINGS, "run.seed", "data")
+REF_LOGPS_SETTINGS = (*MODEL_SETTINGS, "train.max_length", "train.on_too_long")  # with the reference model
+# Logging, saving, reporting and workers: they may change between runs of one folder.
+NOT_RESULTS = frozenset({"train.logging_steps", "train.save_steps", "reward_train.logging_steps",
+                         "reward_train.save_steps", "reward_train.num_workers", "reward_train.summary_pairs",
+                         "run.output_dir", "run.report_to", "run.wandb_project", "run.wandb_group",
+                         "data.special_tokens"})  # special_tokens: escape and error make the same model
+
+
+def settings(recipe, names: Sequence[str], every: bool = False) -> dict[str, Any]:
+    """``{"section.key": value}`` of ``recipe``'s named settings (a bare section name: each of its
+    settings), under the names keys hold them by (:func:`mpo.config.moved_keys.keyed_dump`). The
+    settings in :data:`NOT_RESULTS` are left out; ``every``: kept (as keys of earlier versions held them)."""
+    from mpo.config.moved_keys import keyed_dump
+
+    dump, out = keyed_dump(recipe), {}
+    for name in names:
+        section, _, key = name.partition(".")
+        values = {key: dump[section][key]} if key else dump[section]
+        out.update({f"{section}.{k}": v for k, v in values.items()})
+    return out if every else _results(out)
+
+
+def finished(folder: str | os.PathLike, key: dict | None = None, legacy: Callable[[], dict] | None = None,
+             earlier: Callable[[], dict] | None = None) -> bool:
+    """The one test of "this training run is finished" (``mpo train``, a round's ``train/`` in ``mpo
+    iterate`` and ``mpo train --round N``, a distributed follower, ``mpo sweep``): ``policy/`` saved and
+    :data:`TRAINED_FILE` written after it; with ``key``, also made with it (its :data:`KEY_FILE`,
+    :func:`key_matches`). Without, the caller checked the key (:func:`check_key`) or a run it starts will."""
+    folder = Path(folder)
+    done = (folder / "policy" / "config.json").is_file() and (folder / TRAINED_FILE).is_file()
+    if not done or key is None:
+        return done
+    return (folder / KEY_FILE).is_file() and key_matches(folder / KEY_FILE, key, legacy, earlier)
 
 
 def _signature(stat: os.stat_result) -> list[int]:
@@ -259,26 +306,40 @@ def read_key(path: Path) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
-def key_matches(path: Path, key: dict[str, Any], legacy: Callable[[], dict] | None = None) -> bool:
+def _results(key: dict) -> dict:  # a key without the entries of settings that change no result
+    return {k: v for k, v in key.items() if k not in NOT_RESULTS}
+
+
+def key_matches(path: Path, key: dict[str, Any], legacy: Callable[[], dict] | None = None,
+                earlier: Callable[[], dict] | None = None) -> bool:
     """The key kept at ``path`` is ``key``, or is of the earlier format and says what ``legacy()`` (the
-    earlier format's key for today's inputs) says; such a key is rewritten in today's format where
-    the folder is writable, with a line saying so."""
+    earlier format's key for today's inputs) says, or is of today's format as an earlier version wrote
+    it and says what ``earlier()`` says but for :data:`NOT_RESULTS` (a training key that held logging
+    settings). Such a key is rewritten as today's where the folder is writable, with a line saying so."""
     found = read_key(path)
     key = stamped(key)
     if found == key:
         return True
-    if found is None or "key_format" in found or legacy is None or found != json.loads(json.dumps(legacy(), default=str)):
+    if found is None:
         return False
+    if "key_format" in found:
+        if earlier is None or _results(found) != _results(stamped(earlier())):
+            return False
+        note = "key of an earlier mpo (logging settings in it) rewritten without them; inputs and settings as they were"
+    elif legacy is None or found != json.loads(json.dumps(legacy(), default=str)):
+        return False
+    else:  # the earlier key format
+        note = "key of an earlier mpo (paths and file times) rewritten by content; inputs as they were"
     try:
         write_key(path, key)
-        print(f"{path}: key of an earlier mpo (paths and file times) rewritten by content; inputs as they were")
+        print(f"{path}: {note}")
     except OSError:
         pass  # a read-only copy: checked the earlier way each time
     return True
 
 
 def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_file: Path | None = None,
-              legacy: Callable[[], dict] | None = None) -> None:
+              legacy: Callable[[], dict] | None = None, earlier: Callable[[], dict] | None = None) -> None:
     """Reuse of ``output``'s finished or partial work is allowed only for the same ``key``.
 
     The first call writes the key; later calls compare. A difference stops with one line naming the
@@ -286,28 +347,31 @@ def check_key(output: str | os.PathLike, key: dict[str, Any], redo: str, key_fil
     to delete to make the stage again with the new settings). A key of the earlier format (absolute
     paths, file times) is accepted when ``legacy()`` (that format's key for today's inputs) matches it
     (:func:`key_matches`); else one line says it was made from inputs that moved or changed since.
-    Output from before keys were kept is adopted, with a note. ``key_file`` defaults to
-    :func:`key_path`."""
+    ``earlier()``: today's key as an earlier version wrote it (:func:`key_matches`). Output from before
+    keys were kept is adopted, with a note. ``key_file`` defaults to :func:`key_path`."""
     path = key_file or key_path(output)
     if not path.exists():
         if Path(output).exists():
             print(f"{output}: made before stage keys were kept; reused as it is")
         write_key(path, key)
         return
-    if key_matches(path, key, legacy):
+    if key_matches(path, key, legacy, earlier):
         return
     found = read_key(path)
     if found is None:
         raise RunFolderError(f"{path}: not a readable stage key (not a JSON object); delete {redo} to redo it")
     if "key_format" not in found:
-        earlier = key_differences(found, json.loads(json.dumps(legacy(), default=str))) if legacy else ""
+        changed = key_differences(found, json.loads(json.dumps(legacy(), default=str))) if legacy else ""
         raise RunFolderError(
             f"{output}: made by an earlier mpo, whose keys held absolute paths and file times, from inputs "
-            f"that have moved or changed since{f' ({earlier})' if earlier else ''}; rerun it where it was "
+            f"that have moved or changed since{f' ({changed})' if changed else ''}; rerun it where it was "
             f"made (its key is then rewritten by content), or delete {redo} to redo it"
         )
+    against = stamped(key)
+    if earlier is not None and set(found) != set(against) and set(found) == set(stamped(earlier())):
+        against = stamped(earlier())  # an earlier version's key: named in its own entries
     raise RunFolderError(
-        f"{output}: made with other settings ({key_differences(found, stamped(key))}); rerun with the earlier "
+        f"{output}: made with other settings ({key_differences(_results(found), _results(against))}); rerun with the earlier "
         f"settings, or delete {redo} to redo it with these"
     )
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from mpo.cli_common import guarded
+from mpo.models import VALUE_HEAD_FILE
 
 app = typer.Typer(help="Reward model: score responses, evaluate on benchmarks, train.", no_args_is_help=True)
 
@@ -36,7 +37,7 @@ class Benchmark(str, Enum):
 
 
 Model = Annotated[
-    Path, typer.Option("--model", help="Reward model folder (backbone + value_head.safetensors).")
+    Path, typer.Option("--model", help=f"Reward model folder (backbone + {VALUE_HEAD_FILE}).")
 ]
 BatchTokens = Annotated[
     int, typer.Option("--batch-tokens", min=1, help="Padded tokens per batch (rows x longest).")
@@ -253,16 +254,16 @@ def train(
         list[str] | None, typer.Argument(help="Recipe overrides, e.g. reward_train.max_steps=10")
     ] = None,
 ):
-    """Train a reward model with the Bradley-Terry loss, stage by stage (Skywork-VL Reward recipe)."""
+    """Train a reward model with the Bradley-Terry loss, phase by phase (Skywork-VL Reward recipe)."""
     from mpo.cli_common import check_output_folder
     from mpo.config import load_recipe
     from mpo.models import model_folder
-    from reward.train import format_summary, run_stages
+    from reward.train import format_summary, run_phases
 
     resolved = load_recipe(recipe, overrides or [])
     check_output_folder(resolved.run.output_dir, "run.output_dir")
     if resolved.reward_train.init_from:  # checked before the run folder is touched
         model_folder(resolved.reward_train.init_from, "reward_train.init_from", reward_backbone=True)
-    summaries = run_stages(resolved)
+    summaries = run_phases(resolved)
     typer.echo(format_summary(summaries))
     typer.echo(f"final reward model: {Path(resolved.run.output_dir) / 'final'}")

@@ -1,20 +1,21 @@
-"""Bradley-Terry reward-model training in stages (the Skywork-VL Reward recipe, arXiv 2505.07263).
+"""Bradley-Terry reward-model training in phases (the Skywork-VL Reward recipe, arXiv 2505.07263).
 
 The paper: vision encoder frozen; projector (the visual merger), LM and value head trained with
-AdamW; stage 1 on multimodal pairs at lr 1e-5, stage 2 on multimodal + text-only pairs at lr 1e-6;
+AdamW; phase 1 on multimodal pairs at lr 1e-5, phase 2 on multimodal + text-only pairs at lr 1e-6;
 2 epochs each; batch size 1. The loss and the Trainer are :mod:`reward.trainer`'s.
 
-:func:`run_stages`: stage k starts from stage k-1's folder (the first from ``reward_train.init_from``:
+:func:`run_phases` (``reward_train.phases``): phase k starts from phase k-1's folder (the first from ``reward_train.init_from``:
 a reward model folder, or a plain Qwen2.5-VL one that gets a fresh seeded value head), trains with
 ``transformers.Trainer`` (accelerate / DeepSpeed launch, gradient accumulation, checkpoints, resume
-and W&B come from there) and writes ``OUTPUT_DIR/<stage>/``: backbone + ``value_head.safetensors``
+and W&B come from there) and writes ``OUTPUT_DIR/<phase>/``: backbone + ``value_head.safetensors``
 + processor (the Skywork layout), ``metrics.jsonl`` (one line per logging step),
 ``pair_scores.jsonl`` (a sample of the training pairs scored before and after) and, last,
-``done.json``. A stage with ``done.json`` is skipped on rerun; one killed mid-way resumes from its
-newest checkpoint (checkpoints are deleted once it is done). The last stage is also published at
+``done.json`` (:data:`mpo.keys.PHASE_DONE_FILE`). A phase with ``done.json`` is skipped on rerun; one
+killed mid-way resumes from its newest checkpoint (checkpoints are deleted once it is done). The last
+phase is also published at
 ``OUTPUT_DIR/final`` (hard links where possible). Weights train in float32; ``model.dtype``
 bfloat16/float16 turns on autocast and is the dtype folders are saved in. LoRA adapters are saved
-under ``<stage>/adapter`` and merged into the saved backbone (not under ZeRO-3).
+under ``<phase>/adapter`` and merged into the saved backbone (not under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mpo.keys import PHASE_DONE_FILE
 from reward.collate import (
     PairCollator,
     PairDataError,
@@ -35,91 +37,92 @@ from reward.collate import (
     load_stage_pairs,
 )
 
+PAIR_SCORES_FILE = "pair_scores.jsonl"  # a sample of a phase's training pairs scored before and after
 
-def stage_key(recipe, stage, init_dir: Path, legacy: bool = False) -> dict:
-    """What a stage's checkpoints and model are made of: its start model and data files by content
+
+def phase_key(recipe, phase, init_dir: Path, legacy: bool = False) -> dict:
+    """What a phase's checkpoints and model are made of: its start model and data files by content
     (:func:`mpo.models.folder_identity`, :func:`mpo.keys.file_digest`; no paths or file times, so
-    a copied or moved output folder reads back), the stage's and the shared training settings (not
-    logging, checkpoint cadence or workers). ``legacy``: the key as the earlier format held it."""
-    from mpo.keys import KEY_FORMAT, file_digest, legacy_file_stat
+    a copied or moved output folder reads back), the phase's own settings and
+    :data:`mpo.keys.REWARD_TRAIN_SETTINGS` (:func:`mpo.keys.settings`: not logging, checkpoint cadence
+    or workers), grouped by section. ``legacy``: the key as the earlier format held it."""
+    from mpo.keys import KEY_FORMAT, REWARD_TRAIN_SETTINGS, file_digest, legacy_file_stat, settings
     from mpo.models import folder_identity, legacy_folder_identity
 
-    shared = recipe.reward_train.model_dump(mode="json")
-    for name in ("phases", "logging_steps", "save_steps", "num_workers", "summary_pairs"):
-        shared.pop(name)
-    model = recipe.model.model_dump(mode="json")
-    settings = {"reward_train": shared, "model": {k: model[k] for k in ("dtype", "attn_implementation", "min_pixels",
-                                                                          "max_pixels")},
-                "run.seed": recipe.run.seed,
-                "data": recipe.data.model_dump(mode="json", exclude={"special_tokens"})}  # escape|error: same model
+    inputs = {"reward_train.phases", "reward_train.stages"}  # each phase is keyed by its own entry
+    if not legacy:  # the start model is in "init", by content; a phase reads its own data files
+        inputs |= {"reward_train.init_from", "data.prompts", "data.preferences", "data.image_root"}
+    grouped: dict = {}
+    for name, value in settings(recipe, REWARD_TRAIN_SETTINGS).items():
+        section, _, field = name.partition(".")
+        if name == "run.seed":
+            grouped[name] = value
+        elif name not in inputs:
+            grouped.setdefault(section, {})[field] = value
     if legacy:
-        files = [[p, *legacy_file_stat(p)] if os.path.exists(p) else [p] for p in stage.data]
-        return {"stage": stage.model_dump(mode="json"), "init": legacy_folder_identity(init_dir),
-                "data files": files, **settings}
-    shared.pop("init_from")  # the start model is in "init", by content
-    for name in ("prompts", "preferences", "image_root"):  # paths; a stage reads its own data files
-        settings["data"].pop(name)
-    return {"key_format": KEY_FORMAT, "stage": _portable(stage), "init": folder_identity(init_dir),
-            "data files": [file_digest(p) if os.path.isfile(p) else None for p in stage.data], **settings}
+        files = [[p, *legacy_file_stat(p)] if os.path.exists(p) else [p] for p in phase.data]
+        return {"stage": phase.model_dump(mode="json"), "init": legacy_folder_identity(init_dir),
+                "data files": files, **grouped}
+    return {"key_format": KEY_FORMAT, "stage": _portable(phase), "init": folder_identity(init_dir),
+            "data files": [file_digest(p) if os.path.isfile(p) else None for p in phase.data], **grouped}
 
 
-def _portable(stage) -> dict:
-    """A stage's settings without its data files' paths (the key holds their content)."""
-    return {k: v for k, v in stage.model_dump(mode="json").items() if k != "data"}
+def _portable(phase) -> dict:
+    """A phase's settings without its data files' paths (the key holds their content)."""
+    return {k: v for k, v in phase.model_dump(mode="json").items() if k != "data"}
 
 
-def run_stage(recipe, stage, init_dir: Path, stage_dir: Path, key: dict) -> dict:
-    """Train one stage from ``init_dir`` into ``stage_dir``; returns its summary (``done.json``)."""
+def run_phase(recipe, phase, init_dir: Path, phase_dir: Path, key: dict) -> dict:
+    """Train one phase from ``init_dir`` into ``phase_dir``; returns its summary (``done.json``)."""
     from transformers import set_seed
 
     from mpo.chat import ChatEncoder
-    from mpo.keys import check_key
+    from mpo.keys import KEY_FILE, check_key
     from mpo.models import recipe_processor
     from mpo.preempt import check, deferred
-    from mpo.train.run import KEY_FILE
     from mpo.train.setup import wandb_scope
 
     cfg = recipe.reward_train
     set_seed(recipe.run.seed)
     processor = recipe_processor(init_dir, recipe.model)
     encoder = ChatEncoder(processor)
-    pairs = load_stage_pairs(stage.data, stage.modality, recipe.data.image_root, recipe.data.on_bad_image,
-                             image_cache=stage_dir.parent / "image_cache")
+    pairs = load_stage_pairs(phase.data, phase.modality, recipe.data.image_root, recipe.data.on_bad_image,
+                             image_cache=phase_dir.parent / "image_cache")
     if recipe.data.special_tokens == "error":  # a pair holding a control token's text, before any weights load
         from mpo.control_tokens import check_pairs
 
         check_pairs(encoder.literals, pairs.records, pairs.where)
     pairs = drop_too_long(pairs, encoder, cfg.max_length, cfg.on_too_long)
     if not pairs.records:
-        raise PairDataError(f"stage {stage.name!r}: no {stage.modality} pairs in {', '.join(stage.data)}")
-    check_key(stage_dir, key, str(stage_dir), key_file=stage_dir / KEY_FILE,
-              legacy=lambda: stage_key(recipe, stage, init_dir, legacy=True))
+        raise PairDataError(f"stage {phase.name!r}: no {phase.modality} pairs in {', '.join(phase.data)}")
+    check_key(phase_dir, key, str(phase_dir), key_file=phase_dir / KEY_FILE,
+              legacy=lambda: phase_key(recipe, phase, init_dir, legacy=True))
     with wandb_scope(recipe.run, recipe.run.output_dir, default_group=Path(recipe.run.output_dir).name), deferred():
-        trainer, wrapper, peft_model = _stage_trainer(recipe, stage, init_dir, stage_dir, pairs, encoder)
-        result, scores = _train_and_score(trainer, pairs, encoder, recipe, stage_dir)
+        trainer, wrapper, peft_model = _phase_trainer(recipe, phase, init_dir, phase_dir, pairs, encoder)
+        result, scores = _train_and_score(trainer, pairs, encoder, recipe, phase_dir)
         from reward.model import DTYPES
         from reward.trainer import save_stage_model
 
-        save_stage_model(trainer, wrapper, peft_model, processor, stage_dir, DTYPES[recipe.model.dtype])
-    summary = _finish_stage(trainer, recipe, stage, init_dir, stage_dir, key, pairs, result, scores)
+        save_stage_model(trainer, wrapper, peft_model, processor, phase_dir, DTYPES[recipe.model.dtype])
+    summary = _finish_phase(trainer, recipe, phase, init_dir, phase_dir, key, pairs, result, scores)
     trainer.accelerator.wait_for_everyone()
-    check(f"stage {stage.name} finished and saved ({stage_dir}); rerun the same command to continue")
+    check(f"stage {phase.name} finished and saved ({phase_dir}); rerun the same command to continue")
     return summary
 
 
-def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encoder):
-    """``(trainer, wrapper, peft_model)`` for one stage: the start model, parts frozen, LoRA,
+def _phase_trainer(recipe, phase, init_dir: Path, phase_dir: Path, pairs, encoder):
+    """``(trainer, wrapper, peft_model)`` for one phase: the start model, parts frozen, LoRA,
     checkpointing, the pair collator and the metrics file."""
     from mpo.train.collate import pad_token_id
-    from mpo.train.setup import MetricsFile, StopOnSignal, enable_checkpointing, frozen_summary
+    from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal, enable_checkpointing, frozen_summary
     from reward.trainer import RewardTrainer, apply_lora, load_start, set_trainable, training_arguments
 
     cfg = recipe.reward_train
-    args = training_arguments(recipe, stage, stage_dir)
+    args = training_arguments(recipe, phase, phase_dir)
     reward = load_start(init_dir, recipe, torch.float32)
     counts = set_trainable(reward, cfg.freeze)
     if counts:
-        print(f"stage {stage.name}: frozen {frozen_summary(counts)}")
+        print(f"stage {phase.name}: frozen {frozen_summary(counts)}")
     peft_model = apply_lora(reward, cfg.lora, cfg.freeze) if cfg.lora else None
     if cfg.gradient_checkpointing:
         enable_checkpointing(reward.backbone)
@@ -128,22 +131,22 @@ def _stage_trainer(recipe, stage, init_dir: Path, stage_dir: Path, pairs, encode
         model=wrapper, args=args, train_dataset=PairDataset(pairs.records, encoder, pairs.where),
         data_collator=PairCollator(pad_token_id(encoder.tokenizer), reward.config.image_token_id,
                                    reward.config.video_token_id),
-        callbacks=[MetricsFile(stage_dir / "metrics.jsonl", only_training_steps=True), StopOnSignal()],
+        callbacks=[MetricsFile(phase_dir / METRICS_FILE, only_training_steps=True), StopOnSignal()],
     )
     return trainer, wrapper, peft_model
 
 
-def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
+def _train_and_score(trainer, pairs, encoder, recipe, phase_dir: Path):
     """Resume from the newest complete checkpoint (metrics cut back to it), train, and score the
     sampled pairs before and after: ``(train result, (sample, before, after))``."""
     from mpo.keys import last_complete_checkpoint
     from mpo.preempt import check
-    from mpo.train.setup import StopOnSignal, trim_metrics
+    from mpo.train.setup import METRICS_FILE, StopOnSignal, trim_metrics
     from reward.trainer import sample_pairs, score_sample
 
-    checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
+    checkpoint = last_complete_checkpoint(phase_dir / "checkpoints")
     if trainer.accelerator.is_main_process:
-        trim_metrics(stage_dir / "metrics.jsonl", int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
+        trim_metrics(phase_dir / METRICS_FILE, int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
     sample = sample_pairs(pairs, recipe.reward_train.summary_pairs, recipe.run.seed)
     # Scoring before train() would make DeepSpeed / FSDP wrap the model for inference first, which
     # the Trainer's later training set-up does not undo; those runs report only the "after" scores.
@@ -152,19 +155,19 @@ def _train_and_score(trainer, pairs, encoder, recipe, stage_dir: Path):
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stopped = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)).stopped_at
     if stopped is not None:
-        check(f"stage {stage_dir.name}: checkpoint saved at step {stopped} of {trainer.state.max_steps} "
-              f"({stage_dir / 'checkpoints' / f'checkpoint-{stopped}'}); rerun the same command to continue from it")
+        check(f"stage {phase_dir.name}: checkpoint saved at step {stopped} of {trainer.state.max_steps} "
+              f"({phase_dir / 'checkpoints' / f'checkpoint-{stopped}'}); rerun the same command to continue from it")
     return result, (sample, before, score_sample(trainer, pairs, sample, encoder))
 
 
-def _finish_stage(trainer, recipe, stage, init_dir, stage_dir: Path, key, pairs, result, scores) -> dict:
-    """The stage's summary; on the main process ``pair_scores.jsonl`` and, last, ``done.json``."""
+def _finish_phase(trainer, recipe, phase, init_dir, phase_dir: Path, key, pairs, result, scores) -> dict:
+    """The phase's summary; on the main process ``pair_scores.jsonl`` and, last, ``done.json``."""
     from mpo.records import write_json, write_jsonl
     from reward.trainer import pair_metrics
 
     sample, before, after = scores
     summary = {
-        "stage": stage.name, "init_from": str(init_dir), "config": stage.model_dump(), "key": key,
+        "stage": phase.name, "init_from": str(init_dir), "config": phase.model_dump(), "key": key,
         "pairs": len(pairs.records), "multimodal_pairs": pairs.num_multimodal,
         "skipped": {reason: len(items) for reason, items in pairs.skipped.items()},
         "steps": trainer.state.global_step, "train_runtime_s": result.metrics.get("train_runtime"),
@@ -174,24 +177,27 @@ def _finish_stage(trainer, recipe, stage, init_dir, stage_dir: Path, key, pairs,
     }
     if trainer.accelerator.is_main_process:
         for reason, items in pairs.skipped.items():
-            print(f"stage {stage.name}: skipped {len(items)} pair(s), {reason}; first: {items[0]}")
+            print(f"stage {phase.name}: skipped {len(items)} pair(s), {reason}; first: {items[0]}")
         rows = before.tolist() if before is not None else [[None, None]] * len(sample)
-        write_jsonl(stage_dir / "pair_scores.jsonl", [
+        write_jsonl(phase_dir / PAIR_SCORES_FILE, [
             {"where": pairs.where[i], "chosen_before": b[0], "rejected_before": b[1], "chosen_after": a[0],
              "rejected_after": a[1]} for i, b, a in zip(sample, rows, after.tolist())
         ])
-        write_json(stage_dir / "done.json", summary)  # last: its presence marks the stage finished
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+        write_json(phase_dir / PHASE_DONE_FILE, summary)  # last: its presence marks the phase finished
+        shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
     return summary
 
 
-def publish_final(stage_dir: Path, final_dir: Path) -> None:
-    """Make ``final_dir`` hold the last stage's model files (hard links, else copies), atomically."""
-    staging = final_dir.with_name(f".{final_dir.name}.tmp")
+def publish_final(phase_dir: Path, final_dir: Path) -> None:
+    """Make ``final_dir`` hold the last phase's model files (hard links, else copies), atomically."""
+    from mpo.records import TEMP_SUFFIX
+    from mpo.train.setup import METRICS_FILE
+
+    staging = final_dir.with_name(f".{final_dir.name}{TEMP_SUFFIX}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for source in stage_dir.iterdir():
-        if source.is_file() and source.name not in ("metrics.jsonl", "pair_scores.jsonl"):
+    for source in phase_dir.iterdir():
+        if source.is_file() and source.name not in (METRICS_FILE, PAIR_SCORES_FILE):
             try:
                 os.link(source, staging / source.name)
             except OSError:
@@ -200,14 +206,14 @@ def publish_final(stage_dir: Path, final_dir: Path) -> None:
     staging.rename(final_dir)
 
 
-def run_stages(recipe) -> list[dict]:
-    """Run the recipe's stages in order, skipping finished ones; returns one summary per stage.
+def run_phases(recipe) -> list[dict]:
+    """Run the recipe's phases in order, skipping finished ones; returns one summary per phase.
 
-    The output folder is locked while it trains. A finished stage is reused only if it was made
-    the same way (:func:`stage_key`); otherwise the run stops, naming what changed and what to delete."""
+    The output folder is locked while it trains. A finished phase is reused only if it was made
+    the same way (:func:`phase_key`); otherwise the run stops, naming what changed and what to delete."""
     from accelerate import PartialState
 
-    from mpo.config import save_resolved
+    from mpo.config import CONFIG_FILE, save_resolved
     from mpo.errors import MpoError, writing_into
     from mpo.keys import kept_beside
     from mpo.models import model_folder
@@ -221,54 +227,54 @@ def run_stages(recipe) -> list[dict]:
     out = Path(recipe.run.output_dir)
     summaries, init_dir = [], None
     with run_lock(out), kept_beside(out), writing_into(out, "reward-model training"):
-        finished = (out / "config.yaml").is_file() and all((out / s.name / "done.json").is_file() for s in cfg.phases)
+        finished = (out / CONFIG_FILE).is_file() and all((out / s.name / PHASE_DONE_FILE).is_file() for s in cfg.phases)
         if PartialState().is_main_process and not finished:  # a finished run (perhaps copied here) is only read
             print(f"resolved recipe: {save_resolved(recipe, out)}")
-        for stage in cfg.phases:
+        for phase in cfg.phases:
             init_dir = init_dir or model_folder(cfg.init_from, "reward_train.init_from")
-            summaries.append(_stage(recipe, stage, init_dir, out / stage.name))
-            init_dir = out / stage.name
+            summaries.append(_phase(recipe, phase, init_dir, out / phase.name))
+            init_dir = out / phase.name
         if PartialState().is_main_process and _stale(init_dir, out / "final"):
             publish_final(init_dir, out / "final")
     return summaries
 
 
-def _stage(recipe, stage, init_dir: Path, stage_dir: Path) -> dict:
-    """One stage: its summary when it finished earlier with the same key, else train it."""
+def _phase(recipe, phase, init_dir: Path, phase_dir: Path) -> dict:
+    """One phase: its summary when it finished earlier with the same key, else train it."""
     from mpo.errors import RunFolderError
 
-    key = json.loads(json.dumps(stage_key(recipe, stage, init_dir)))
-    done = stage_dir / "done.json"
+    key = json.loads(json.dumps(phase_key(recipe, phase, init_dir)))
+    done = phase_dir / PHASE_DONE_FILE
     if not done.is_file():
-        print(f"stage {stage.name}: training from {init_dir} on {', '.join(stage.data)} ({stage.modality} pairs)")
-        return run_stage(recipe, stage, init_dir, stage_dir, key)
+        print(f"stage {phase.name}: training from {init_dir} on {', '.join(phase.data)} ({phase.modality} pairs)")
+        return run_phase(recipe, phase, init_dir, phase_dir, key)
     summary = json.loads(done.read_text(encoding="utf-8"))
     found = summary.get("key", key)
     if "key_format" not in found:  # an earlier mpo's key (paths, file times): checked as it was made
-        key = json.loads(json.dumps(stage_key(recipe, stage, init_dir, legacy=True)))
+        key = json.loads(json.dumps(phase_key(recipe, phase, init_dir, legacy=True)))
     config = summary.get("config") or {}
-    if found != key or {k: v for k, v in config.items() if k != "data"} != _portable(stage):
+    if found != key or {k: v for k, v in config.items() if k != "data"} != _portable(phase):
         from mpo.keys import key_differences
 
         later = [s.name for s in recipe.reward_train.phases]
-        after = later[later.index(stage.name):]
+        after = later[later.index(phase.name):]
         what = key_differences(found, key) if found != key else "stage settings changed"
         raise RunFolderError(
-            f"{done}: stage {stage.name} finished earlier with other settings, data or start model ({what}); rerun "
-            f"with those, or delete {', '.join(str(stage_dir.parent / name) for name in after)} to retrain"
+            f"{done}: stage {phase.name} finished earlier with other settings, data or start model ({what}); rerun "
+            f"with those, or delete {', '.join(str(phase_dir.parent / name) for name in after)} to retrain"
         )
-    print(f"stage {stage.name}: finished earlier ({done}); skipped")
+    print(f"stage {phase.name}: finished earlier ({done}); skipped")
     return {**summary, "skipped_rerun": True}
 
 
-def _stale(stage_dir: Path, final_dir: Path) -> bool:
-    """``final/`` does not hold the last stage's finished model (its ``done.json`` differs)."""
-    done, published = stage_dir / "done.json", final_dir / "done.json"
+def _stale(phase_dir: Path, final_dir: Path) -> bool:
+    """``final/`` does not hold the last phase's finished model (its ``done.json`` differs)."""
+    done, published = phase_dir / PHASE_DONE_FILE, final_dir / PHASE_DONE_FILE
     return not (published.is_file() and published.read_bytes() == done.read_bytes())
 
 
 def format_summary(summaries: list[dict]) -> str:
-    """One line per stage: pairs, steps, accuracy / margin on the training pairs before -> after."""
+    """One line per phase: pairs, steps, accuracy / margin on the training pairs before -> after."""
     def show(metrics, key, fmt):
         return format(metrics[key], fmt) if metrics else "-"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from mpo.cli.tiny import ASSETS
+from mpo.models import VALUE_HEAD_FILE
 
 DEMO = ASSETS / "demo"
 DEMO_PROMPTS = DEMO / "prompts.jsonl"
@@ -56,18 +57,19 @@ def _recipe(name: str, settings: dict):
 
 
 def train_reward_model(out: Path, init_dir: Path, seed: int) -> Path:
-    from reward.train import run_stages
+    from reward.train import run_phases
 
     recipe = _recipe("reward.yaml", {"run.output_dir": str(out / "reward"), "run.seed": seed,
                                      "reward_train.init_from": str(init_dir)})
     recipe.reward_train.phases[0].data = [str(DEMO / "reward_pairs.jsonl")]
-    run_stages(recipe)
+    run_phases(recipe)
     return out / "reward" / "final"
 
 
 def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
     from mpo.data import load_prompts
     from mpo.records import PreferencePair, write_jsonl
+    from mpo.rounds.layout import PAIRS_FILE
     from mpo.train.run import run_training
 
     folder = out / "warmup"
@@ -76,9 +78,9 @@ def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
     prompts = load_prompts(DEMO_PROMPTS).records
     pairs = [PreferencePair(f"{p.prompt_id}-{c}", p.messages, p.images, f"The image is {c}.", "I do not know.")
              for p in prompts for c in COLOURS]
-    write_jsonl(folder / "pairs.jsonl", pairs)
+    write_jsonl(folder / PAIRS_FILE, pairs)
     recipe = _recipe("warmup.yaml", {"run.output_dir": str(folder), "run.seed": seed,
-                                     "model.policy": str(policy_dir), "data.preferences": str(folder / "pairs.jsonl")})
+                                     "model.policy": str(policy_dir), "data.preferences": str(folder / PAIRS_FILE)})
     return run_training(recipe)
 
 
@@ -94,7 +96,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> l
     policy_dir, reward_init = out / "models" / "policy", out / "models" / "reward_init"
     if not (policy_dir / "config.json").exists():
         save_policy(policy_dir, seed)
-    if not (reward_init / "value_head.safetensors").exists():
+    if not (reward_init / VALUE_HEAD_FILE).exists():
         save_reward_model(reward_init, seed + 1)
     print(f"== 1/3 reward model: Bradley-Terry on {DEMO / 'reward_pairs.jsonl'}")
     reward_dir = train_reward_model(out, reward_init, seed)

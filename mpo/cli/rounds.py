@@ -60,6 +60,7 @@ def iterate_command(recipe: RecipeArg, overrides: OverridesArg = None):
 def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: OverridesArg = None):
     """Sample responses for one round (writes round_NNN/rollouts.jsonl)."""
     from mpo.rounds.driver import check_models, load_round_prompts, stage_rollout
+    from mpo.rounds.layout import ROLLOUTS_FILE
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
@@ -69,7 +70,7 @@ def rollout_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Ove
             rollouts = stage_rollout(layout, round_index, load_round_prompts(layout.recipe), runner)
         finally:
             runner.close()
-    typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, 'rollouts.jsonl')}")
+    typer.echo(f"{len(rollouts)} rollouts in {layout.file(round_index, ROLLOUTS_FILE)}")
 
 
 @guarded
@@ -77,14 +78,15 @@ def score_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
     """Score one round's rollouts with the reward model (writes round_NNN/scored.jsonl)."""
     from mpo.records import Rollout, read_jsonl
     from mpo.rounds.driver import check_models, load_round_prompts, stage_score
+    from mpo.rounds.layout import ROLLOUTS_FILE, SCORED_FILE
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         check_models(layout.recipe)
-        rollouts = read_jsonl(_need(layout.file(round_index, "rollouts.jsonl"), "rollout"), Rollout)
+        rollouts = read_jsonl(_need(layout.file(round_index, ROLLOUTS_FILE), "rollout"), Rollout)
         prompts = load_round_prompts(layout.recipe)
         scored = stage_score(layout, round_index, prompts, rollouts, _runner(layout))
-    typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, 'scored.jsonl')}")
+    typer.echo(f"{len(scored)} scored rollouts in {layout.file(round_index, SCORED_FILE)}")
 
 
 @guarded
@@ -92,13 +94,14 @@ def pairs_command(recipe: RecipeArg, round_index: RoundOpt = 0, overrides: Overr
     """Build one round's preference pairs (writes round_NNN/pairs.jsonl and pair_stats.json)."""
     from mpo.records import ScoredRollout, read_jsonl
     from mpo.rounds.driver import load_round_prompts, stage_pairs
+    from mpo.rounds.layout import PAIRS_FILE, SCORED_FILE
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
-        scored = read_jsonl(_need(layout.file(round_index, "scored.jsonl"), "score"), ScoredRollout)
+        scored = read_jsonl(_need(layout.file(round_index, SCORED_FILE), "score"), ScoredRollout)
         pairs, stats = stage_pairs(layout, round_index, load_round_prompts(layout.recipe), scored)
     typer.echo(f"{len(pairs)} pairs from {stats.prompts_with_pairs}/{stats.prompts_seen} prompts in "
-               f"{layout.file(round_index, 'pairs.jsonl')}")
+               f"{layout.file(round_index, PAIRS_FILE)}")
 
 
 def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = False) -> None:
@@ -106,17 +109,18 @@ def train_round(recipe: Path, overrides, round_index: int, stage_only: bool = Fa
     ``stage_only``: the launched training of ``launch.mode: distributed``, whose driver writes it)."""
     from mpo.records import PreferencePair, ScoredRollout, read_jsonl
     from mpo.rounds.driver import finish_round, load_round_prompts, stage_train
+    from mpo.rounds.layout import PAIR_STATS_FILE, PAIRS_FILE, SCORED_FILE
     from mpo.rounds.pairs import read_pair_stats
 
     layout = _layout(recipe, overrides, round_index)
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
-        pairs = read_jsonl(_need(layout.file(round_index, "pairs.jsonl"), "pairs"), PreferencePair)
+        pairs = read_jsonl(_need(layout.file(round_index, PAIRS_FILE), "pairs"), PreferencePair)
         prompts = load_round_prompts(layout.recipe)
         layout.repoint_pairs(round_index, prompts, pairs)  # a run moved before this round trained
         policy = stage_train(layout, round_index, prompts, len(pairs))
         if layout.manifest(round_index) is None and not stage_only:
-            scored = read_jsonl(layout.file(round_index, "scored.jsonl"), ScoredRollout)
-            stats = read_pair_stats(layout.file(round_index, "pair_stats.json"))
+            scored = read_jsonl(layout.file(round_index, SCORED_FILE), ScoredRollout)
+            stats = read_pair_stats(layout.file(round_index, PAIR_STATS_FILE))
             finish_round(layout, round_index, scored, stats, policy, {}, {})
     typer.echo(f"round {round_index} policy: {policy}")
 

@@ -7,8 +7,10 @@ learning-rate ablations), then one table and one plot comparing the points.
   and quotes; each value is typed as YAML types it, exactly like an override:
   ``--grid 'loss.weights=[0.8,0.2,1.0],[1,0,0]' --grid loss.beta=0.1,0.2`` is 2 x 2 = 4 points.
 - Point ``i`` trains in ``run.output_dir/<name>/``, the name made of the values
-  (``weights=0.8-0.2-1__beta=0.1``). A point whose ``policy/`` and ``mpo_state.json`` exist is
-  skipped; one with checkpoints resumes from them. So rerunning the same command finishes a sweep.
+  (``weights=0.8-0.2-1__beta=0.1``). A point that finished with the same pairs and settings
+  (``mpo train``'s own test, :func:`mpo.keys.finished`) is skipped; others go to ``mpo train``: one
+  with checkpoints resumes from them (refused if they were made with other settings). So rerunning
+  the same command finishes a sweep.
 - In process (the default) the points run one after another and share one reference log-prob cache
   (``run.output_dir/ref_logps.jsonl``: the reference policy and pairs are the same for every point).
   ``--launch "accelerate launch --config_file recipes/accelerate/ddp.yaml -m"`` runs each point as
@@ -195,9 +197,12 @@ def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), na
     return sweep
 
 
-def is_finished(out_dir: Path) -> bool:
-    """``mpo train`` writes ``policy/`` and then ``mpo_state.json`` last."""
-    return (out_dir / "policy" / "config.json").is_file() and (out_dir / "mpo_state.json").is_file()
+def is_finished(point: Point) -> bool:
+    """The point's ``mpo train`` run finished with its pairs and settings (:func:`mpo.train.run.is_trained`:
+    :func:`mpo.keys.finished`, the test ``mpo train`` itself makes); one made with other settings is not."""
+    from mpo.train.run import is_trained
+
+    return is_trained(point.recipe)
 
 
 def has_checkpoint(out_dir: Path) -> bool:
@@ -215,7 +220,7 @@ def point_command(sweep: Sweep, point: Point, launch: str | None) -> list[str]:
 def run_points(sweep: Sweep, launch: str | None = None) -> None:
     """Train every unfinished point, in process or one ``LAUNCH mpo train ...`` process each."""
     for i, point in enumerate(sweep.points, 1):
-        if is_finished(point.out_dir):
+        if is_finished(point):
             point.status = "skipped"
             print(f"[{i}/{len(sweep.points)}] {point.name}: finished earlier; skipped "
                   f"(delete {point.out_dir} to retrain)")
@@ -235,11 +240,11 @@ def run_points(sweep: Sweep, launch: str | None = None) -> None:
 
 def _train_in_process(sweep: Sweep, point: Point) -> None:
     """``run_training`` for one point; its W&B settings are scoped to the point (see
-    :func:`mpo.train.run.wandb_environment`), so each point's W&B files land in its own folder."""
-    from mpo.train.run import run_training
+    :func:`mpo.train.setup.wandb_scope`), so each point's W&B files land in its own folder."""
+    from mpo.train.run import REF_LOGPS_FILE, run_training
 
     try:
-        run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / "ref_logps.jsonl")
+        run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / REF_LOGPS_FILE)
     finally:
         gc.collect()
         import torch
@@ -269,12 +274,14 @@ def final_metrics(metrics_file: Path, tail: int) -> tuple[dict[str, float], int,
 
 def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
     """One row per point (see the module docstring for what the numbers are)."""
+    from mpo.train.setup import METRICS_FILE
+
     rows = []
     for point in sweep.points:
-        means, step, averaged = final_metrics(point.out_dir / "metrics.jsonl", tail)
+        means, step, averaged = final_metrics(point.out_dir / METRICS_FILE, tail)
         status = point.status
         if status == "pending":  # --report-only
-            status = "finished" if is_finished(point.out_dir) else "not finished"
+            status = "finished" if is_finished(point) else "not finished"
         values = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in point.values.items()}
         rows.append({"point": point.name, **values, "status": status, "steps": step, "steps_averaged": averaged,
                      **{k: means.get(k, "") for k in METRICS}, "output_dir": str(point.out_dir)})
@@ -374,7 +381,7 @@ def sweep_command(
     typer.echo(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.root}", err=print_commands)
     if print_commands:
         for point in sweep.points:
-            if not is_finished(point.out_dir):
+            if not is_finished(point):
                 typer.echo(shlex.join(point_command(sweep, point, launch)))
         return
     if not report_only:

@@ -23,11 +23,18 @@ import statistics
 import time
 from pathlib import Path
 
-from mpo.config import Recipe
+from mpo.config import CONFIG_FILE, Recipe
 from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
 from mpo.rounds.chunks import chunk_seed
-from mpo.rounds.layout import RoundLayout
+from mpo.rounds.layout import (
+    MANIFEST_FILE,
+    PAIR_STATS_FILE,
+    PAIRS_FILE,
+    ROLLOUTS_FILE,
+    SCORED_FILE,
+    RoundLayout,
+)
 
 
 def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
@@ -92,8 +99,8 @@ def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], qui
 def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], runner) -> list[Rollout]:
     """Sample ``rollout.num_samples`` responses per prompt from round ``n``'s policy (``runner``: a
     :class:`mpo.rounds.runners.StageRunner`)."""
-    out = layout.file(n, "rollouts.jsonl")
-    layout.check(n, "rollouts.jsonl", prompts)
+    out = layout.file(n, ROLLOUTS_FILE)
+    layout.check(n, ROLLOUTS_FILE, prompts)
     if out.exists():
         return read_jsonl(out, Rollout)
     rollouts = runner.rollout(layout, n, prompts)
@@ -105,14 +112,14 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
                 ) -> list[ScoredRollout]:
     """Score every rollout with the reward model (empty responses too: pairs counts them)."""
     by_id = {p.prompt_id: p for p in prompts}
-    out = layout.file(n, "scored.jsonl")
-    layout.check(n, "scored.jsonl", prompts)
+    out = layout.file(n, SCORED_FILE)
+    layout.check(n, SCORED_FILE, prompts)
     if out.exists():
         return read_jsonl(out, ScoredRollout)
     missing = sorted({r.prompt_id for r in rollouts} - set(by_id))
     if missing:
-        raise MpoError(f"{layout.file(n, 'rollouts.jsonl')}: rollouts of prompts that are not in data.prompts "
-                       f"({', '.join(map(repr, missing[:3]))}); delete {layout.redo(n, 'rollouts.jsonl')}")
+        raise MpoError(f"{layout.file(n, ROLLOUTS_FILE)}: rollouts of prompts that are not in data.prompts "
+                       f"({', '.join(map(repr, missing[:3]))}); delete {layout.redo(n, ROLLOUTS_FILE)}")
     scored = runner.score(layout, n, rollouts, prompts)
     print(f"round {n}: {len(scored)} rollouts scored, mean reward {statistics.fmean(s.reward for s in scored):.3f} -> {out}")
     return scored
@@ -121,8 +128,8 @@ def stage_score(layout: RoundLayout, n: int, prompts: list[Prompt], rollouts: li
 def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list[ScoredRollout]):
     from mpo.rounds.pairs import build_pairs, read_pair_stats, write_pair_stats
 
-    out, stats_path = layout.file(n, "pairs.jsonl"), layout.file(n, "pair_stats.json")
-    layout.check(n, "pairs.jsonl", prompts)
+    out, stats_path = layout.file(n, PAIRS_FILE), layout.file(n, PAIR_STATS_FILE)
+    layout.check(n, PAIRS_FILE, prompts)
     if out.exists() and stats_path.exists():
         return layout.repoint_pairs(n, prompts, read_jsonl(out, PreferencePair)), read_pair_stats(stats_path)
     pairs, stats = build_pairs(prompts, scored, layout.recipe.pairs)
@@ -136,7 +143,7 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
     """The recipe ``mpo train`` runs for round ``n``: this round's pairs, policy and folder."""
     recipe = layout.recipe.model_copy(deep=True)
     recipe.model.policy = str(layout.policy(n))
-    recipe.data.preferences = str(layout.file(n, "pairs.jsonl"))
+    recipe.data.preferences = str(layout.file(n, PAIRS_FILE))
     recipe.data.image_root = None
     recipe.run.output_dir = str(layout.file(n, "train"))
     recipe.run.seed = chunk_seed(layout.recipe.run.seed, "train", n)
@@ -148,14 +155,15 @@ def round_recipe(layout: RoundLayout, n: int) -> Recipe:
 def stage_train(layout: RoundLayout, n: int, prompts: list[Prompt], num_pairs: int, runner=None) -> Path:
     """MPO on the round's pairs (``runner``'s way; default: in this process); a round without pairs keeps
     its policy (counted in the manifest)."""
+    from mpo.keys import finished
     from mpo.rounds.runners import InlineRunner
 
     if num_pairs == 0:
-        print(f"round {n}: no preference pairs (see pair_stats.json); the policy is carried over untrained")
+        print(f"round {n}: no preference pairs (see {PAIR_STATS_FILE}); the policy is carried over untrained")
         return layout.policy(n)
     train_dir = layout.file(n, "train")
     key = layout.check(n, "train", prompts)
-    if (train_dir / "mpo_state.json").exists():  # written after the policy: training finished
+    if finished(train_dir):  # its key checked just above
         return train_dir / "policy"
     resume = any(train_dir.glob("checkpoint-*"))
     print(f"round {n}: MPO on {num_pairs} pairs")
@@ -177,7 +185,9 @@ def rollout_metrics(scored: list[ScoredRollout]) -> dict:
 
 def train_metrics(train_dir: Path) -> dict:
     """Means over the round of the trainer's logged losses, rewards and δ (metrics.jsonl)."""
-    path = train_dir / "metrics.jsonl"
+    from mpo.train.setup import METRICS_FILE
+
+    path = train_dir / METRICS_FILE
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -201,7 +211,7 @@ def finish_round(layout: RoundLayout, n: int, scored, stats, policy_out: Path, s
                **{f"time/{k}_s": round(v, 2) for k, v in seconds.items()}}
     manifest = {"round": n, "policy_in": str(layout.policy(n)), "reference": str(layout.reference(n)),
                 "policy_out": str(policy_out), "trained": stats.pairs_kept > 0, "metrics": metrics}
-    write_json(layout.file(n, "manifest.json"), manifest)
+    write_json(layout.file(n, MANIFEST_FILE), manifest)
     return manifest
 
 
@@ -245,7 +255,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         prompts = load_round_prompts(recipe)
         layout.check_finished(prompts)
-        config = layout.run_dir / "config.yaml"
+        config = layout.run_dir / CONFIG_FILE
         if not (config.is_file() and layout.finished()):  # a finished run (perhaps copied here) is only read
             config = save_resolved(recipe, layout.run_dir)
         print(f"resolved recipe: {config}")
@@ -260,7 +270,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
                 manifest = run_round(layout, n, prompts, runner, extra_metrics)
                 manifests.append(manifest)
                 if not finished:
-                    report.round_done(manifest, layout.file(n, "scored.jsonl"), prompts)
+                    report.round_done(manifest, layout.file(n, SCORED_FILE), prompts)
         finally:
             runner.close()
         report.finish(manifests)
@@ -270,24 +280,25 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
 def follow_rounds(layout: RoundLayout) -> list[dict]:
     """A node other than 0 of a distributed run: join each stage job node 0 starts (the same
     launches, meeting at the rendezvous), and wait for node 0 to write what follows each."""
+    from mpo.keys import finished
     from mpo.rounds.launch import wait_for
     from mpo.rounds.runners import LaunchedRunner
 
-    config = layout.run_dir / "config.yaml"
+    config = layout.run_dir / CONFIG_FILE
     wait_for(config, "the resolved recipe")
     runner = LaunchedRunner(layout.recipe, config)
     for n in range(layout.recipe.iterate.rounds):
         if layout.manifest(n) is not None:
             continue
-        for stage, name in (("rollout", "rollouts.jsonl"), ("score", "scored.jsonl")):
+        for stage, name in (("rollout", ROLLOUTS_FILE), ("score", SCORED_FILE)):
             if not layout.file(n, name).exists():
                 runner.launch(layout, n, stage)
             wait_for(layout.file(n, name), name)
-        wait_for(layout.file(n, "pair_stats.json"), "pair_stats.json")
-        trained = (layout.file(n, "train") / "mpo_state.json").exists()
-        if json.loads(layout.file(n, "pair_stats.json").read_text())["pairs_kept"] and not trained:
+        wait_for(layout.file(n, PAIR_STATS_FILE), PAIR_STATS_FILE)
+        trained = finished(layout.file(n, "train"))  # node 0 checked its key
+        if json.loads(layout.file(n, PAIR_STATS_FILE).read_text())["pairs_kept"] and not trained:
             runner.launch(layout, n, "train")
-        wait_for(layout.file(n, "manifest.json"), "the round's manifest")
+        wait_for(layout.file(n, MANIFEST_FILE), "the round's manifest")
     print(f"node {runner.topology.node_rank}: every round finished")
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 

@@ -24,23 +24,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpo.config import Recipe, keyed_dump
+from mpo.config import Recipe
 from mpo.errors import MpoError
-from mpo.keys import check_key, digest, legacy_records_digest, prompts_identity
+from mpo.keys import (
+    KEY_FILE,
+    PAIRS_SETTINGS,
+    ROLLOUT_SETTINGS,
+    SCORE_SETTINGS,
+    check_key,
+    digest,
+    legacy_records_digest,
+    prompts_identity,
+    settings,
+)
 from mpo.models import folder_identity, legacy_folder_identity
 from mpo.records import Prompt
 
-# The settings that change what a stage makes (beyond its inputs and models); the rest (logging,
-# W&B, engine memory, parallel layout, iterate.rounds) may change between runs of one folder.
-ROLLOUT_SETTINGS = ("rollout.backend", "rollout.num_samples", "rollout.temperature", "rollout.top_p",
-                    "rollout.max_tokens", "rollout.seed", "rollout.max_model_len", "rollout.on_too_long",
-                    "model.dtype", "model.attn_implementation", "model.min_pixels", "model.max_pixels",
-                    "iterate.rollout_chunk")
-SCORE_SETTINGS = ("model.dtype", "model.attn_implementation", "model.min_pixels", "model.max_pixels",
-                  "iterate.score_chunk")
-TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
-                  "model.max_pixels", "run.seed", "iterate.reference")
-STAGES = ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl", "train", "manifest.json")
+# The settings that change what a stage makes (beyond its inputs and models) are mpo.keys' lists; the
+# rest (logging, W&B, engine memory, parallel layout, iterate.rounds) may change between runs of one folder.
+# A round's files; STAGES in the order they are made (``train`` is mpo train's folder).
+ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE = "rollouts.jsonl", "scored.jsonl", "pairs.jsonl"
+PAIR_STATS_FILE = "pair_stats.json"
+MANIFEST_FILE = "manifest.json"  # written last: the round is finished
+STAGES = (ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE, "train", MANIFEST_FILE)
 
 
 class RoundLayout:
@@ -67,7 +73,7 @@ class RoundLayout:
             return Path(self.recipe.model.policy)
         manifest = self.manifest(n - 1)
         if manifest is None:
-            raise MpoError(f"round {n - 1} is not finished ({self.file(n - 1, 'manifest.json')} missing)")
+            raise MpoError(f"round {n - 1} is not finished ({self.file(n - 1, MANIFEST_FILE)} missing)")
         if recorded:
             return Path(manifest["policy_out"])
         if not manifest.get("trained", True):
@@ -78,7 +84,7 @@ class RoundLayout:
         return self.policy(0) if self.recipe.iterate.reference == "fixed" else self.policy(n, recorded)
 
     def manifest(self, n: int) -> dict | None:
-        path = self.file(n, "manifest.json")
+        path = self.file(n, MANIFEST_FILE)
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     def finished(self) -> bool:
@@ -96,10 +102,9 @@ class RoundLayout:
         (so a refused run leaves the folder, ``config.yaml`` included, as it was). Rounds and stages
         are checked in order, so a refusal names the earliest stage to redo."""
         from mpo.keys import key_path
-        from mpo.train.run import KEY_FILE
 
         for n in range(self.recipe.iterate.rounds):
-            for name in ("rollouts.jsonl", "scored.jsonl", "pairs.jsonl"):
+            for name in (ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE):
                 if key_path(self.file(n, name)).exists():
                     self.check(n, name, prompts)
             if (self.file(n, "train") / KEY_FILE).exists():
@@ -109,15 +114,15 @@ class RoundLayout:
 
     def check(self, n: int, stage: str, prompts: list[Prompt]) -> dict:
         """:func:`mpo.keys.check_key` for round ``n``'s ``stage`` (a file name of :data:`STAGES`, or
-        ``train``); returns the key."""
-        from mpo.train.run import KEY_FILE
-
-        make = {"rollouts.jsonl": self.rollout_key, "scored.jsonl": self.score_key,
-                "pairs.jsonl": self.pairs_key, "train": self.train_key}[stage]
+        ``train``); returns the key. A training key of today's format that an earlier version wrote
+        with its logging settings is accepted while the rest is as it was (``earlier``)."""
+        make = {ROLLOUTS_FILE: self.rollout_key, SCORED_FILE: self.score_key,
+                PAIRS_FILE: self.pairs_key, "train": self.train_key}[stage]
         key = make(n, prompts)
         key_file = self.file(n, "train") / KEY_FILE if stage == "train" else None
+        earlier = (lambda: self.train_key(n, prompts, earlier=True)) if stage == "train" else None
         check_key(self.file(n, stage), key, self.redo(n, stage), key_file=key_file,
-                  legacy=lambda: make(n, prompts, legacy=True))
+                  legacy=lambda: make(n, prompts, legacy=True), earlier=earlier)
         return key
 
     def repoint_pairs(self, n: int, prompts: list[Prompt], pairs: list) -> list:
@@ -134,23 +139,10 @@ class RoundLayout:
                  if len(images.get(pair.prompt_id, ())) == len(pair.images) and images[pair.prompt_id] != pair.images
                  else pair for pair in pairs]
         if moved != pairs and self.manifest(n) is None:
-            write_jsonl(self.file(n, "pairs.jsonl"), moved)
-            print(f"{self.file(n, 'pairs.jsonl')}: images named where the prompts' images are now (the run was moved)")
+            write_jsonl(self.file(n, PAIRS_FILE), moved)
+            print(f"{self.file(n, PAIRS_FILE)}: images named where the prompts' images are now (the run was moved)")
             return moved
         return pairs
-
-    def settings(self, names, legacy: bool = False) -> dict:
-        """``{"section.key": value}`` of the named settings (a bare section name: all of it). A model
-        reference among them (``train.reference_model``) is held by content, as models are."""
-        dump = keyed_dump(self.recipe)
-        out = {}
-        for name in names:
-            section, _, key = name.partition(".")
-            value = dump[section] if not key else dump[section][key]
-            out.update({f"{section}.{k}": v for k, v in value.items()} if not key else {name: value})
-        if not legacy and out.get("train.reference_model"):
-            out["train.reference_model"] = folder_identity(out["train.reference_model"])
-        return out
 
     def _model(self, path, legacy: bool):
         return legacy_folder_identity(path) if legacy else folder_identity(path)
@@ -158,7 +150,7 @@ class RoundLayout:
     def rollout_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
         return {"round": n, "policy": self._model(self.policy(n, legacy), legacy),
                 "prompts": legacy_records_digest(prompts) if legacy else self._prompts_identity(prompts),
-                **self.settings(ROLLOUT_SETTINGS, legacy)}
+                **settings(self.recipe, ROLLOUT_SETTINGS)}
 
     def _prompts_identity(self, prompts: list[Prompt]) -> dict:
         """:func:`mpo.keys.prompts_identity`, once per prompt list (every stage key of every round
@@ -170,16 +162,23 @@ class RoundLayout:
     def score_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
         return {"rollouts": self._stage_digest(self.rollout_key(n, prompts, legacy), legacy),
                 "model.reward_model": self._model(self.recipe.model.reward_model or "", legacy),
-                **self.settings(SCORE_SETTINGS, legacy)}
+                **settings(self.recipe, SCORE_SETTINGS)}
 
     def pairs_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
         return {"scored": self._stage_digest(self.score_key(n, prompts, legacy), legacy),
-                **self.settings(["pairs"], legacy)}
+                **settings(self.recipe, PAIRS_SETTINGS)}
 
-    def train_key(self, n: int, prompts: list[Prompt], legacy: bool = False) -> dict:
+    def train_key(self, n: int, prompts: list[Prompt], legacy: bool = False, earlier: bool = False) -> dict:
+        """Round ``n``'s training: its pairs (their key's digest), policy and reference by content and
+        :func:`mpo.train.run.train_settings` (``mpo train``'s, so both agree). ``earlier``: as keys held
+        it before logging settings were left out (with ``iterate.reference`` too)."""
+        from mpo.train.run import train_settings
+
+        form = "legacy" if legacy else "earlier" if earlier else "today"
         return {"pairs": self._stage_digest(self.pairs_key(n, prompts, legacy), legacy),
                 "policy": self._model(self.policy(n, legacy), legacy),
-                "reference": self._model(self.reference(n, legacy), legacy), **self.settings(TRAIN_SETTINGS, legacy)}
+                "reference": self._model(self.reference(n, legacy), legacy),
+                **train_settings(self.recipe, form, () if form == "today" else ("iterate.reference",))}
 
     @staticmethod
     def _stage_digest(key: dict, legacy: bool) -> str:

@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 from pathlib import Path
 
-from mpo.config import ConfigError, keyed_dump
+from mpo.config import ConfigError
 
-TRAIN_SETTINGS = ("loss", "train", "model.dtype", "model.attn_implementation", "model.min_pixels",
-                  "model.max_pixels", "model.policy", "run.seed", "data.on_bad_image")
-KEY_FILE = "run_key.json"
+REF_LOGPS_FILE = "ref_logps.jsonl"  # the reference log-probs, computed once (train.reference_logps: precomputed)
 
 
 def load_model(recipe, path, key: str = "model.policy"):
@@ -77,20 +73,13 @@ def load_policy(recipe):
 
 def reference_fingerprint(recipe) -> str:
     """Identity of the reference log-probs: the reference model's files by content
-    (:func:`mpo.models.folder_identity`), dtype, attention, length policy, pixels."""
+    (:func:`mpo.models.folder_identity`) and :data:`mpo.keys.REF_LOGPS_SETTINGS` (dtype, attention,
+    pixels, length policy)."""
+    from mpo.keys import REF_LOGPS_SETTINGS, digest, settings
     from mpo.models import folder_identity
 
-    model, train = recipe.model, recipe.train
-    identity = [
-        folder_identity(train.reference_model or model.policy or ""),
-        model.dtype,
-        model.attn_implementation,
-        model.min_pixels,
-        model.max_pixels,
-        train.max_length,
-        train.on_too_long,
-    ]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    reference = folder_identity(recipe.train.reference_model or recipe.model.policy or "")
+    return digest([reference, *settings(recipe, REF_LOGPS_SETTINGS).values()])
 
 
 def training_arguments(recipe, resume: bool = False):
@@ -161,7 +150,7 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
         return 0
     device = trainer.args.device
     model = trainer.model.to(device)
-    cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / "ref_logps.jsonl"
+    cache = Path(ref_cache) if ref_cache else Path(recipe.run.output_dir) / REF_LOGPS_FILE
     forward = trainer.pair_forward  # the same prompt-shared (or not) forward as training
     reference = model
     if t.reference_model:
@@ -177,6 +166,7 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
 
 def save_outputs(trainer, processor, recipe) -> Path:
     """``policy/`` (+ ``adapter/`` with LoRA), processor and final δ, written by the main process."""
+    from mpo.keys import TRAINED_FILE
     from mpo.records import write_json
     from mpo.train.trainer import find_peft_model
 
@@ -192,33 +182,60 @@ def save_outputs(trainer, processor, recipe) -> Path:
     if trainer.is_world_process_zero():
         processor.save_pretrained(policy_dir)
         write_json(
-            out / "mpo_state.json",
+            out / TRAINED_FILE,
             {"delta": trainer.delta.state_dict(), "global_step": trainer.state.global_step},
         )
     return policy_dir
 
 
-def training_key(recipe, pairs, legacy: bool = False) -> dict:
+def train_settings(recipe, form: str = "today", extra: tuple[str, ...] = ()) -> dict:
+    """:data:`mpo.keys.TRAIN_SETTINGS` (and ``extra``) of ``recipe`` as training keys hold them
+    (:func:`mpo.keys.settings`), ``train.reference_model`` by content: what ``mpo train``'s key and a
+    round's training key (:meth:`mpo.rounds.layout.RoundLayout.train_key`) are made of beside their
+    inputs. ``form``: ``"earlier"``, as keys held them before logging settings were left out (every
+    setting); ``"legacy"``, as the earlier key format held them (that, and model references by path)."""
+    from mpo.keys import TRAIN_SETTINGS, settings
+    from mpo.models import folder_identity
+
+    out = settings(recipe, (*TRAIN_SETTINGS, *extra), every=form != "today")
+    if form != "legacy" and out.get("train.reference_model"):
+        out["train.reference_model"] = folder_identity(out["train.reference_model"])
+    return out
+
+
+def training_key(recipe, pairs, legacy: bool = False, earlier: bool = False) -> dict:
     """What a training run's checkpoints and outputs are made of: the pairs' content (images by
-    content), the policy and reference models by content and every setting that changes the weights
-    (logging and W&B may change; model references by content, not path). ``legacy``: the key as
-    the earlier format held it (paths and file times; :mod:`mpo.keys`)."""
+    content), the policy and reference models by content and :func:`train_settings`. ``legacy``: the
+    key as the earlier format held it (paths and file times; :mod:`mpo.keys`); ``earlier``: as keys of
+    today's format held it before logging settings were left out (:func:`mpo.keys.key_matches`)."""
     from mpo.keys import legacy_records_digest, records_digest
     from mpo.models import folder_identity, legacy_folder_identity
 
     model = legacy_folder_identity if legacy else folder_identity
-    dump = keyed_dump(recipe)
     key = {"pairs": (legacy_records_digest if legacy else records_digest)(pairs),
            "policy files": model(recipe.model.policy or ""),
            "reference files": model(recipe.train.reference_model or recipe.model.policy or "")}
-    for name in TRAIN_SETTINGS:
-        section, _, field = name.partition(".")
-        values = {field: dump[section][field]} if field else dump[section]
-        key.update({f"{section}.{k}": v for k, v in values.items() if k not in ("save_steps",)})
-    if not legacy:  # the models are in "policy files" / "reference files", by content
-        key.pop("model.policy")
+    if not (legacy or earlier):
+        return {**key, **train_settings(recipe)}
+    extra = ("model.policy", "data.on_bad_image") if legacy else ("data.on_bad_image",)
+    key.update(train_settings(recipe, "legacy" if legacy else "earlier", extra))
+    key.pop("train.save_steps")
+    if earlier:
         key["train.reference_model"] = bool(key["train.reference_model"])
     return key
+
+
+def is_trained(recipe) -> bool:
+    """``mpo train``'s run in ``run.output_dir`` finished with this recipe's pairs and settings
+    (:func:`mpo.keys.finished`): what ``mpo sweep`` asks of each point."""
+    from mpo.keys import finished
+
+    out = Path(recipe.run.output_dir)
+    if not finished(out):
+        return False
+    pairs = _load_pairs(recipe, out, rounds=True).records
+    return finished(out, training_key(recipe, pairs), functools.partial(training_key, recipe, pairs, legacy=True),
+                    functools.partial(training_key, recipe, pairs, earlier=True))
 
 
 def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = False, key: dict | None = None) -> Path:
@@ -247,29 +264,29 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
 
     from mpo.config import save_resolved
     from mpo.errors import writing_into
-    from mpo.keys import check_key, key_matches, last_complete_checkpoint, write_key
+    from mpo.keys import KEY_FILE, TRAINED_FILE, check_key, finished, last_complete_checkpoint, write_key
     from mpo.preempt import check, deferred
     from mpo.records import write_json
-    from mpo.train.setup import trim_metrics, wandb_scope
+    from mpo.train.setup import METRICS_FILE, trim_metrics, wandb_scope
 
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     loaded = _load_pairs(recipe, out, rounds)
     key = key if key is not None else training_key(recipe, loaded.records)
     key_file = out / KEY_FILE
     legacy = functools.partial(training_key, recipe, loaded.records, legacy=True)  # keys of an earlier mpo
-    finished = (out / "mpo_state.json").is_file() and (out / "policy" / "config.json").is_file()
-    if finished and key_file.is_file() and key_matches(key_file, key, legacy):
+    earlier = None if rounds else functools.partial(training_key, recipe, loaded.records, earlier=True)
+    if finished(out, key, legacy, earlier):
         print(f"{out}: trained earlier with the same data and settings; nothing to do (policy: {out / 'policy'})")
         return out / "policy"
     if resume:
-        check_key(out, key, str(out), key_file=key_file, legacy=legacy)
+        check_key(out, key, str(out), key_file=key_file, legacy=legacy, earlier=earlier)
     else:
         stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
         for folder in stale:
             shutil.rmtree(folder)
         if stale:
             print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
-        (out / "mpo_state.json").unlink(missing_ok=True)
+        (out / TRAINED_FILE).unlink(missing_ok=True)
         write_key(key_file, key)
     print(f"resolved recipe: {save_resolved(recipe, out)}")
     model, processor = load_policy(recipe)
@@ -284,7 +301,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
         print(f"resuming from {checkpoint}" if checkpoint else f"no complete checkpoint in {out}: starting afresh")
     from_step = int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
     if trainer.is_world_process_zero():
-        trim_metrics(out / "metrics.jsonl", from_step)
+        trim_metrics(out / METRICS_FILE, from_step)
     if quiet:
         from transformers.trainer_callback import PrinterCallback
 
