@@ -51,6 +51,7 @@ from pathlib import Path
 from mpo.config import PairsConfig
 from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, ScoredRollout, from_dict, write_json
+from mpo.rounds.layout import PAIR_STATS_FILE
 
 PAIR_REASONS = ("identical_text", "tie", "empty_response", "below_margin", "length_ratio")
 PROMPT_REASONS = ("no_samples", "single_sample", "all_tied", *PAIR_REASONS,
@@ -90,7 +91,7 @@ class PairStats:
 
 def _stats_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    return path / "pair_stats.json" if path.is_dir() else path
+    return path / PAIR_STATS_FILE if path.is_dir() else path
 
 
 def write_pair_stats(path: str | os.PathLike, stats: PairStats) -> Path:

@@ -69,7 +69,7 @@ def _run(recipe, stage: str, n: int, started: float) -> None:
     from mpo.rollout import make_backend
     from mpo.rounds.chunks import run_chunked
     from mpo.rounds.driver import load_round_prompts
-    from mpo.rounds.layout import RoundLayout
+    from mpo.rounds.layout import ROLLOUTS_FILE, RoundLayout
     from mpo.rounds.runners import chunk_spec, make_scorer, rollout_chunks, score_chunks
 
     layout = RoundLayout(recipe)
@@ -81,7 +81,7 @@ def _run(recipe, stage: str, n: int, started: float) -> None:
         items, process = prompts, rollout_chunks(recipe, backend)
     else:
         backend = None
-        items = read_jsonl(layout.file(n, "rollouts.jsonl"), Rollout)
+        items = read_jsonl(layout.file(n, ROLLOUTS_FILE), Rollout)
         process = score_chunks(prompts, make_scorer(recipe))
     desc = f"round {n} {stage} rank {rank}/{world}"
     loaded = time.perf_counter()
@@ -96,9 +96,11 @@ def _run(recipe, stage: str, n: int, started: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mpo.config import CONFIG_FILE
+
     parser = argparse.ArgumentParser(prog="python -m mpo.rounds.rank", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("rollout", "score"))
-    parser.add_argument("config", help="the run's resolved recipe (RUN/config.yaml)")
+    parser.add_argument("config", help=f"the run's resolved recipe (RUN/{CONFIG_FILE})")
     parser.add_argument("--round", type=int, required=True, dest="round_index")
     args = parser.parse_args(argv)
     from mpo.cli_common import user_line

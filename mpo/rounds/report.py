@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from mpo.records import PreferencePair, ScoredRollout, atomic_write_text, read_jsonl, write_json
+from mpo.rounds.layout import PAIRS_FILE, SCORED_FILE
 
 TABLE_COLUMNS = [
     ("round", "{:>5}"), ("reward/mean", "{:>11.3f}"), ("reward/p50", "{:>10.3f}"), ("pairs/kept", "{:>10}"),
@@ -96,7 +97,7 @@ def _start_wandb(recipe, run_dir: Path):
 
 def _rollout_table(wandb, scored_path: Path, prompts):
     """Sample rollouts of the first prompts: image, prompt, response, reward, chosen/rejected mark."""
-    pairs_path = scored_path.with_name("pairs.jsonl")
+    pairs_path = scored_path.with_name(PAIRS_FILE)
     pairs = read_jsonl(pairs_path, PreferencePair) if pairs_path.exists() else []
     chosen = {(p.prompt_id, p.chosen) for p in pairs}
     rejected = {(p.prompt_id, p.rejected) for p in pairs}
@@ -135,7 +136,7 @@ def write_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    rewards = [[s.reward for s in read_jsonl(run_dir / f"round_{n:03d}" / "scored.jsonl", ScoredRollout)]
+    rewards = [[s.reward for s in read_jsonl(run_dir / f"round_{n:03d}" / SCORED_FILE, ScoredRollout)]
                for n in rounds]
     ax.boxplot(rewards, positions=rounds)
     ax.plot(rounds, [r["reward/mean"] for r in rows], "o-", label="mean")

@@ -22,15 +22,16 @@ from pathlib import Path
 
 from mpo.records import Prompt, Rollout, ScoredRollout
 from mpo.rounds.chunks import chunk_seed, run_chunked
+from mpo.rounds.layout import ROLLOUTS_FILE, SCORED_FILE
 
 
 def chunk_spec(layout, n: int, stage: str):
     """``(output, record class, chunk size, seed)`` of round ``n``'s rollout or score stage."""
     recipe = layout.recipe
     if stage == "rollout":
-        return (layout.file(n, "rollouts.jsonl"), Rollout, recipe.iterate.rollout_chunk,
+        return (layout.file(n, ROLLOUTS_FILE), Rollout, recipe.iterate.rollout_chunk,
                 chunk_seed(recipe.rollout.seed, "rollout", n))
-    return layout.file(n, "scored.jsonl"), ScoredRollout, recipe.iterate.score_chunk, 0
+    return layout.file(n, SCORED_FILE), ScoredRollout, recipe.iterate.score_chunk, 0
 
 
 def rollout_chunks(recipe, backend):
