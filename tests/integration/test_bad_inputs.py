@@ -53,7 +53,7 @@ def workdir(tmp_path_factory, tiny_policy_dir, tiny_reward_dir) -> Path:
                   "train": {"max_steps": 1}},
         "reward_train": {**common, "run": {"output_dir": "runs/rm"},
                          "reward_train": {"init_from": "reward", "max_steps": 1,
-                                          "stages": [{"name": "s1", "data": ["pairs.jsonl"]}]}},
+                                          "phases": [{"name": "s1", "data": ["pairs.jsonl"]}]}},
     }
     for name, recipe in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe))

@@ -213,7 +213,7 @@ def trained(finished, tmp_path_factory) -> Path:
     (root / "reward_train.yaml").write_text(yaml.safe_dump(
         {**common, "run": {"output_dir": "runs/rm", "report_to": "none"},
          "reward_train": {"init_from": "models/reward", "max_steps": 1,
-                          "stages": [{"name": "s1", "data": ["pairs.jsonl"]}]}}))
+                          "phases": [{"name": "s1", "data": ["pairs.jsonl"]}]}}))
     for command in (["train", "train.yaml"], ["reward", "train", "reward_train.yaml"]):
         result = mpo(root, *command)
         assert result.returncode == 0, result.stderr[-2000:]

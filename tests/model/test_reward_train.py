@@ -238,7 +238,7 @@ def test_bad_pair_is_an_error_naming_file_and_line(tmp_path, tiny_reward_dir, ch
         "recipes/tiny/reward_stage1.yaml",
         f"run.output_dir={tmp_path / 'run'}",
         f"reward_train.init_from={tiny_reward_dir}",
-        f"reward_train.stages=[{{name: s, data: [{data}]}}]",
+        f"reward_train.phases=[{{name: s, data: [{data}]}}]",
     )
     assert result.exit_code == 2
     assert f"{data}:2" in result.output and message in result.output
@@ -296,7 +296,7 @@ def test_multi_stage_recipe_lora_checkpointing_and_wandb(tmp_path, tiny_reward_d
         "recipes/tiny/reward_stage1.yaml",
         f"run.output_dir={out}",
         f"reward_train.init_from={tiny_reward_dir}",
-        f"reward_train.stages=[{{name: a, data: [{PAIRS}], modality: multimodal}}, "
+        f"reward_train.phases=[{{name: a, data: [{PAIRS}], modality: multimodal}}, "
         f"{{name: b, data: [{PAIRS}]}}]",
         "reward_train.max_steps=3",
         "reward_train.logging_steps=1",
