@@ -51,6 +51,7 @@ PAIRS_SETTINGS = ("pairs",)
 TRAIN_SETTINGS = ("loss", "train", *MODEL_SETTINGS, "run.seed")
 REWARD_TRAIN_SETTINGS = ("reward_train", *MODEL_SETTINGS, "run.seed", "data")
 REF_LOGPS_SETTINGS = (*MODEL_SETTINGS, "train.max_length", "train.on_too_long")  # with the reference model
+EVAL_SETTINGS = ("rollout.backend", "rollout.max_model_len", "rollout.on_too_long", *MODEL_SETTINGS)  # + eval.*
 # Logging, saving, reporting and workers: they may change between runs of one folder.
 NOT_RESULTS = frozenset({"train.logging_steps", "train.save_steps", "reward_train.logging_steps",
                          "reward_train.save_steps", "reward_train.num_workers", "reward_train.summary_pairs",
@@ -285,7 +286,6 @@ def key_differences(found: dict, key: dict) -> str:
 
 def stamped(key: dict[str, Any]) -> dict[str, Any]:
     """``key`` as it is written and reads back, marked with the key format (:mod:`mpo.keys`)."""
-
     return json.loads(json.dumps({"key_format": KEY_FORMAT, **key}, default=str))
 
 

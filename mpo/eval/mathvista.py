@@ -207,7 +207,12 @@ def load_problems(path: Path) -> dict[str, dict]:
                 if path.suffix == ".jsonl" else json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise MpoError(f"{path}: cannot read MathVista problems: {exc}") from None
-    rows = list(data.values()) if isinstance(data, dict) else data
+    return checked_rows(list(data.values()) if isinstance(data, dict) else data, path)
+
+
+def checked_rows(rows, path) -> dict[str, dict]:
+    """MathVista rows by pid, each checked for what the query and the scoring read (one line naming
+    ``path``, the pid and the missing field)."""
     if not isinstance(rows, list) or not all(isinstance(row, dict) and "pid" in row for row in rows):
         raise MpoError(f"{path}: expected MathVista rows with a 'pid' (pid -> row, a list, or JSONL)")
     missing = [(row["pid"], k) for row in rows for k in ("question_type", "answer_type", "answer")
