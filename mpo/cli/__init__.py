@@ -182,6 +182,10 @@ from mpo.cli.sweep import register as _register_sweep  # noqa: E402  (import-lig
 
 _register_sweep(app)
 
+from mpo.cli.eval import register as _register_eval  # noqa: E402  (import-light: typer only)
+
+_register_eval(app)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

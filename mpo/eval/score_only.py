@@ -103,12 +103,14 @@ def score_only(path: Path, benchmark: str, output: Path | None = None, predictio
 
 
 def summary_lines(scores: dict, benchmark: str) -> list[str]:
-    """A short printable table: overall, then each group (MathVista breakdowns / MMMU disciplines)."""
+    """A short printable table: overall, then each group (MathVista breakdowns / MMMU disciplines /
+    the answers' categories), with counts."""
     if benchmark == "mmmu":
         return [f"{name:<45} {entry['num']:>5}  {100 * entry['acc']:.1f}" for name, entry in scores.items()]
-    average = scores["average"]
-    lines = [f"{'average':<45} {average['correct']:>4}/{average['total']:<5} {average['accuracy']}"]
-    for key in mathvista.BREAKDOWNS:
-        lines += [f"{key}/{group:<38} {entry['correct']:>4}/{entry['total']:<5} {entry['accuracy']}"
-                  for group, entry in scores[key].items()]
+    average = scores["overall" if benchmark == "answers" else "average"]
+    lines = [f"{'overall' if benchmark == 'answers' else 'average':<45} {average['correct']:>4}/{average['total']:<5} "
+             f"{average['accuracy']}"]
+    for key in ("category",) if benchmark == "answers" else mathvista.BREAKDOWNS:
+        lines += [f"{f'{key}/{group}':<45} {entry['correct']:>4}/{entry['total']:<5} {entry['accuracy']}"
+                  for group, entry in scores.get(key, {}).items()]
     return lines
