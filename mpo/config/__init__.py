@@ -194,6 +194,19 @@ class TrainConfig(TrainingSection):
     reference_model: ModelRef | None = None
 
 
+class EvalConfig(Section):
+    """``iterate.eval``: held-out evaluation of the policy before round 0 and after rounds' training
+    (:func:`mpo.rounds.evaluate.run_eval`: greedy, one response per problem, the benchmark's rules)."""
+
+    # the held-out problems: answers: a prompt file or folder whose rows carry `answer`; mathvista:
+    # testmini.json / its parquet or datasets form; mmmu: validation rows. Never the training prompts.
+    data: LocalPath
+    benchmark: Literal["mathvista", "mmmu", "answers"] = "answers"  # whose rules judge the answers
+    every: int = Field(1, ge=1)  # evaluate after every `every`-th round's training (and the last round)
+    max_tokens: int = Field(256, ge=1)  # greedy response length limit
+    split: str | None = None  # the split of a datasets folder / parquet set (default: the only one)
+
+
 class IterateConfig(Section):
     rounds: int = Field(3, ge=1)
     # per_round: each round's reference is the policy it starts from (pi_r); fixed: model.policy (pi_0).
@@ -201,6 +214,8 @@ class IterateConfig(Section):
     # Resumable units: finished chunks of prompts (rollout) and rollouts (scoring) survive a crash.
     rollout_chunk: int = Field(16, ge=1)
     score_chunk: int = Field(64, ge=1)
+    # held-out evaluation every `eval.every` rounds (EvalConfig); None: none (results in round_NNN/eval/)
+    eval: EvalConfig | None = None
 
 
 class LaunchConfig(Section):

@@ -8,6 +8,12 @@ chunks; training resumes from the Trainer's last checkpoint. So a run killed at 
 again continues where it stopped and produces the same pairs. Each stage is also a command of its own
 (``mpo rollout|score|pairs|train RECIPE --round N``).
 
+With ``iterate.eval`` the policy is also evaluated on held-out problems (:func:`stage_eval`): the
+initial policy at the start of round 0 (``round_000/eval_before/``, metrics ``eval_before/<benchmark>/...``
+in round 0's manifest) and the trained policy after every ``every``-th round's training and the last
+(``round_NNN/eval/``, metrics ``eval/<benchmark>/...``), with the run's live rollout engine, before the
+round's manifest is written (a killed eval resumes with the round). Inline runs only.
+
 Each stage's output is reused only if it was made the same way (``mpo.keys.check_key``: the
 policy, reward model and reference, the prompt set's content and the settings that change results,
 kept in ``<stage>.key.json`` beside it); the run folder is locked while a command works in it
@@ -28,6 +34,8 @@ from mpo.errors import MpoError
 from mpo.records import PreferencePair, Prompt, Rollout, ScoredRollout, read_jsonl, write_json, write_jsonl
 from mpo.rounds.chunks import chunk_seed
 from mpo.rounds.layout import (
+    EVAL_BEFORE_DIR,
+    EVAL_DIR,
     MANIFEST_FILE,
     PAIR_STATS_FILE,
     PAIRS_FILE,
@@ -139,6 +147,38 @@ def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list
     return pairs, stats
 
 
+def load_eval_set(recipe: Recipe) -> list | None:
+    """``iterate.eval``'s held-out problems (:func:`mpo.rounds.evaluate.load_eval_problems`), or None
+    without ``iterate.eval``."""
+    settings = recipe.iterate.eval
+    if settings is None:
+        return None
+    from mpo.rounds.evaluate import load_eval_problems
+
+    return load_eval_problems(settings.benchmark, settings.data, settings.split,
+                              image_cache=Path(recipe.run.output_dir) / "image_cache")
+
+
+def eval_due(recipe: Recipe, n: int) -> bool:
+    """Round ``n``'s trained policy is evaluated: every ``iterate.eval.every``-th round, and the last."""
+    every = recipe.iterate.eval.every
+    return (n + 1) % every == 0 or n + 1 == recipe.iterate.rounds
+
+
+def stage_eval(layout: RoundLayout, n: int, problems: list, runner, policy: Path, before: bool = False) -> dict:
+    """``policy`` evaluated on the held-out ``problems`` into round ``n``'s ``eval/`` (``before``: round
+    0's ``eval_before/``, metrics named ``eval_before/...``); a finished eval is read back."""
+    out = layout.file(n, EVAL_BEFORE_DIR if before else EVAL_DIR)
+    metrics = runner.evaluate(problems, policy, out)
+    benchmark = layout.recipe.iterate.eval.benchmark
+    accuracy = metrics[f"eval/{benchmark}/accuracy"]
+    which = "initial" if before else "trained"
+    print(f"round {n}: held-out {benchmark} accuracy {accuracy:.1%} ({which} policy, {len(problems)} problems) -> {out}")
+    if before:
+        return {f"eval_before/{k.removeprefix('eval/')}": v for k, v in metrics.items()}
+    return metrics
+
+
 def round_recipe(layout: RoundLayout, n: int) -> Recipe:
     """The recipe ``mpo train`` runs for round ``n``: this round's pairs, policy and folder."""
     recipe = layout.recipe.model_copy(deep=True)
@@ -215,10 +255,15 @@ def finish_round(layout: RoundLayout, n: int, scored, stats, policy_out: Path, s
     return manifest
 
 
-def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_metrics=None) -> dict:
-    """One round, every finished stage checked against its key and skipped; returns the manifest."""
-    seconds = {}
+def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_metrics=None,
+              problems: list | None = None) -> dict:
+    """One round, every finished stage checked against its key and skipped; returns the manifest.
+    ``problems``: ``iterate.eval``'s held-out set (:func:`stage_eval`), evaluated before the manifest."""
+    seconds, held_out = {}, {}
     start = time.perf_counter()
+    if problems is not None and n == 0 and layout.manifest(0) is None:
+        held_out = stage_eval(layout, 0, problems, runner, layout.policy(0), before=True)
+        seconds["eval_before"], start = time.perf_counter() - start, time.perf_counter()
     rollouts = stage_rollout(layout, n, prompts, runner)
     seconds["rollout"], start = time.perf_counter() - start, time.perf_counter()
     scored = stage_score(layout, n, prompts, rollouts, runner)
@@ -230,7 +275,11 @@ def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_
     done = layout.manifest(n)
     if done is not None:
         return done
-    extra = extra_metrics(prompts, scored) if extra_metrics else {}
+    if problems is not None and eval_due(layout.recipe, n):
+        start = time.perf_counter()
+        held_out.update(stage_eval(layout, n, problems, runner, policy_out))
+        seconds["eval"] = time.perf_counter() - start
+    extra = {**(extra_metrics(prompts, scored) if extra_metrics else {}), **held_out}
     return finish_round(layout, n, scored, stats, policy_out, seconds, extra)
 
 
@@ -249,11 +298,16 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
 
+        if recipe.iterate.eval is not None:
+            raise MpoError("iterate.eval: held-out eval runs with launch.mode: inline only (not yet as a "
+                           "distributed stage); use launch.mode=inline, or `mpo eval` on each round's policy")
+
         if not topology(recipe.launch).main_node:
             return follow_rounds(layout)
     check_models(recipe)  # before the run folder is touched
     with run_lock(layout.run_dir), kept_beside(layout.run_dir):
         prompts = load_round_prompts(recipe)
+        problems = load_eval_set(recipe) if not layout.finished() else None
         layout.check_finished(prompts)
         config = layout.run_dir / CONFIG_FILE
         if not (config.is_file() and layout.finished()):  # a finished run (perhaps copied here) is only read
@@ -267,7 +321,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
                 finished = layout.manifest(n) is not None
                 if not finished:
                     report.start()
-                manifest = run_round(layout, n, prompts, runner, extra_metrics)
+                manifest = run_round(layout, n, prompts, runner, extra_metrics, problems)
                 manifests.append(manifest)
                 if not finished:
                     report.round_done(manifest, layout.file(n, SCORED_FILE), prompts)

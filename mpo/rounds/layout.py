@@ -10,6 +10,9 @@ Run folder (``run.output_dir``)::
     round_000/pair_stats.json    pairs kept / dropped by reason, margin histogram
     round_000/<stage>.key.json   what made the stage's output (and train/run_key.json)
     round_000/train/             mpo train's folder: ref_logps.jsonl, checkpoints, metrics.jsonl, policy/
+    round_000/eval_before/       iterate.eval on the initial policy (before round 0's training)
+    round_000/eval/              iterate.eval on the round's trained policy: predictions.jsonl, scores.json
+                                 (chunked, resumable: rollouts.jsonl.parts/; every `every` rounds, the last)
     round_000/manifest.json      written last: the round is finished
     summary.json, plots/*.png    per-round curves
     .mpo-digests.json            cached file digests for the keys (mpo.keys; only an accelerator)
@@ -46,6 +49,8 @@ from mpo.records import Prompt
 ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE = "rollouts.jsonl", "scored.jsonl", "pairs.jsonl"
 PAIR_STATS_FILE = "pair_stats.json"
 MANIFEST_FILE = "manifest.json"  # written last: the round is finished
+EVAL_DIR = "eval"  # a round's held-out eval of its trained policy (iterate.eval)
+EVAL_BEFORE_DIR = "eval_before"  # round 0's held-out eval of the initial policy
 STAGES = (ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE, "train", MANIFEST_FILE)
 
 

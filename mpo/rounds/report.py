@@ -22,11 +22,37 @@ TABLE_COLUMNS = [
 ]
 SAMPLE_PROMPTS = 4  # prompts per round shown in the W&B rollout table
 PLOTS = ("reward_by_round", "pair_margins", "loss_parts", "delta")
+HELD_OUT_PLOT = "held_out_accuracy"  # with iterate.eval: held-out accuracy against rounds trained
+BEFORE = "eval_before/"  # round 0's metrics of the initial policy's held-out eval (``eval/`` otherwise)
+
+
+def held_out_points(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{"eval/<benchmark>/accuracy": [(rounds trained, accuracy), ...]}`` of ``iterate.eval``: 0 is
+    the initial policy (round 0's ``eval_before/...``), ``n + 1`` round ``n``'s trained policy."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(BEFORE) and key.endswith("/accuracy"):
+                points.setdefault(f"eval/{key.removeprefix(BEFORE)}", []).insert(0, (row["round"], value))
+            elif key.startswith("eval/") and key.endswith("/accuracy"):
+                points.setdefault(key, []).append((row["round"] + 1, value))
+    return points
+
+
+def plot_names(rows: list[dict]) -> list[str]:
+    """The run's plots: :data:`PLOTS`, and :data:`HELD_OUT_PLOT` with ``iterate.eval``."""
+    return [*PLOTS, *([HELD_OUT_PLOT] if held_out_points(rows) else [])]
 
 
 def format_round_table(rows: list[dict]) -> str:
-    """One line per round; ``eval/*`` metrics (e.g. the demo's colour accuracy) get columns too."""
-    extra = sorted({k for row in rows for k in row if k.startswith("eval/")})
+    """One line per round; ``eval/*`` metrics (the demo's colour accuracy, ``iterate.eval``'s held-out
+    accuracy; per-category ones are in ``summary.json``) get columns too. With ``iterate.eval`` a first
+    row ``before`` holds the initial policy's held-out accuracy (round 0's ``eval_before/...``)."""
+    extra = sorted({k for row in rows for k in row
+                    if k.startswith("eval/") and (k.count("/") == 1 or k.endswith("/accuracy"))})
+    before = {f"eval/{k.removeprefix(BEFORE)}": v for k, v in (rows[0] if rows else {}).items()
+              if k.startswith(BEFORE)}
+    rows = [{"round": "before", **before}, *rows] if before else rows
     columns = list(TABLE_COLUMNS) + [(name, "{:>14.3f}") for name in extra]
     widths = [max(len(name), 9) for name, _ in columns]
     lines = ["  ".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths))]
@@ -34,7 +60,7 @@ def format_round_table(rows: list[dict]) -> str:
         cells = []
         for (name, fmt), w in zip(columns, widths):
             value = row.get(name)
-            text = fmt.format(value).strip() if isinstance(value, (int, float)) else "-"
+            text = fmt.format(value).strip() if isinstance(value, (int, float)) else str(value or "-")
             cells.append(f"{text:>{w}}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
@@ -68,7 +94,7 @@ class RunReport:
         same = path.is_file() and json.loads(path.read_text(encoding="utf-8")) == summary
         if not same:
             write_json(path, summary)
-        plots = [self.run_dir / "plots" / f"{name}.png" for name in PLOTS]
+        plots = [self.run_dir / "plots" / f"{name}.png" for name in plot_names(rows)]
         if not same or not all(plot.is_file() for plot in plots):
             plots = write_plots(self.run_dir, rows)
         print(format_round_table(rows))
@@ -166,7 +192,21 @@ def write_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
     ax.plot(rounds, [r.get("train/delta_final", float("nan")) for r in rows], "o-")
     ax.set(xlabel="round", ylabel="δ at end of round", title="BCO shift δ")
     save(fig, "delta")
+
+    if held_out_points(rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _held_out_panel(ax, rows)
+        save(fig, HELD_OUT_PLOT)
     return written
+
+
+def _held_out_panel(ax, rows: list[dict]) -> None:
+    """``iterate.eval``'s accuracy against rounds trained (:func:`held_out_points`)."""
+    for key, points in held_out_points(rows).items():
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=key.split("/")[1])
+    ax.set(xlabel="rounds trained (0: before training)", ylabel="held-out accuracy", ylim=(-0.02, 1.02),
+           title="Held-out accuracy (iterate.eval, greedy)")
+    ax.legend()
 
 
 def load_summary(run_dir: Path) -> list[dict]:

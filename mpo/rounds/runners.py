@@ -88,9 +88,35 @@ class StageRunner(ABC):
     def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
         """MPO on round ``n``'s pairs (``round_recipe``: :func:`mpo.rounds.driver.round_recipe`); the trained policy."""
 
+    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
+        """``iterate.eval`` on ``policy`` into ``out_dir`` (:func:`mpo.rounds.evaluate.run_eval`); flat metrics."""
+        raise NotImplementedError(f"{type(self).__name__}: no eval stage (mpo.rounds.driver refuses iterate.eval "
+                                  "with launch.mode: distributed)")
+
     @abstractmethod
     def close(self) -> None:
         """Give back what the runner holds (a rollout engine); called once, after the last stage."""
+
+
+class EngineView:
+    """The runner's rollout engine as :func:`mpo.rounds.evaluate.run_eval` sees it, serving ``policy``:
+    made, woken and refreshed to it (as the next round's rollout would) only when asked to generate, so
+    a finished eval loads nothing. Its sampling settings apply for that call only; the engine's own are
+    back afterwards."""
+
+    def __init__(self, runner: InlineRunner, policy: Path):
+        from mpo.rollout.base import check_policy_dir
+
+        self.runner, self.policy_dir = runner, check_policy_dir(policy)
+        self.config, self.model_config = runner.recipe.rollout, runner.recipe.model
+
+    def generate(self, prompts, num_samples=None, seed=None) -> list[Rollout]:
+        engine = self.runner._policy_backend(self.policy_dir)
+        saved, engine.config = engine.config, self.config
+        try:
+            return engine.generate(prompts, num_samples=num_samples, seed=seed)
+        finally:
+            engine.config = saved
 
 
 class InlineRunner(StageRunner):
@@ -133,6 +159,13 @@ class InlineRunner(StageRunner):
         if self._scorer is not None:
             self._scorer.offload()
         return run_training(round_recipe, resume=resume, quiet=True, key=key)
+
+    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
+        from mpo.rounds.evaluate import run_eval
+
+        settings = self.recipe.iterate.eval
+        return run_eval(problems, EngineView(self, policy), out_dir, settings.benchmark,
+                        max_tokens=settings.max_tokens, chunk_size=self.recipe.iterate.rollout_chunk)
 
     def close(self) -> None:
         if self._backend is not None:
