@@ -158,3 +158,36 @@ def test_answers_rows_and_one_line_errors(tmp_path):
                                                               "answer": "1"}}))
     with pytest.raises(MpoError, match=r"testmini.json: pid '9': field 'image'"):
         load_eval_problems("mathvista", tmp_path / "testmini.json")
+
+
+def test_mathvista_parquet_images_and_mmmu_scores(testmini, policy, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = json.loads(testmini.read_text())
+    for row in rows.values():  # the Hugging Face form: the image's bytes in decoded_image
+        buffer = io.BytesIO()
+        Image.open(testmini.parent / row["image"]).save(buffer, format="PNG")
+        row["decoded_image"] = {"bytes": buffer.getvalue(), "path": None}
+    (tmp_path / "hf").mkdir()
+    pq.write_table(pa.Table.from_pylist(list(rows.values())), tmp_path / "hf" / "testmini-00000.parquet")
+    from_json = load_eval_problems("mathvista", testmini)
+    from_parquet = load_eval_problems("mathvista", tmp_path / "hf", image_cache=tmp_path / "cache")
+    assert [p.prompt.messages for p in from_parquet] == [p.prompt.messages for p in from_json]
+    assert [Image.open(p.prompt.images[0]).getpixel((0, 0)) for p in from_parquet] == \
+        [Image.open(p.prompt.images[0]).convert("RGB").getpixel((0, 0)) for p in from_json]
+    assert "decoded_image" not in from_parquet[0].row
+
+    mmmu_row = {"id": "validation_Math_1", "question": "<image 1> Which?", "options": "['x', 'y']", "answer": "B",
+                "question_type": "multiple-choice", "image_1": rows["1"]["decoded_image"]}
+    pq.write_table(pa.Table.from_pylist([mmmu_row, {**mmmu_row, "id": "validation_Art_1", "answer": "A"}]),
+                   tmp_path / "validation.parquet")
+    problems = load_eval_problems("mmmu", tmp_path / "validation.parquet", image_cache=tmp_path / "cache")
+    backend = RecordingBackend(policy, {"validation_Math_1": "(B)", "validation_Art_1": "(B)"})
+    metrics = run_eval(problems, backend, tmp_path / "mmmu", "mmmu", max_tokens=8, quiet=True)
+    scores = json.loads((tmp_path / "mmmu" / SCORES_FILE).read_text())
+    assert scores["Overall"] == {"num": 2, "acc": 0.5} and scores["Math"] == {"num": 1, "acc": 1.0}
+    assert metrics["eval/mmmu/accuracy"] == 0.5 and metrics["eval/mmmu/subject/Art"] == 0.0
+    assert metrics["eval/mmmu/discipline/Science"] == 1.0
