@@ -24,7 +24,8 @@ learning-rate ablations), then one table and one plot comparing the points.
   rewards, from the point's ``metrics.jsonl``. ``sweep.png`` plots margin, accuracy and loss parts
   per point.
 
-Sweeps over ``mpo iterate`` recipes are not covered (each point would be a whole multi-round run).
+With ``iterate.eval`` in the recipe each point's policy is evaluated on that held-out set and the
+points are ranked by its accuracy (:mod:`mpo.cli.sweep_report`). Sweeps over ``mpo iterate`` are not covered.
 """
 
 from __future__ import annotations
@@ -274,9 +275,10 @@ def final_metrics(metrics_file: Path, tail: int) -> tuple[dict[str, float], int,
 
 def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
     """One row per point (see the module docstring for what the numbers are)."""
+    from mpo.cli.sweep_report import accuracy_key, held_out_accuracy, ranked
     from mpo.train.setup import METRICS_FILE
 
-    rows = []
+    rows, held_out = [], accuracy_key(sweep.points[0].recipe) if sweep.points else None
     for point in sweep.points:
         means, step, averaged = final_metrics(point.out_dir / METRICS_FILE, tail)
         status = point.status
@@ -284,73 +286,15 @@ def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
             status = "finished" if is_finished(point) else "not finished"
         values = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in point.values.items()}
         rows.append({"point": point.name, **values, "status": status, "steps": step, "steps_averaged": averaged,
+                     **({held_out: held_out_accuracy(point)} if held_out else {}),
                      **{k: means.get(k, "") for k in METRICS}, "output_dir": str(point.out_dir)})
-    return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    import csv
-    import io
-
-    from mpo.records import atomic_write_text
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-    return path
-
-
-def write_plot(rows: list[dict], path: Path, tail: int) -> Path:
-    """Bars per point: reward margin, reward accuracy, and the three loss parts side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["point"] for r in rows]
-    x = list(range(len(rows)))
-
-    def values(key):
-        return [r[key] if r[key] != "" else float("nan") for r in rows]
-
-    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.9 * len(rows) + 2), 9), sharex=True)
-    axes[0].bar(x, values("rewards/margins"), color="tab:blue")
-    axes[0].axhline(0, color="gray", linewidth=0.8)
-    axes[0].set(ylabel="reward margin", title=f"Sweep: mean over each point's last <= {tail} logged steps")
-    axes[1].bar(x, values("rewards/accuracies"), color="tab:green")
-    axes[1].set(ylabel="reward accuracy", ylim=(0, 1.05))
-    width = 0.27
-    for offset, (key, label) in zip((-width, 0, width), (("loss/preference", "preference (DPO)"),
-                                                         ("loss/quality", "quality (BCO)"),
-                                                         ("loss/generation", "generation (SFT)"))):
-        axes[2].bar([i + offset for i in x], values(key), width, label=label)
-    axes[2].set(ylabel="loss part (unweighted)")
-    axes[2].legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    axes[2].set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def format_table(rows: list[dict]) -> str:
-    def num(value, fmt):
-        return format(value, fmt) if value != "" else "-"
-
-    width = max(len("point"), *(len(r["point"]) for r in rows))
-    lines = [f"{'point':<{width}}  {'margin':>9}  {'accuracy':>8}  {'loss':>8}  {'delta':>8}  status"]
-    for r in rows:
-        lines.append(f"{r['point']:<{width}}  {num(r['rewards/margins'], '+9.4f')}  "
-                     f"{num(r['rewards/accuracies'], '8.3f')}  {num(r['loss'], '8.4f')}  "
-                     f"{num(r['delta'], '+8.4f')}  {r['status']}")
-    return "\n".join(lines)
+    return ranked(rows, held_out)
 
 
 def report(sweep: Sweep, tail: int = 5) -> list[dict]:
     """Write ``sweep.csv`` and ``sweep.png`` in the sweep folder (main process only)."""
+    from mpo.cli.sweep_report import format_table, write_csv, write_plot
+
     rows = summarize(sweep, tail)
     if int(os.environ.get("RANK", "0")) == 0:
         write_csv(rows, sweep.root / "sweep.csv")
@@ -385,7 +329,10 @@ def sweep_command(
                 typer.echo(shlex.join(point_command(sweep, point, launch)))
         return
     if not report_only:
+        from mpo.cli.sweep_report import evaluate_points
+
         run_points(sweep, launch)
+        evaluate_points(sweep)
     report(sweep, tail)
 
 

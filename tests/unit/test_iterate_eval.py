@@ -115,3 +115,13 @@ def test_held_out_plot_is_written(tmp_path):
     written = write_plots(tmp_path, ROWS)
     assert [p.stem for p in written] == plot_names(ROWS)
     assert (tmp_path / "plots" / f"{HELD_OUT_PLOT}.png").stat().st_size > 1000
+
+
+def test_sweep_points_ranked_by_held_out_accuracy_missing_last():
+    from mpo.cli.sweep_report import accuracy_key, ranked
+
+    key = accuracy_key(load_recipe(None, ["iterate.eval.data=x.jsonl", "iterate.eval.benchmark=mmmu"]))
+    assert key == "eval/mmmu/accuracy" and accuracy_key(load_recipe(None)) is None
+    rows = [{"point": "a", key: 0.2}, {"point": "b", key: ""}, {"point": "c", key: 0.7}, {"point": "d", key: 0.2}]
+    assert [r["point"] for r in ranked(rows, key)] == ["c", "a", "d", "b"]
+    assert ranked(rows[1:2], key) == rows[1:2] and ranked(rows, None) == rows  # nothing to rank by: grid order
