@@ -68,8 +68,8 @@ def generate_and_score(recipe_path: Path, overrides, benchmark: str, data: Path,
     if recipe.launch.mode == "distributed":
         typer.echo("launch.mode distributed: mpo eval runs in this process (one engine), not spread over GPUs")
     folder = work_folder(recipe, benchmark, output, work_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     problems = load_eval_problems(benchmark, data, split, image_cache=folder / "images")
+    folder.mkdir(parents=True, exist_ok=True)  # after the data was read: a bad --data leaves nothing behind
     typer.echo(f"{len(problems)} {benchmark} problems from {data}; policy {policy}; work folder {folder}")
     with run_lock(folder), kept_beside(folder), LazyBackend(recipe.rollout, recipe.model, policy) as backend:
         run_eval(problems, backend, folder, benchmark, max_tokens=max_tokens, chunk_size=chunk_size,
