@@ -1,0 +1,103 @@
+"""`mpo iterate` with `iterate.eval` end to end (issue 20 item 4), tiny models, hf backend: held-out
+accuracy of the initial policy and of every round's trained policy in the manifests, `summary.json`,
+the table and the plots; a finished run started again changes no file; a run killed with SIGKILL
+in the middle of an eval, started again, gives the same predictions and numbers (one round: round 0 is the
+same in a one-round and a two-round run, every key leaves iterate.rounds out)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HELD_OUT = REPO / "tests" / "fixtures" / "geometry3k" / "prompts.jsonl"
+ACCURACY = "eval/answers/accuracy"
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _kill_when(command, ready, timeout=600):
+    """Start ``command``, SIGKILL its process group once ``ready()``; True if it was killed."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if ready():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.05)
+    process.wait()
+    return False
+
+
+def _command(run_dir, policy, reward, rounds=2):
+    return [sys.executable, "-m", "mpo", "iterate", str(REPO / "recipes" / "tiny" / "iterate.yaml"),
+            f"run.output_dir={run_dir}", f"model.policy={policy}", f"model.reward_model={reward}",
+            f"data.prompts={REPO / 'mpo/assets/demo/prompts.jsonl'}", f"iterate.eval.data={HELD_OUT}",
+            "iterate.eval.max_tokens=8", f"iterate.rounds={rounds}"]
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, tiny_policy_dir, tiny_reward_dir):
+    run_dir = tmp_path_factory.mktemp("iterate_eval") / "run"
+    result = subprocess.run(_command(run_dir, tiny_policy_dir, tiny_reward_dir), capture_output=True, text=True,
+                            env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def _files(run_dir: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_held_out_accuracy_before_and_every_round(eval_run, tiny_policy_dir, tiny_reward_dir):
+    run_dir, stdout = eval_run
+    problems = len(HELD_OUT.read_text().splitlines())
+    folders = [run_dir / "round_000" / "eval_before", run_dir / "round_000" / "eval", run_dir / "round_001" / "eval"]
+    for folder in folders:
+        predictions = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        assert len(predictions) == problems and all(isinstance(p["true_false"], bool) for p in predictions)
+        scores = json.loads((folder / "scores.json").read_text())
+        assert scores["overall"]["total"] == problems
+        assert scores["overall"]["correct"] == sum(p["true_false"] for p in predictions)
+    rows = json.loads((run_dir / "summary.json").read_text())["rounds"]
+    accuracies = [rows[0]["eval_before/answers/accuracy"], rows[0][ACCURACY], rows[1][ACCURACY]]
+    assert accuracies == [json.loads((f / "scores.json").read_text())["overall"]["correct"] / problems
+                          for f in folders]
+    for n, row in enumerate(rows):  # the same scalars in each round's manifest (what W&B logs)
+        manifest = json.loads((run_dir / f"round_{n:03d}" / "manifest.json").read_text())
+        assert manifest["metrics"][ACCURACY] == row[ACCURACY]
+    assert (run_dir / "plots" / "held_out_accuracy.png").stat().st_size > 1000
+    table = stdout[stdout.index("    round  reward/mean"):].splitlines()
+    assert table[0].split()[-1] == ACCURACY and table[1].split()[0] == "before"
+
+    before = _files(run_dir)
+    again = subprocess.run(_command(run_dir, tiny_policy_dir, tiny_reward_dir), capture_output=True, text=True,
+                           env=_env(), timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert _files(run_dir) == before  # nothing rewritten, not even a timestamp
+
+
+def test_killed_eval_resumes_to_the_same_numbers(eval_run, tmp_path, tiny_policy_dir, tiny_reward_dir):
+    reference_dir, _ = eval_run
+    run_dir = tmp_path / "run"
+    parts = run_dir / "round_000" / "eval_before" / "rollouts.jsonl.parts"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, rounds=1)  # round 0 is the same run's
+    assert _kill_when(command, lambda: len(list(parts.glob("0*.jsonl"))) >= 2), "finished before the kill"
+    assert not (parts.parent / "scores.json").exists()
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for folder in ("round_000/eval_before", "round_000/eval"):
+        for name in ("predictions.jsonl", "scores.json"):
+            assert (run_dir / folder / name).read_bytes() == (reference_dir / folder / name).read_bytes(), folder
+    for name in ("rollouts.jsonl", "pairs.jsonl", "train/policy/model.safetensors"):  # the round's own records
+        assert (run_dir / "round_000" / name).read_bytes() == (reference_dir / "round_000" / name).read_bytes()
