@@ -125,3 +125,14 @@ def test_sweep_points_ranked_by_held_out_accuracy_missing_last():
     rows = [{"point": "a", key: 0.2}, {"point": "b", key: ""}, {"point": "c", key: 0.7}, {"point": "d", key: 0.2}]
     assert [r["point"] for r in ranked(rows, key)] == ["c", "a", "d", "b"]
     assert ranked(rows[1:2], key) == rows[1:2] and ranked(rows, None) == rows  # nothing to rank by: grid order
+
+
+def test_distributed_runs_refuse_iterate_eval_in_one_line(tmp_path):
+    from mpo.errors import MpoError
+    from mpo.rounds.driver import run_iterate
+
+    recipe = load_recipe(None, [f"run.output_dir={tmp_path / 'run'}", "launch.mode=distributed",
+                                "iterate.eval.data=x.jsonl"])
+    with pytest.raises(MpoError, match=r"^iterate.eval: held-out eval runs with launch.mode: inline only"):
+        run_iterate(recipe)
+    assert not (tmp_path / "run").exists()
