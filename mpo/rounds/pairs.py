@@ -17,7 +17,7 @@ Strategies (``PairsConfig.strategy``):
   does, so with ``max_pairs_per_prompt=1`` it is the highest-reward correct vs the lowest-reward
   incorrect response. Equal rewards are no tie here, and ``min_margin`` does not apply across
   classes (a kept pair's margin may be <= 0) unless ``rule_apply_margin``. Correctness is
-  ``rule_scores["answer"]`` (0 or 1) when present, else :func:`answer_is_correct` against
+  ``rule_scores["answer"]`` (0 or 1) when present, else :func:`mpo.eval.extract.answer_matches` against
   ``Prompt.answer``. A prompt with no correct (``no_correct``) or no incorrect (``no_incorrect``)
   sample, or a sample whose correctness is unknown (``no_ground_truth``), gets no pair, or with
   ``rule_fallback="reward"`` the ``top_k`` reward-only pairs under ``min_margin``.
@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -50,6 +49,7 @@ from pathlib import Path
 
 from mpo.config import PairsConfig
 from mpo.errors import MpoError
+from mpo.eval.extract import answer_matches
 from mpo.records import PreferencePair, Prompt, ScoredRollout, from_dict, write_json
 from mpo.rounds.layout import PAIR_STATS_FILE
 
@@ -131,74 +131,6 @@ def margin_histogram(margins: list[float], edges: list[float] | None = None, bin
     if outside:
         result["outside"] = outside
     return result
-
-
-# ------------------------------------------------------------------------------------- answers
-
-_PHRASE = re.compile(r"answer\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
-_UNTIL_SENTENCE_END = re.compile(r"(.*?)(?=\.\s|\.$|\n|$)")
-_TAIL = re.compile(r"(?:^|[^\w.])([A-Z]|-?\d+(?:\.\d+)?)[\s.)*$]*$")
-_OPTION = re.compile(r"^\(?([a-z])\)?(?:[\s.:)]|$)")
-_NUMBER = re.compile(r"^(?:[a-z]\s*=\s*)?(-?\d[\d,]*(?:\.\d+)?)(?:\s*[a-z\u00b0%]+)*$")
-
-
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth < 0:
-            return text[begin:i]
-    return None
-
-
-def normalise_answer(answer: str) -> str:
-    """Lower-case, no ``$``/``**``/``\\text{}``/surrounding brackets/trailing period."""
-    text = re.sub(r"\\text\{([^}]*)\}", r"\1", answer).replace("**", "").replace("$", "")
-    text = text.strip().rstrip(".").strip()
-    if len(text) > 1 and text[0] + text[-1] in ("()", "[]"):
-        text = text[1:-1].strip()
-    return " ".join(text.lower().split())
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response, normalised, or None if none is found.
-
-    First match wins: the last ``\\boxed{X}``; the last "answer is X" / "Answer: X" (X up to the
-    end of its sentence or line); a lone capital letter or number ending the text. Deliberately
-    simple (no LaTeX maths equivalence): good for option letters and plain numbers."""
-    text = response.strip()
-    if not text:
-        return None
-    found = _last_boxed(text)
-    if found is None:
-        starts = [m.end() for m in _PHRASE.finditer(text)]
-        if starts:  # the last phrase, even inside another ("Final Answer: The final answer is C.")
-            found = _UNTIL_SENTENCE_END.match(text, starts[-1]).group(1)
-        else:
-            tail = _TAIL.search(text)
-            found = tail.group(1) if tail else None
-    return (normalise_answer(found) or None) if found is not None else None
-
-
-def answer_is_correct(response: str, truth: str) -> bool:
-    """Whether the extracted answer equals ``truth`` after normalising (case-insensitive).
-
-    Numbers compare as numbers (``12.50`` = ``12.5``; an ``x =`` before and unit words after are
-    ignored: "x = 12.5 degrees" = "12.5"); a single-letter truth also matches "D. 12" / "(D) 12"."""
-    predicted, expected = extract_answer(response), normalise_answer(truth)
-    if predicted is None or not expected:
-        return False
-    if predicted == expected:
-        return True
-    numbers = [_NUMBER.match(text) for text in (predicted, expected)]
-    if all(numbers):
-        a, b = (float(n.group(1).replace(",", "")) for n in numbers)
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    option = _OPTION.match(predicted)
-    return len(expected) == 1 and expected.isalpha() and option is not None and option.group(1) == expected
 
 
 # --------------------------------------------------------------------------------------- pairs
@@ -288,7 +220,7 @@ def _correct(s: ScoredRollout, prompt: Prompt) -> bool | None:
             raise MpoError(f"prompt_id={s.prompt_id!r} sample_idx={s.sample_idx}: "
                              f"rule_scores['answer'] must be 0 or 1, got {score!r}")
         return score == 1
-    return None if prompt.answer is None else answer_is_correct(s.response, prompt.answer)
+    return None if prompt.answer is None else answer_matches(s.response, prompt.answer)
 
 
 def _rule_pairs(group: list[ScoredRollout], prompt: Prompt, config: PairsConfig, stats: PairStats,

@@ -7,14 +7,13 @@ import random
 import pytest
 
 from mpo.config import PairsConfig
+from mpo.eval.extract import answer_matches
 from mpo.records import Prompt, ScoredRollout
 from mpo.rounds.pairs import (
     PAIR_REASONS,
     PROMPT_REASONS,
     PairStats,
-    answer_is_correct,
     build_pairs,
-    extract_answer,
     margin_histogram,
     read_pair_stats,
     write_pair_stats,
@@ -263,8 +262,12 @@ def test_rule_score_must_be_zero_or_one():
     ("I am not sure.", None),
     ("", None),
 ])
-def test_extract_answer(response, expected):
-    assert extract_answer(response) == expected
+def test_the_rule_check_finds_the_final_answer(response, expected):
+    # rule_first's check is mpo.eval.extract.answer_matches (extraction pinned in test_eval_extract.py)
+    if expected is None:
+        assert not answer_matches(response, "A") and not answer_matches(response, "7")
+    else:
+        assert answer_matches(response, expected) and answer_matches(response, expected.upper())
 
 
 @pytest.mark.parametrize("response, truth, correct", [
@@ -282,7 +285,7 @@ def test_extract_answer(response, expected):
     ("", "A", False),
 ])
 def test_answer_is_correct(response, truth, correct):
-    assert answer_is_correct(response, truth) is correct
+    assert answer_matches(response, truth) is correct
 
 
 # --------------------------------------------------------------------------- stats and files
