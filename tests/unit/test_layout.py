@@ -167,3 +167,9 @@ def test_docstring_references_name_what_exists():
                   for match in REFERENCE.findall(path.read_text(encoding="utf-8"))}
     assert len(references) > 50  # the pattern still finds them
     assert sorted((name, ref) for name, ref in references if not _exists(ref)) == []
+
+
+def test_test_file_names_are_unique():
+    """The test folders are not packages: two test files of one name stop pytest's collection."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
