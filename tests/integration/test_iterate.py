@@ -4,7 +4,6 @@ pairs as an uninterrupted run and a valid policy."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import kill_when
 
 from mpo.records import PreferencePair, Rollout, ScoredRollout, read_jsonl
 
@@ -72,20 +72,6 @@ def test_every_artifact_of_a_run(reference_run):
     assert "reward/mean" in stdout  # the per-round table
 
 
-def _kill_when(command, env, ready, timeout=600):
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if ready():
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.05)
-    process.wait()
-    return False
-
-
 @pytest.mark.parametrize("moment", ["rollout", "scoring", "training"])
 def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_policy_dir, tiny_reward_dir, moment):
     reference_dir, _ = reference_run
@@ -97,7 +83,7 @@ def test_killed_run_resumes_to_the_same_pairs(reference_run, tmp_path, tiny_poli
         "training": lambda: any((round_dir / "train").glob("checkpoint-*/trainer_state.json")),
     }[moment]
     command = _command(run_dir, tiny_policy_dir, tiny_reward_dir)
-    assert _kill_when(command, _env(), ready), f"the run finished before it could be killed {moment}"
+    assert kill_when(command, _env(), ready), f"the run finished before it could be killed {moment}"
     assert not (round_dir / "manifest.json").exists()
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -218,7 +204,7 @@ def test_changed_reward_model_after_a_kill_in_scoring_is_refused(reference_run, 
     run_dir = tmp_path / "run"
     round_dir = run_dir / "round_000"
     command = _command(run_dir, tiny_policy_dir, tiny_reward_dir)
-    assert _kill_when(command, _env(), lambda: len(list((round_dir / "scored.jsonl.parts").glob("0*.jsonl"))) >= 2)
+    assert kill_when(command, _env(), lambda: len(list((round_dir / "scored.jsonl.parts").glob("0*.jsonl"))) >= 2)
     config = (run_dir / "config.yaml").read_bytes()
     other = save_reward_model(tmp_path / "other_reward", seed=7)
     changed = subprocess.run(_command(run_dir, tiny_policy_dir, other), capture_output=True, text=True, env=_env(),

@@ -6,13 +6,12 @@ same in a one-round and a two-round run, every key leaves iterate.rounds out).""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from processes import kill_when
 
 REPO = Path(__file__).resolve().parents[2]
 HELD_OUT = REPO / "tests" / "fixtures" / "geometry3k" / "prompts.jsonl"
@@ -22,21 +21,6 @@ pytestmark = pytest.mark.slow
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _kill_when(command, ready, timeout=600):
-    """Start ``command``, SIGKILL its process group once ``ready()``; True if it was killed."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                               start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if ready():
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.05)
-    process.wait()
-    return False
 
 
 def _command(run_dir, policy, reward, rounds=2):
@@ -92,7 +76,7 @@ def test_killed_eval_resumes_to_the_same_numbers(eval_run, tmp_path, tiny_policy
     run_dir = tmp_path / "run"
     parts = run_dir / "round_000" / "eval_before" / "rollouts.jsonl.parts"
     command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, rounds=1)  # round 0 is the same run's
-    assert _kill_when(command, lambda: len(list(parts.glob("0*.jsonl"))) >= 2), "finished before the kill"
+    assert kill_when(command, _env(), lambda: len(list(parts.glob("0*.jsonl"))) >= 2), "finished before the kill"
     assert not (parts.parent / "scores.json").exists()
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
