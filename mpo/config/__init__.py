@@ -16,15 +16,22 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from mpo.config.grpo import GrpoConfig
 from mpo.config.moved_keys import current_key, keyed_dump, move_keys  # noqa: F401 (re-exported)
 from mpo.config.recipe_yaml import ConfigError, check_interpolations, parse_yaml
+from mpo.config.sections import (  # noqa: F401 (re-exported)
+    LoraConfig,
+    OnTooLong,
+    Section,
+    StopOrSkip,
+    TrainingSection,
+)
 from mpo.models import absolute, classify
 from mpo.records import atomic_write_text, read_text
 
@@ -34,20 +41,6 @@ from mpo.records import atomic_write_text, read_text
 LocalPath = Annotated[str, AfterValidator(absolute)]
 ModelRef = Annotated[str, AfterValidator(classify)]
 CONFIG_FILE = "config.yaml"  # the resolved recipe, in the run folder (save_resolved)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# on_too_long, one vocabulary for every section: what happens to an item (a prompt to roll out, a pair
-# to train on) longer than the section's limit allows.
-#   error:    stop, naming the first such item (before any model loads where the lengths are known then)
-#   skip:     leave it out; the items left out are counted in the stage's report
-#   truncate: cut the responses' tails to fit, never prompt or image tokens; counted (train only: a
-#             prompt cut short would be another prompt, and a reward pair's score is read at its end)
-StopOrSkip = Literal["error", "skip"]
-OnTooLong = Literal[StopOrSkip, "truncate"]
 
 
 class RunConfig(Section):
@@ -149,34 +142,6 @@ class LossConfig(Section):
         if not any(w > 0 for w in weights):
             raise ValueError("at least one weight must be > 0")
         return weights
-
-
-class LoraConfig(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-
-
-class TrainingSection(Section):
-    """What ``train`` (the policy's MPO training) and ``reward_train`` (the reward model's phases)
-    share; the defaults are ``train``'s, :class:`RewardTrainConfig` overrides those that differ."""
-
-    max_steps: int = -1
-    per_device_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    # Tokens of a pair's longest row (prompt, image tokens and response); longer pairs: on_too_long.
-    max_length: int = Field(6144, ge=16)
-    on_too_long: OnTooLong = "truncate"
-    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list)
-    lora: LoraConfig | None = None
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(1, ge=1)
-    save_steps: int = Field(500, ge=1)
 
 
 class TrainConfig(TrainingSection):
@@ -292,6 +257,7 @@ class Recipe(Section):
     iterate: IterateConfig = Field(default_factory=IterateConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     reward_train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)  # R1V2's GRPO stage (mpo.config.grpo)
 
 
 def _model_at(path: tuple) -> type[BaseModel] | None:

@@ -74,8 +74,9 @@ def test_no_import_circles():
 
 # Lowest first; a module may import from its own layer or a lower one. The foundation is every module
 # not in a wing below: the flat mpo/*.py, mpo/config, mpo/data. mpo/eval (held-out evaluation) sits
-# above the reward model it may score with and below the round driver that may run it.
-LAYERS = ("mpo.rollout", "mpo.train", "reward", "mpo.eval", "mpo.rounds", "mpo.cli")
+# above the reward model it may score with and below the round driver that may run it; mpo/grpo (GRPO's
+# rewards and sample buffer) above the reward model and the evaluation rules its rewards use.
+LAYERS = ("mpo.rollout", "mpo.train", "reward", "mpo.eval", "mpo.grpo", "mpo.rounds", "mpo.cli")
 
 
 def _layer(name: str) -> int:

@@ -1,0 +1,11 @@
+"""GRPO, R1V2's second stage (arXiv 2504.16656), on TRL's ``GRPOTrainer``.
+
+- :mod:`mpo.grpo.rewards`: the hybrid reward's components (rule, format, reward model), each callable
+  the way TRL calls a reward function, and their weighted sum;
+- :mod:`mpo.grpo.advantages`: group-normalised advantages as TRL computes them, and which groups
+  carry no signal;
+- :mod:`mpo.grpo.ssb`: the Selective Sample Buffer (replay into zero-signal groups, drawn in
+  proportion to |advantage|) and the offline prompt filter.
+
+Settings: :mod:`mpo.config.grpo` (the recipe's ``grpo`` section).
+"""
