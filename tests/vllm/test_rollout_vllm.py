@@ -216,6 +216,26 @@ def test_cpu_kv_cache_is_the_fraction_less_the_weights(engine, policies):
         cpu_kv_cache_bytes(1e-9, policies["a"])
 
 
+def test_eval_on_the_engine_is_greedy_and_gives_back_its_sampling(engine, tmp_path):
+    """``mpo eval`` / ``iterate.eval`` on a vLLM engine: each response is the engine's greedy one
+    (temperature 0, the eval's max_tokens, one sample), the accuracy is the judged rows' share, and
+    the engine's own sampling settings are back afterwards."""
+    import json
+    from pathlib import Path
+
+    from mpo.rounds.evaluate import PREDICTIONS_FILE, load_eval_problems, run_eval
+
+    data = Path(__file__).resolve().parents[1] / "fixtures" / "geometry3k" / "prompts.jsonl"
+    problems = load_eval_problems("answers", data)[:4]
+    own = engine.config
+    metrics = run_eval(problems, engine, tmp_path, "answers", max_tokens=6, chunk_size=3, seed=0, quiet=True)
+    assert engine.config is own and own.temperature == 1.0
+    rows = [json.loads(line) for line in (tmp_path / PREDICTIONS_FILE).read_text().splitlines()]
+    greedy = engine.generate_raw([p.prompt for p in problems], 1, seed=0, temperature=0.0, max_tokens=6)
+    assert [r["response"] for r in rows] == [engine.encoder.response_text(o.outputs[0].text) for o in greedy]
+    assert metrics["eval/answers/accuracy"] == sum(r["true_false"] for r in rows) / 4
+
+
 # The tests below close the module's engine (one engine at a time in this process): they come last.
 def test_restart_equals_reload(engine, prompts, policies):
     """The restart path gives the very tokens the reload path gives on the same checkpoint."""
