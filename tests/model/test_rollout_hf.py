@@ -1,7 +1,7 @@
 """The hf rollout backend on the tiny policy: record fields, seeding, refresh, greedy == generate.
 
 Real transformers models and the bundled PNGs; nothing mocked. What it does not check: sampling
-quality (the tiny model is random) or the vllm backend (tests/vllm)."""
+quality (the tiny model is random) or the vllm backend (tests/vllm_engine)."""
 
 from __future__ import annotations
 

