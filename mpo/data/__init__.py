@@ -19,12 +19,12 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mpo.data.images import ImageError, check_image
 from mpo.data.row_shapes import DataError, build
-from mpo.records import iter_jsonl, read_text
+from mpo.records import Prompt, iter_jsonl, read_text
 
 
 @dataclass
@@ -122,6 +122,7 @@ class Row:
     record: object | None
     problem: str | None = None
     bad_image: bool = False
+    extra: dict = field(default_factory=dict)  # the fields asked for with scan(keep=...)
 
 
 def guess_kind(path: str | os.PathLike, split: str | None = None) -> str:
@@ -136,10 +137,12 @@ def guess_kind(path: str | os.PathLike, split: str | None = None) -> str:
     raise DataError(f"{path}: no rows")
 
 
-def scan(path, kind: str, image_root=None, image_cache=None, split=None) -> Iterator[Row]:
+def scan(path, kind: str, image_root=None, image_cache=None, split=None, keep: tuple[str, ...] = ()) -> Iterator[Row]:
     """Every row of a source, checked (shape, prompt-id uniqueness, image count, every image), with
     image paths made absolute. A bad row is yielded with its problem, not raised, so a caller can
-    list all of them (``mpo data check``) or stop at the first (the loaders)."""
+    list all of them (``mpo data check``) or stop at the first (the loaders). ``keep``: fields copied
+    as the row holds them into :attr:`Row.extra` (e.g. an eval's ``choices``); those a record does not
+    have are taken off the row before its shape is read."""
     from mpo.chat import count_image_parts
 
     path = Path(path)
@@ -148,6 +151,9 @@ def scan(path, kind: str, image_root=None, image_cache=None, split=None) -> Iter
     cache = Path(image_cache).absolute() if image_cache is not None else None
     first_seen: dict[str, str] = {}
     for where, row, default_root in _rows(path, split):
+        extra = {k: row[k] for k in keep if row.get(k) is not None} if isinstance(row, dict) else {}
+        if extra:  # a field a prompt record has (its answer) stays for the shape to read
+            row = {k: v for k, v in row.items() if k not in extra or k in {f.name for f in fields(Prompt)}}
         try:
             shape, record = build(row, kind, where, cache)
         except DataError as err:
@@ -169,7 +175,7 @@ def scan(path, kind: str, image_root=None, image_cache=None, split=None) -> Iter
         if problem:
             yield Row(where, shape, record, f"{where}: field 'images': {problem}", bad_image=True)
             continue
-        yield Row(where, shape, record)
+        yield Row(where, shape, record, extra=extra)
 
 
 def _load(path, kind, image_root, on_bad_image, image_cache, split) -> Loaded:

@@ -151,35 +151,17 @@ def mmmu_problems(path: Path, split: str | None, cache: Path) -> list[EvalProble
 
 
 def answer_problems(path: Path, split: str | None, cache: Path) -> list[EvalProblem]:
-    """Prompt rows of any shape :func:`mpo.data.scan` reads, each with its ``answer`` and the fields the
-    rules read (:data:`ANSWER_FIELDS`, taken off the row before its shape is read: a ``record`` row
-    allows no other field), checked as :func:`mpo.data.scan` checks them (unique ids, one image per
-    image part, every image readable)."""
-    import os
+    """Prompt rows of any shape :func:`mpo.data.scan` reads (and checks), each with its ``answer`` and
+    the fields the rules read (:data:`ANSWER_FIELDS`)."""
+    from mpo.data import scan
 
-    from mpo.chat import count_image_parts
-    from mpo.data import _first_bad_image
-    from mpo.data.row_shapes import build
-
-    problems, seen = [], set()
-    for where, raw, root in _rows(path, split):
-        raw = raw if isinstance(raw, dict) else {}
-        row = {k: _plain(raw[k]) for k in ANSWER_FIELDS if raw.get(k) is not None}
-        _, prompt = build({k: v for k, v in raw.items() if k == "answer" or k not in ANSWER_FIELDS},
-                          "prompts", where, cache)
-        if "answer" not in row:
-            raise MpoError(f"{where}: field 'answer': missing (--benchmark answers scores each row against it)")
-        if prompt.prompt_id in seen:
-            raise MpoError(f"{where}: field 'prompt_id': {prompt.prompt_id!r} repeats; prompt ids must be unique")
-        seen.add(prompt.prompt_id)
-        if count_image_parts(prompt.messages) != len(prompt.images):
-            raise MpoError(f"{where}: field 'images': the messages have {count_image_parts(prompt.messages)} "
-                           f"image part(s) but {len(prompt.images)} image(s) are listed")
-        prompt.images = [os.path.abspath(p if Path(p).is_absolute() else root / p) for p in prompt.images]
-        problem = _first_bad_image(prompt.images)
-        if problem:
-            raise MpoError(f"{where}: field 'images': {problem}")
-        problems.append(_problem_of(prompt, row))
+    problems = []
+    for row in scan(path, "prompts", image_cache=cache, split=split, keep=ANSWER_FIELDS):
+        if row.problem:
+            raise MpoError(row.problem)
+        if "answer" not in row.extra:
+            raise MpoError(f"{row.where}: field 'answer': missing (--benchmark answers scores each row against it)")
+        problems.append(_problem_of(row.record, {k: _plain(v) for k, v in row.extra.items()}))
     return problems
 
 
