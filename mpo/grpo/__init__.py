@@ -6,6 +6,8 @@
   carry no signal;
 - :mod:`mpo.grpo.ssb`: the Selective Sample Buffer (replay into zero-signal groups, drawn in
   proportion to |advantage|) and the offline prompt filter.
+- :mod:`mpo.grpo.rows`: a GRPOTrainer batch cut into rows and rows joined into a batch (what a
+  buffered sample carries from the step that sampled it to the batch that replays it).
 
 Settings: :mod:`mpo.config.grpo` (the recipe's ``grpo`` section).
 """
