@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from mpo.config.recipe_yaml import ConfigError
+from mpo.config.recipe_yaml import INTERPOLATION, ConfigError
 
 MOVED = {
     # launch settings: their own section (they say where stages run, not what a round does)
@@ -38,9 +38,10 @@ def current_key(key: str) -> str:
 
 
 def move_keys(tree: dict, source: str) -> dict:
-    """``tree`` (a recipe's sections) with every old key of :data:`MOVED` at its new place; a copy,
-    ``tree`` is left as it is. Both the old and the new key given: :class:`ConfigError`."""
-    tree = dict(tree)
+    """``tree`` (a recipe's sections) with every old key of :data:`MOVED` at its new place, and every
+    ``${old.key}`` interpolation naming the new one; a copy, ``tree`` is left as it is. Both the old
+    and the new key given: :class:`ConfigError`."""
+    tree = _renamed_references(tree)
     for old, new in MOVED.items():
         old_section, old_name = old.split(".")
         new_section, new_name = new.split(".")
@@ -59,6 +60,23 @@ def move_keys(tree: dict, source: str) -> dict:
         target[new_name] = section.pop(old_name)
         _note(old, new)
     return tree
+
+
+def _renamed_references(value):
+    """``value`` with each ``${key}`` that names a moved key (or one under it) naming its new place."""
+    if isinstance(value, dict):
+        return {k: _renamed_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed_references(v) for v in value]
+    if isinstance(value, str) and "${" in value:
+        def rename(match):
+            key = match.group(1)
+            if current_key(key) != key:
+                _note(key, current_key(key))
+            return "${" + current_key(key) + "}"
+
+        return INTERPOLATION.sub(rename, value)
+    return value
 
 
 def _note(old: str, new: str) -> None:

@@ -77,6 +77,15 @@ def test_an_old_key_in_a_recipe_file_is_read_at_its_new_place_with_one_note(old,
     assert capsys.readouterr().err == ""
 
 
+def test_an_interpolation_naming_an_old_key_names_its_new_place(tmp_path, capsys):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"iterate": {"nnodes": 3}, "run": {"output_dir": str(tmp_path / "n${iterate.nnodes}")},
+                                    "data": {"split": "${launch.nnodes}-${oc.env:MPO_NO_SUCH_VAR,x}"}}))
+    recipe = load_recipe(path)
+    assert (recipe.launch.nnodes, Path(recipe.run.output_dir).name, recipe.data.split) == (3, "n3", "3-x")
+    assert capsys.readouterr().err == "note: iterate.nnodes is deprecated; read as launch.nnodes (write launch.nnodes)\n"
+
+
 def test_old_overrides_move_and_say_so_on_stderr_only(capsys):
     recipe = load_recipe(None, ["iterate.launch=distributed", "iterate.nproc_per_node=2", "train.reference=live"])
     assert recipe.launch.mode == "distributed" and recipe.launch.nproc_per_node == 2
