@@ -25,7 +25,19 @@ learning-rate ablations), then one table and one plot comparing the points.
   per point.
 
 With ``iterate.eval`` in the recipe each point's policy is evaluated on that held-out set and the
-points are ranked by its accuracy (:mod:`mpo.cli.sweep_report`). Sweeps over ``mpo iterate`` are not covered.
+points are ranked by its accuracy (:mod:`mpo.cli.sweep_report`).
+
+``--command iterate`` sweeps ``mpo iterate`` instead: each point runs every round of the recipe in
+``run.output_dir/<name>/`` (:func:`mpo.rounds.driver.run_iterate` in process, or
+``LAUNCH mpo iterate RECIPE ...``), e.g. R1V2's reward-gap threshold,
+``mpo sweep recipes/r1v_mpo.yaml --command iterate --grid pairs.min_margin=7,10,15``. Every point goes
+to ``mpo iterate``, which resumes an unfinished run and reads a finished one back after checking its
+stages' keys (nothing is recomputed; status ``skipped``); ``--print-commands`` lists the points not
+yet finished. ``--launch`` is then a prefix for a whole run (``python -m``, ``srun -N1 python -m``),
+not ``accelerate launch``: with ``launch.mode: distributed`` iterate launches each stage itself. With
+``iterate.eval`` (each round's held-out eval is iterate's own), ``sweep.csv`` holds one row per point
+and rounds trained and ``sweep.png`` plots held-out accuracy against rounds, one line per point, the
+points ranked by the last round's accuracy (:mod:`mpo.cli.sweep_rounds`); ``--tail`` does not apply.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -57,10 +69,11 @@ _MAX_NAME = 100
 class Point:
     name: str
     values: dict[str, Any]  # grid key -> value as the resolved recipe holds it
-    overrides: list[str]  # everything after the recipe on this point's `mpo train` command line
+    overrides: list[str]  # everything after the recipe on this point's `mpo train|iterate` command line
     out_dir: Path
     recipe: Any = None  # the resolved mpo.config.Recipe
-    status: str = "pending"  # -> trained | skipped (finished earlier)
+    status: str = "pending"  # -> trained | iterated | skipped (finished earlier)
+    command: str = "train"  # what runs the point: mpo train, or mpo iterate
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Sweep:
     root: Path
     keys: list[str]
     points: list[Point] = field(default_factory=list)
+    command: str = "train"  # train | iterate
 
 
 def split_values(text: str) -> list[str]:
@@ -166,8 +180,10 @@ def point_names(keys: list[str], combos: list[tuple[Any, ...]]) -> list[str]:
     return names
 
 
-def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), name: str | None = None) -> Sweep:
-    """Resolve every point of the grid (so a bad key or value stops before anything trains)."""
+def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), name: str | None = None,
+         command: str = "train") -> Sweep:
+    """Resolve every point of the grid (so a bad key or value stops before anything trains); each point
+    runs ``mpo <command>`` (``train`` or ``iterate``)."""
     from mpo.config import ConfigError, current_key, load_recipe
 
     grid = parse_grid(list(grid_specs))
@@ -178,7 +194,7 @@ def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), na
         if key in given:
             raise ConfigError(f"--grid {key}: also given as an override; keep one")
     root = Path(base.run.output_dir)
-    sweep = Sweep(Path(recipe_path), name or root.name, root, [k for k, _ in grid])
+    sweep = Sweep(Path(recipe_path), name or root.name, root, [k for k, _ in grid], command=command)
     settings, values = [], []
     for combo in itertools.product(*[pieces for _, pieces in grid]):
         setting = [f"{k}={v}" for k, v in zip(sweep.keys, combo)]
@@ -194,13 +210,18 @@ def plan(recipe_path: Path, grid_specs: list[str], overrides: list[str] = (), na
         if base.run.report_to == "wandb" and "run.wandb_group" not in given:
             point_overrides.append(f"run.wandb_group={sweep.name}")
         recipe = load_recipe(recipe_path, point_overrides)
-        sweep.points.append(Point(point_name, dict(zip(sweep.keys, value)), point_overrides, out, recipe))
+        sweep.points.append(Point(point_name, dict(zip(sweep.keys, value)), point_overrides, out, recipe, command=command))
     return sweep
 
 
 def is_finished(point: Point) -> bool:
     """The point's ``mpo train`` run finished with its pairs and settings (:func:`mpo.train.run.is_trained`:
-    :func:`mpo.keys.finished`, the test ``mpo train`` itself makes); one made with other settings is not."""
+    :func:`mpo.keys.finished`, the test ``mpo train`` itself makes); one made with other settings is not.
+    An ``mpo iterate`` point: every round has its manifest (its keys are checked when iterate reads it back)."""
+    if point.command == "iterate":
+        from mpo.rounds.layout import RoundLayout
+
+        return RoundLayout(point.recipe).finished()
     from mpo.train.run import is_trained
 
     return is_trained(point.recipe)
@@ -214,38 +235,54 @@ def has_checkpoint(out_dir: Path) -> bool:
 
 def point_command(sweep: Sweep, point: Point, launch: str | None) -> list[str]:
     prefix = shlex.split(launch) if launch else []
+    if sweep.command == "iterate":  # iterate resumes by itself
+        return [*prefix, "mpo", "iterate", str(sweep.recipe_path), *point.overrides]
     resume = ["--resume"] if has_checkpoint(point.out_dir) else []
     return [*prefix, "mpo", "train", str(sweep.recipe_path), *point.overrides, *resume]
 
 
 def run_points(sweep: Sweep, launch: str | None = None) -> None:
-    """Train every unfinished point, in process or one ``LAUNCH mpo train ...`` process each."""
+    """Train every unfinished point, in process or one ``LAUNCH mpo train ...`` process each. An
+    ``mpo iterate`` point always goes to iterate, which resumes it or reads a finished run back."""
+    iterate = sweep.command == "iterate"
     for i, point in enumerate(sweep.points, 1):
-        if is_finished(point):
+        where = f"[{i}/{len(sweep.points)}] {point.name}"
+        done = is_finished(point)
+        if done and not iterate:
             point.status = "skipped"
-            print(f"[{i}/{len(sweep.points)}] {point.name}: finished earlier; skipped "
-                  f"(delete {point.out_dir} to retrain)")
+            print(f"{where}: finished earlier; skipped (delete {point.out_dir} to retrain)")
             continue
-        print(f"[{i}/{len(sweep.points)}] {point.name}: training in {point.out_dir}", flush=True)
+        if done:
+            print(f"{where}: every round finished earlier; mpo iterate reads it back (keys checked)", flush=True)
+        else:
+            print(f"{where}: {'iterating' if iterate else 'training'} in {point.out_dir}", flush=True)
         if launch:
             command = point_command(sweep, point, launch)
             print("$ " + shlex.join(command), flush=True)
-            done = subprocess.run(command, check=False)
-            if done.returncode != 0:
+            finished = subprocess.run(command, check=False)
+            if finished.returncode != 0:
                 raise MpoError(f"grid point {point.name}: `{shlex.join(command)}` exited with "
-                                   f"status {done.returncode}")
+                                   f"status {finished.returncode}")
         else:
-            _train_in_process(sweep, point)
-        point.status = "trained"
+            _run_in_process(sweep, point)
+        point.status = "skipped" if done else "iterated" if iterate else "trained"
 
 
-def _train_in_process(sweep: Sweep, point: Point) -> None:
-    """``run_training`` for one point; its W&B settings are scoped to the point (see
-    :func:`mpo.train.setup.wandb_scope`), so each point's W&B files land in its own folder."""
+def _run_in_process(sweep: Sweep, point: Point) -> None:
+    """``run_training`` (or ``run_iterate``) for one point; its W&B settings are scoped to the point (see
+    :func:`mpo.train.setup.wandb_scope`; iterate's run report opens its own W&B run in the point's folder),
+    so each point's W&B files land in its own folder."""
     from mpo.train.run import REF_LOGPS_FILE, run_training
 
     try:
-        run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / REF_LOGPS_FILE)
+        if sweep.command == "iterate":
+            from mpo.cli_common import check_output_folder
+            from mpo.rounds.driver import run_iterate
+
+            check_output_folder(point.out_dir, "run.output_dir")
+            run_iterate(point.recipe)
+        else:
+            run_training(point.recipe, resume=has_checkpoint(point.out_dir), ref_cache=sweep.root / REF_LOGPS_FILE)
     finally:
         gc.collect()
         import torch
@@ -275,7 +312,7 @@ def final_metrics(metrics_file: Path, tail: int) -> tuple[dict[str, float], int,
 
 def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
     """One row per point (see the module docstring for what the numbers are)."""
-    from mpo.cli.sweep_report import accuracy_key, held_out_accuracy, ranked
+    from mpo.cli.sweep_report import accuracy_key, grid_values, held_out_accuracy, ranked
     from mpo.train.setup import METRICS_FILE
 
     rows, held_out = [], accuracy_key(sweep.points[0].recipe) if sweep.points else None
@@ -284,8 +321,7 @@ def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
         status = point.status
         if status == "pending":  # --report-only
             status = "finished" if is_finished(point) else "not finished"
-        values = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in point.values.items()}
-        rows.append({"point": point.name, **values, "status": status, "steps": step, "steps_averaged": averaged,
+        rows.append({"point": point.name, **grid_values(point), "status": status, "steps": step, "steps_averaged": averaged,
                      **({held_out: held_out_accuracy(point)} if held_out else {}),
                      **{k: means.get(k, "") for k in METRICS}, "output_dir": str(point.out_dir)})
     return ranked(rows, held_out)
@@ -294,12 +330,17 @@ def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:
 def report(sweep: Sweep, tail: int = 5) -> list[dict]:
     """Write ``sweep.csv`` and ``sweep.png`` in the sweep folder (main process only)."""
     from mpo.cli.sweep_report import format_table, write_csv, write_plot
+    from mpo.cli.sweep_rounds import format_rounds_table, summarize_rounds, write_rounds_plot
 
-    rows = summarize(sweep, tail)
-    if int(os.environ.get("RANK", "0")) == 0:
+    iterate = sweep.command == "iterate"
+    rows = summarize_rounds(sweep) if iterate else summarize(sweep, tail)
+    if int(os.environ.get("RANK", "0")) == 0 and rows:
         write_csv(rows, sweep.root / "sweep.csv")
-        write_plot(rows, sweep.root / "sweep.png", tail)
-        print(format_table(rows))
+        if iterate:
+            write_rounds_plot(rows, sweep.root / "sweep.png")
+        else:
+            write_plot(rows, sweep.root / "sweep.png", tail)
+        print(format_rounds_table(rows) if iterate else format_table(rows))
         print(f"sweep table: {sweep.root / 'sweep.csv'}; plot: {sweep.root / 'sweep.png'}")
     return rows
 
@@ -310,18 +351,21 @@ GRID_HELP = ("KEY=VALUES, repeatable; values separated by commas (or ;) outside 
 
 @guarded
 def sweep_command(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe for mpo train.")],
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe for mpo train (or mpo iterate: --command iterate).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides for every point, e.g. train.max_steps=100")] = None,
     grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help=GRID_HELP)] = None,
     name: Annotated[str | None, typer.Option(help="Sweep name (W&B group); default: run.output_dir's name.")] = None,
-    launch: Annotated[str | None, typer.Option(help="Run each point as `LAUNCH mpo train ...`, e.g. "
+    command: Annotated[Literal["train", "iterate"], typer.Option(
+        help="What each point runs: mpo train, or every round of mpo iterate.")] = "train",
+    launch: Annotated[str | None, typer.Option(help="Run each point as `LAUNCH mpo train|iterate ...`, e.g. "
                                                     "\"accelerate launch --config_file recipes/accelerate/ddp.yaml -m\".")] = None,
     print_commands: Annotated[bool, typer.Option("--print-commands", help="Print each unfinished point's command; run nothing.")] = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rebuild sweep.csv and sweep.png.")] = False,
     tail: Annotated[int, typer.Option(min=1, help="Average the last N logged steps of each point.")] = 5,
 ):
-    """Grid sweep: one `mpo train` per point (cartesian product of the --grid values), then sweep.csv + sweep.png."""
-    sweep = plan(recipe, grid or [], overrides or [], name)
+    """Grid sweep: one `mpo train` (or `mpo iterate`) per point (cartesian product of the --grid values),
+    then sweep.csv + sweep.png."""
+    sweep = plan(recipe, grid or [], overrides or [], name, command)
     typer.echo(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.root}", err=print_commands)
     if print_commands:
         for point in sweep.points:
@@ -332,7 +376,8 @@ def sweep_command(
         from mpo.cli.sweep_report import evaluate_points
 
         run_points(sweep, launch)
-        evaluate_points(sweep)
+        if command == "train":  # mpo iterate evaluates its rounds itself
+            evaluate_points(sweep)
     report(sweep, tail)
 
 

@@ -57,6 +57,13 @@ def held_out_accuracy(point) -> float | str:
     return "" if done is None else done[accuracy_key(point.recipe)]
 
 
+def grid_values(point) -> dict[str, str]:
+    """The point's grid values as ``sweep.csv`` writes them (lists and mappings as JSON)."""
+    import json
+
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in point.values.items()}
+
+
 def ranked(rows: list[dict], key: str | None) -> list[dict]:
     """``rows`` by held-out accuracy, highest first, points without one last (grid order otherwise kept)."""
     if key is None or all(row[key] == "" for row in rows):
