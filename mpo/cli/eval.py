@@ -3,6 +3,9 @@
 - ``mpo eval RECIPE --benchmark B --data D``: the recipe's policy (``--policy`` for another folder, e.g.
   ``round_002/policy``) answers each problem greedily with the recipe's rollout backend
   (:func:`mpo.rounds.evaluate.run_eval`, resumable in a work folder), then the answers are scored.
+  With ``launch.mode: distributed`` the answers are made by a job of ``launch.nproc_per_node`` ranks
+  (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate_spec`; the resolved recipe is saved in the work
+  folder for them), then joined and scored here: the same files as in one process (one node only).
 - ``mpo eval --score-only PATH --benchmark B``: no model (:func:`mpo.eval.score_only.score_only`);
   with ``--data``, PATH is this toolkit's ``predictions.jsonl`` and its responses are judged again
   against the problems of ``--data``.
@@ -56,24 +59,32 @@ def print_table(scores: dict, benchmark: str, where: Path | None) -> None:
 def generate_and_score(recipe_path: Path, overrides, benchmark: str, data: Path, *, policy: Path | None,
                        split: str | None, max_tokens: int, chunk_size: int, output: Path | None,
                        predictions: Path | None, work_dir: Path | None) -> None:
-    from mpo.config import load_recipe
+    from mpo.config import load_recipe, save_resolved
     from mpo.keys import kept_beside
-    from mpo.rounds.evaluate import SCORES_FILE, LazyBackend, load_eval_problems, run_eval
+    from mpo.rounds.evaluate import SCORES_FILE, EvalSpec, LazyBackend
+    from mpo.rounds.runners import LaunchedRunner
     from mpo.run_lock import run_lock
 
     recipe = load_recipe(recipe_path, overrides or [])
     policy = policy or recipe.model.policy
     if not policy:
         raise MpoError("model.policy: the policy to evaluate is required (or pass --policy DIR)")
-    if recipe.launch.mode == "distributed":
-        typer.echo("launch.mode distributed: mpo eval runs in this process (one engine), not spread over GPUs")
+    if recipe.launch.mode == "distributed" and recipe.launch.nnodes > 1:
+        raise MpoError(f"launch.nnodes {recipe.launch.nnodes}: mpo eval runs its ranks on one node (launch.nnodes=1, "
+                       "launch.nproc_per_node ranks); on several nodes, evaluate with iterate.eval in mpo iterate")
     folder = work_folder(recipe, benchmark, output, work_dir)
-    problems = load_eval_problems(benchmark, data, split, image_cache=folder / "images")
+    spec = EvalSpec(benchmark=benchmark, data=str(data), split=split, image_cache=str(folder / "images"),
+                    policy=str(policy), out_dir=str(folder), max_tokens=max_tokens, chunk_size=chunk_size,
+                    seed=recipe.rollout.seed)
+    problems = spec.problems()
     folder.mkdir(parents=True, exist_ok=True)  # after the data was read: a bad --data leaves nothing behind
     typer.echo(f"{len(problems)} {benchmark} problems from {data}; policy {policy}; work folder {folder}")
-    with run_lock(folder), kept_beside(folder), LazyBackend(recipe.rollout, recipe.model, policy) as backend:
-        run_eval(problems, backend, folder, benchmark, max_tokens=max_tokens, chunk_size=chunk_size,
-                 seed=recipe.rollout.seed)
+    with run_lock(folder), kept_beside(folder):
+        if recipe.launch.mode == "distributed":
+            LaunchedRunner(recipe, save_resolved(recipe, folder)).evaluate_spec(spec, problems, folder / "logs")
+        else:
+            with LazyBackend(recipe.rollout, recipe.model, policy) as backend:
+                spec.run(problems, backend)
     _copy_out(folder, output, predictions)
     print_table(json.loads((folder / SCORES_FILE).read_text(encoding="utf-8")), benchmark,
                 output or folder / SCORES_FILE)

@@ -187,8 +187,9 @@ class LaunchConfig(Section):
     """Where ``mpo iterate``'s stages run (moved from ``iterate``: :mod:`mpo.config.moved_keys`)."""
 
     # inline: one process runs every stage (CPU, one GPU, the demo). distributed: each stage of each
-    # round is its own launch (torchrun for rollout replicas and scoring ranks, accelerate launch for
-    # training) that owns whole GPUs and exits when done; ranks share the stage's chunks.
+    # round is its own launch (torchrun for rollout replicas, scoring ranks and held-out eval replicas,
+    # accelerate launch for training) that owns whole GPUs and exits when done; ranks share the
+    # stage's chunks. mpo eval: its greedy responses made the same way (one node).
     mode: Literal["inline", "distributed"] = "inline"
     nproc_per_node: int | None = Field(None, ge=1)  # default: the visible GPUs (required on CPU)
     nnodes: int = Field(1, ge=1)

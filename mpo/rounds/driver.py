@@ -11,8 +11,9 @@ again continues where it stopped and produces the same pairs. Each stage is also
 With ``iterate.eval`` the policy is also evaluated on held-out problems (:func:`stage_eval`): the
 initial policy at the start of round 0 (``round_000/eval_before/``, metrics ``eval_before/<benchmark>/...``
 in round 0's manifest) and the trained policy after every ``every``-th round's training and the last
-(``round_NNN/eval/``, metrics ``eval/<benchmark>/...``), with the run's live rollout engine, before the
-round's manifest is written (a killed eval resumes with the round). Inline runs only.
+(``round_NNN/eval/``, metrics ``eval/<benchmark>/...``), before the round's manifest is written (a
+killed eval resumes with the round): inline with the run's live rollout engine, distributed as a job
+of its own whose ranks make the responses, joined and scored by the driver (the same bytes).
 
 Each stage's output is reused only if it was made the same way (``mpo.keys.check_key``: the
 policy, reward model and reference, the prompt set's content and the settings that change results,
@@ -150,13 +151,11 @@ def stage_pairs(layout: RoundLayout, n: int, prompts: list[Prompt], scored: list
 def load_eval_set(recipe: Recipe) -> list | None:
     """``iterate.eval``'s held-out problems (:func:`mpo.rounds.evaluate.load_eval_problems`), or None
     without ``iterate.eval``."""
-    settings = recipe.iterate.eval
-    if settings is None:
+    if recipe.iterate.eval is None:
         return None
-    from mpo.rounds.evaluate import load_eval_problems
+    from mpo.rounds.evaluate import iterate_spec
 
-    return load_eval_problems(settings.benchmark, settings.data, settings.split,
-                              image_cache=Path(recipe.run.output_dir) / "image_cache")
+    return iterate_spec(recipe).problems()
 
 
 def eval_due(recipe: Recipe, n: int) -> bool:
@@ -286,8 +285,9 @@ def run_round(layout: RoundLayout, n: int, prompts: list[Prompt], runner, extra_
 def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -> list[dict]:
     """All rounds of ``recipe``; finished rounds and stages are skipped. Returns the manifests.
 
-    With ``launch.mode: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`); on a
-    node other than 0 this only joins those jobs (:func:`follow_rounds`)."""
+    With ``launch.mode: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`), the
+    ``iterate.eval`` stages too (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`); on a node other
+    than 0 this only joins those jobs (:func:`follow_rounds`)."""
     from mpo.config import save_resolved
     from mpo.keys import kept_beside
     from mpo.rounds.report import RunReport
@@ -297,10 +297,6 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     layout = RoundLayout(recipe)
     if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
-
-        if recipe.iterate.eval is not None:
-            raise MpoError("iterate.eval: held-out eval runs with launch.mode: inline only (not yet as a "
-                           "distributed stage); use launch.mode=inline, or `mpo eval` on each round's policy")
 
         if not topology(recipe.launch).main_node:
             return follow_rounds(layout)
@@ -341,20 +337,39 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
     config = layout.run_dir / CONFIG_FILE
     wait_for(config, "the resolved recipe")
     runner = LaunchedRunner(layout.recipe, config)
+    held_out = layout.recipe.iterate.eval is not None
     for n in range(layout.recipe.iterate.rounds):
         if layout.manifest(n) is not None:
             continue
+        if held_out and n == 0:
+            follow_eval(layout, runner, layout.policy(0), layout.file(0, EVAL_BEFORE_DIR))
         for stage, name in (("rollout", ROLLOUTS_FILE), ("score", SCORED_FILE)):
             if not layout.file(n, name).exists():
                 runner.launch(layout, n, stage)
             wait_for(layout.file(n, name), name)
         wait_for(layout.file(n, PAIR_STATS_FILE), PAIR_STATS_FILE)
         trained = finished(layout.file(n, "train"))  # node 0 checked its key
-        if json.loads(layout.file(n, PAIR_STATS_FILE).read_text())["pairs_kept"] and not trained:
+        pairs_kept = json.loads(layout.file(n, PAIR_STATS_FILE).read_text())["pairs_kept"]
+        if pairs_kept and not trained:
             runner.launch(layout, n, "train")
+        if held_out and eval_due(layout.recipe, n):  # the policy stage_train gave node 0
+            policy = layout.file(n, "train") / "policy" if pairs_kept else layout.policy(n)
+            follow_eval(layout, runner, policy, layout.file(n, EVAL_DIR))
         wait_for(layout.file(n, MANIFEST_FILE), "the round's manifest")
     print(f"node {runner.topology.node_rank}: every round finished")
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
+
+
+def follow_eval(layout: RoundLayout, runner, policy: Path, out_dir: Path) -> None:
+    """A node other than 0: join the eval job of ``policy`` into ``out_dir`` that node 0 starts (it does
+    while the responses are not joined: :meth:`mpo.rounds.runners.LaunchedRunner.evaluate_spec`), and
+    wait for node 0's scores."""
+    from mpo.rounds.evaluate import SCORES_FILE, iterate_spec
+    from mpo.rounds.launch import wait_for
+
+    if not (out_dir / ROLLOUTS_FILE).exists():
+        runner.launch_eval(iterate_spec(layout.recipe, policy, out_dir))
+    wait_for(out_dir / SCORES_FILE, SCORES_FILE)
 
 
 def check_models(recipe: Recipe) -> None:

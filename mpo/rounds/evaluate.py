@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mpo.errors import MpoError
@@ -36,7 +37,7 @@ from mpo.rounds.chunks import run_chunked
 from mpo.rounds.eval_problems import EvalProblem
 from mpo.rounds.layout import ROLLOUTS_FILE
 
-__all__ = ["BENCHMARKS", "EvalProblem", "LazyBackend", "load_eval_problems", "run_eval"]
+__all__ = ["BENCHMARKS", "EvalProblem", "EvalSpec", "LazyBackend", "load_eval_problems", "run_eval"]
 BENCHMARKS = ("mathvista", "mmmu", "answers")
 SCORES_FILE = "scores.json"  # an eval's scores (the benchmark's own structure), written last
 PREDICTIONS_FILE = "predictions.jsonl"  # an eval's per-problem judgement
@@ -128,27 +129,104 @@ def finished_metrics(out_dir: Path, benchmark: str) -> dict[str, float] | None:
     return flat_metrics(benchmark, json.loads(path.read_text(encoding="utf-8")))
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """One eval: its problems (``benchmark``'s rows in ``data``, ``split``; images stored in the data
+    written to ``image_cache``), the ``policy`` folder, the work folder ``out_dir`` and the greedy
+    generation's settings. An eval in this process (:meth:`run`) and the ranks of a distributed one
+    (``python -m mpo.rounds.rank eval CONFIG`` with :meth:`argv`, read back by :meth:`parse`, each
+    making :meth:`responses` of its chunks) make the same chunks from it."""
+
+    benchmark: str
+    data: str
+    split: str | None
+    image_cache: str
+    policy: str
+    out_dir: str
+    max_tokens: int
+    chunk_size: int
+    seed: int
+
+    def argv(self) -> list[str]:
+        """The spec as options (``--name=value``; a ``split`` of None left out)."""
+        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}" for f in fields(self)
+                if getattr(self, f.name) is not None]
+
+    @classmethod
+    def parse(cls, argv: list[str]) -> EvalSpec:
+        """The spec whose :meth:`argv` is ``argv``."""
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="python -m mpo.rounds.rank eval CONFIG")
+        for f in fields(cls):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=f.name != "split",
+                                type=int if f.type == "int" else str)
+        return cls(**vars(parser.parse_args(argv)))
+
+    def problems(self) -> list[EvalProblem]:
+        return load_eval_problems(self.benchmark, self.data, self.split, image_cache=self.image_cache)
+
+    def _settings(self) -> dict:
+        return {"max_tokens": self.max_tokens, "chunk_size": self.chunk_size, "seed": self.seed}
+
+    def check(self, problems: list[EvalProblem], backend) -> dict[str, float] | None:
+        """:func:`check_eval` in ``out_dir``: the key checked (written the first time); a finished eval's metrics."""
+        return check_eval(problems, backend, Path(self.out_dir), self.benchmark, **self._settings())
+
+    def responses(self, problems: list[EvalProblem], backend, share: tuple[int, int]) -> None:
+        """One rank's chunks of the responses (:func:`make_responses` with ``share=(rank, world)``)."""
+        make_responses(problems, backend, Path(self.out_dir) / ROLLOUTS_FILE, share=share, **self._settings())
+
+    def run(self, problems: list[EvalProblem], backend, quiet: bool = False) -> dict[str, float]:
+        """:func:`run_eval` of ``problems`` (this spec's) with ``backend`` serving ``policy``."""
+        return run_eval(problems, backend, Path(self.out_dir), self.benchmark, quiet=quiet, **self._settings())
+
+
+def iterate_spec(recipe, policy: str | Path = "", out_dir: str | Path = "") -> EvalSpec:
+    """``iterate.eval`` of ``policy`` into ``out_dir`` as ``mpo iterate`` runs it, inline or distributed:
+    images cached in the run folder, ``iterate.rollout_chunk`` problems a chunk, seed 0 (``policy``
+    and ``out_dir`` left empty where only the problems are asked for)."""
+    settings = recipe.iterate.eval
+    return EvalSpec(benchmark=settings.benchmark, data=str(settings.data), split=settings.split,
+                    image_cache=str(Path(recipe.run.output_dir) / "image_cache"), policy=str(policy),
+                    out_dir=str(out_dir), max_tokens=settings.max_tokens, chunk_size=recipe.iterate.rollout_chunk,
+                    seed=0)
+
+
+def check_eval(problems: list[EvalProblem], backend, out_dir: Path, benchmark: str, *, max_tokens: int,
+               chunk_size: int, seed: int) -> dict[str, float] | None:
+    """The eval's key (:func:`eval_key`) checked against ``out_dir``'s, written the first time; the
+    metrics of a finished eval there (:func:`finished_metrics`), or None."""
+    from mpo.keys import check_key
+
+    key = eval_key(problems, backend, benchmark, max_tokens=max_tokens, chunk_size=chunk_size, seed=seed)
+    check_key(Path(out_dir) / ROLLOUTS_FILE, key, str(out_dir))
+    return finished_metrics(out_dir, benchmark)
+
+
+def make_responses(problems: list[EvalProblem], backend, responses_file: Path, *, max_tokens: int, chunk_size: int,
+                   seed: int, desc: str | None = None, share: tuple[int, int] | None = None) -> list[Rollout] | None:
+    """``backend``'s greedy responses to the problems, chunk by chunk into ``responses_file``
+    (:func:`mpo.rounds.chunks.run_chunked`; ``share``: one rank's chunks of a distributed eval)."""
+    with greedy(backend, max_tokens):
+        return run_chunked([p.prompt for p in problems], responses_file, Rollout,
+                           lambda chunk, s: backend.generate(chunk, num_samples=1, seed=s),
+                           chunk_size=chunk_size, seed=seed, desc=desc, share=share)
+
+
 def run_eval(problems: list[EvalProblem], backend, out_dir: Path, benchmark: str, *, max_tokens: int,
              chunk_size: int = 16, seed: int = 0, quiet: bool = False) -> dict[str, float]:
     """Greedy responses to ``problems`` from ``backend`` (an :class:`mpo.rollout.base.Backend` or a
     :class:`LazyBackend`), judged and scored by ``benchmark``'s rules into ``out_dir``; returns flat
     metrics (:func:`flat_metrics`). Resumable; a finished ``out_dir`` under the same key is read back."""
-    from mpo.keys import check_key
-
     out_dir = Path(out_dir)
-    responses_file = out_dir / ROLLOUTS_FILE
-    key = eval_key(problems, backend, benchmark, max_tokens=max_tokens, chunk_size=chunk_size, seed=seed)
-    check_key(responses_file, key, str(out_dir))
-    done = finished_metrics(out_dir, benchmark)
+    done = check_eval(problems, backend, out_dir, benchmark, max_tokens=max_tokens, chunk_size=chunk_size, seed=seed)
     if done is not None:
         if not quiet:
             print(f"{out_dir}: finished eval reused ({SCORES_FILE} present, same policy, problems and settings)")
         return done
-    prompts = [p.prompt for p in problems]
-    with greedy(backend, max_tokens):
-        rollouts = run_chunked(prompts, responses_file, Rollout,
-                               lambda chunk, s: backend.generate(chunk, num_samples=1, seed=s),
-                               chunk_size=chunk_size, seed=seed, desc=None if quiet else f"eval {benchmark}")
+    rollouts = make_responses(problems, backend, out_dir / ROLLOUTS_FILE, max_tokens=max_tokens,
+                              chunk_size=chunk_size, seed=seed, desc=None if quiet else f"eval {benchmark}")
     by_id = {r.prompt_id: r.response for r in rollouts}
     responses = {p.id: by_id.get(p.prompt.prompt_id, "") for p in problems}  # a skipped prompt: no answer
     rows, scores = score_responses(benchmark, problems, responses)

@@ -1,16 +1,18 @@
 """Each stage of a round as its own distributed job (``launch.mode: distributed``), on launchers
-that exist: ``torchrun`` for rollout replicas and scoring ranks (:mod:`mpo.rounds.rank`), ``accelerate
+that exist: ``torchrun`` for rollout replicas, scoring ranks and held-out eval replicas
+(:mod:`mpo.rounds.rank`), ``accelerate
 launch`` for training (``-m mpo train CONFIG --round N``, with the recipe's accelerate / DeepSpeed
 config). Each job owns whole GPUs and exits when its stage is done, so no vLLM engine, reward model
 and trainer are ever resident together.
 
 - **Placement.** Per node, a rollout job runs ``nproc_per_node / rollout.tensor_parallel_size``
   replicas (each rank its own ``vllm.LLM`` on its own GPU slice, ``CUDA_VISIBLE_DEVICES`` set by the
-  rank itself; vLLM's ``VLLM_DP_*`` offline data parallelism is not used); scoring runs
+  rank itself; vLLM's ``VLLM_DP_*`` offline data parallelism is not used), and so does an eval job;
+  scoring runs
   ``nproc_per_node`` ranks, one reward model per GPU; training ``nproc_per_node x nnodes`` processes.
 - **Nodes.** Every node runs the same ``mpo iterate`` command (``scripts/slurm_iterate.sh``, or by
   hand with ``launch.node_rank`` / ``$NODE_RANK``); each stage job rendezvous at ``master_addr``
-  (``$MASTER_ADDR``) on ``master_port`` (+1 scoring, +2 training), and the run folder is on a shared
+  (``$MASTER_ADDR``) on ``master_port`` (+1 scoring, +2 training, +3 eval), and the run folder is on a shared
   file system. Node 0 joins each stage's parts, writes the round's files and holds the run lock; the
   other nodes wait for those files.
 - **Faults.** A rank that fails ends its job (torchrun stops the other ranks; the stage ranks share
@@ -21,7 +23,7 @@ and trainer are ever resident together.
   in ``MPO_RUN_LOCK_TOKEN``, :mod:`mpo.run_lock`) and die with their driver (``MPO_DRIVER_PID``: a
   watchdog, and the parent-death signal for their launcher). A preemption signal the driver gets
   (SIGTERM, SIGUSR1) is passed on to the ranks (the launcher's children): training stops at the end
-  of its step with a checkpoint, rollout and scoring at once with their finished chunks kept; the
+  of its step with a checkpoint, rollout, scoring and eval at once with their finished chunks kept; the
   driver then exits with one line (:mod:`mpo.preempt`).
 """
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from mpo.errors import MpoError
 
-PORT_OFFSETS = {"rollout": 0, "score": 1, "train": 2}
+PORT_OFFSETS = {"rollout": 0, "score": 1, "train": 2, "eval": 3}
 
 
 class StageFailed(MpoError):
@@ -105,14 +107,17 @@ def _torchrun(topo: Topology, procs: int, port: int, log_dir: Path) -> list[str]
             "--master_port", str(port), "--tee", "3", "--log_dir", str(log_dir)]
 
 
-def stage_command(stage: str, config: Path, n: int, recipe, topo: Topology, log_dir: Path) -> list[str]:
-    """The launch of one stage of round ``n``; ``config`` is the run's resolved recipe."""
+def stage_command(stage: str, config: Path, n: int | None, recipe, topo: Topology, log_dir: Path,
+                  rank_args: list[str] | None = None) -> list[str]:
+    """The launch of one stage of round ``n``; ``config`` is the run's resolved recipe. ``rank_args``: what
+    the ranks get after it (default ``--round n``; an eval's :meth:`mpo.rounds.evaluate.EvalSpec.argv`)."""
     port = topo.master_port + PORT_OFFSETS[stage] if topo.nnodes > 1 else _free_port()
     if stage == "train":
         return _accelerate(recipe, topo, port, log_dir) + ["-m", "mpo", "train", str(config), "--round", str(n),
                                                          "--stage-only"]
-    procs = replicas_per_node(recipe, topo) if stage == "rollout" else topo.nproc_per_node
-    return _torchrun(topo, procs, port, log_dir) + ["-m", "mpo.rounds.rank", stage, str(config), "--round", str(n)]
+    procs = replicas_per_node(recipe, topo) if stage in ("rollout", "eval") else topo.nproc_per_node
+    rank_args = ["--round", str(n)] if rank_args is None else rank_args
+    return _torchrun(topo, procs, port, log_dir) + ["-m", "mpo.rounds.rank", stage, str(config), *rank_args]
 
 
 def _accelerate(recipe, topo: Topology, port: int, log_dir: Path) -> list[str]:
@@ -138,15 +143,17 @@ def stage_environment(topo: Topology) -> dict[str, str]:
     return env
 
 
-def run_stage_job(stage: str, n: int, command: list[str], topo: Topology, log_dir: Path) -> float:
-    """Run one stage job to its end; returns its wall time. A failure is :class:`StageFailed`.
+def run_stage_job(stage: str, n: int | None, command: list[str], topo: Topology, log_dir: Path) -> float:
+    """Run one stage job (of round ``n``; None: of no round, ``mpo eval``'s) to its end; returns its wall
+    time. A failure is :class:`StageFailed`.
 
     The ranks' output comes through as they write it (prefixed with their rank); the launcher's own
     report of a failure (a traceback of the launcher, not of a rank) goes to ``launcher.log`` in the
     job's log folder, and the failing rank's error is the one line this raises."""
     log_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"round {n} {stage}: launching ({' '.join(command[2:5])} ...), logs in {log_dir}", flush=True)
+    what = stage if n is None else f"round {n} {stage}"
+    print(f"{what}: launching ({' '.join(command[2:5])} ...), logs in {log_dir}", flush=True)
     from mpo.preempt import check, forwarding, handling
 
     # the signal handlers are the run lock's on node 0; a driver of another node installs them here
@@ -163,10 +170,10 @@ def run_stage_job(stage: str, n: int, command: list[str], topo: Topology, log_di
             status = process.wait()
         if report:
             (log_dir / "launcher.log").write_text("".join(report), encoding="utf-8")
-        check(f"round {n} {stage}: its ranks stopped (training with a checkpoint of its last step, rollout and "
-              f"scoring keeping their finished chunks; logs in {log_dir}); rerun the same command to continue")
+        check(f"{what}: its ranks stopped (training with a checkpoint of its last step, rollout and "
+              f"scoring and eval keeping their finished chunks; logs in {log_dir}); rerun the same command to continue")
     if status != 0:
-        raise StageFailed(f"round {n} {stage} failed (exit status {status}): {failed_rank(log_dir, topo)}; "
+        raise StageFailed(f"{what} failed (exit status {status}): {failed_rank(log_dir, topo)}; "
                           "rerun the same command to resume")
     return time.perf_counter() - start
 

@@ -1,6 +1,6 @@
 """Where a round's rollout, scoring and training run (``launch.mode``).
 
-Both runners have the interface of :class:`StageRunner` (rollout, score, train, close).
+Both runners have the interface of :class:`StageRunner` (rollout, score, train, evaluate, close).
 
 - :class:`InlineRunner` (``inline``): in this process. The rollout backend and the reward model are
   built when a stage first needs them (a finished run loads neither) and kept across rounds; on a GPU
@@ -9,7 +9,8 @@ Both runners have the interface of :class:`StageRunner` (rollout, score, train, 
   reward model leaves the GPU while training runs. On a CPU these are no-ops.
 - :class:`LaunchedRunner` (``distributed``): each stage of each round is a job of its own
   (:mod:`mpo.rounds.launch`); this process only sequences them, joins each stage's parts and writes the
-  round's files.
+  round's files. A held-out eval is a job too (its ranks make the greedy responses); this process joins
+  them and scores them by the benchmark's rules.
 
 Both produce the same records: chunk c of a stage is made from its items and ``chunk_seed(seed,
 c)`` alone, wherever it runs (:func:`mpo.rounds.chunks.run_chunked`).
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from mpo.records import Prompt, Rollout, ScoredRollout
 from mpo.rounds.chunks import chunk_seed, run_chunked
+from mpo.rounds.evaluate import LazyBackend
 from mpo.rounds.layout import ROLLOUTS_FILE, SCORED_FILE
 
 
@@ -88,10 +90,10 @@ class StageRunner(ABC):
     def train(self, layout, n: int, round_recipe, key, resume: bool) -> Path:
         """MPO on round ``n``'s pairs (``round_recipe``: :func:`mpo.rounds.driver.round_recipe`); the trained policy."""
 
+    @abstractmethod
     def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
-        """``iterate.eval`` on ``policy`` into ``out_dir`` (:func:`mpo.rounds.evaluate.run_eval`); flat metrics."""
-        raise NotImplementedError(f"{type(self).__name__}: no eval stage (mpo.rounds.driver refuses iterate.eval "
-                                  "with launch.mode: distributed)")
+        """``iterate.eval`` on ``policy`` into ``out_dir`` (:func:`mpo.rounds.evaluate.iterate_spec`,
+        :func:`mpo.rounds.evaluate.run_eval`); flat metrics."""
 
     @abstractmethod
     def close(self) -> None:
@@ -161,11 +163,9 @@ class InlineRunner(StageRunner):
         return run_training(round_recipe, resume=resume, quiet=True, key=key)
 
     def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
-        from mpo.rounds.evaluate import run_eval
+        from mpo.rounds.evaluate import iterate_spec
 
-        settings = self.recipe.iterate.eval
-        return run_eval(problems, EngineView(self, policy), out_dir, settings.benchmark,
-                        max_tokens=settings.max_tokens, chunk_size=self.recipe.iterate.rollout_chunk)
+        return iterate_spec(self.recipe, policy, out_dir).run(problems, EngineView(self, policy))
 
     def close(self) -> None:
         if self._backend is not None:
@@ -184,11 +184,34 @@ class LaunchedRunner(StageRunner):
 
     def launch(self, layout, n: int, stage: str) -> None:
         """Round ``n``'s ``stage`` as a job; returns when it has ended (its seconds in :attr:`seconds`)."""
+        self._job(stage, n, layout.round_dir(n) / "logs" / stage)
+
+    def _job(self, stage: str, n: int | None, log_dir: Path, rank_args: list[str] | None = None) -> None:
         from mpo.rounds.launch import run_stage_job, stage_command
 
-        log_dir = layout.round_dir(n) / "logs" / stage
-        command = stage_command(stage, self.config, n, self.recipe, self.topology, log_dir)
+        command = stage_command(stage, self.config, n, self.recipe, self.topology, log_dir, rank_args)
         self.seconds[(n, stage)] = run_stage_job(stage, n, command, self.topology, log_dir)
+
+    def launch_eval(self, spec, log_dir: Path | None = None) -> None:
+        """The eval ``spec`` (:class:`mpo.rounds.evaluate.EvalSpec`) as a job whose ranks make its responses
+        (``python -m mpo.rounds.rank eval``); its logs in ``log_dir`` (default: a round's ``logs/eval``,
+        ``logs/eval_before``: ``logs/`` beside the eval's folder, named after it)."""
+        out_dir = Path(spec.out_dir)
+        self._job("eval", None, log_dir or out_dir.parent / "logs" / out_dir.name, spec.argv())
+
+    def evaluate_spec(self, spec, problems, log_dir: Path | None = None) -> dict[str, float]:
+        """The eval ``spec`` of ``problems``: its key checked here (written the first time), its responses
+        made by a job (:meth:`launch_eval`; none once they are joined), joined and scored in this process
+        (:meth:`mpo.rounds.evaluate.EvalSpec.run`). A finished eval is read back and launches nothing."""
+        joined = JoinedResponses(self.recipe.rollout, self.recipe.model, spec.policy)
+        if spec.check(problems, joined) is None and not (Path(spec.out_dir) / ROLLOUTS_FILE).exists():
+            self.launch_eval(spec, log_dir)
+        return spec.run(problems, joined)
+
+    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
+        from mpo.rounds.evaluate import iterate_spec
+
+        return self.evaluate_spec(iterate_spec(self.recipe, policy, out_dir), problems)
 
     def _joined(self, layout, n: int, stage: str, items):
         """The stage's job launched, then its parts joined (every chunk must be there)."""
@@ -212,6 +235,14 @@ class LaunchedRunner(StageRunner):
 
     def close(self) -> None:
         pass  # each job gave back its own
+
+
+class JoinedResponses(LazyBackend):
+    """A distributed eval's responses as :func:`mpo.rounds.evaluate.run_eval` sees them in the driver: the
+    policy and settings its key holds; the ranks made every chunk, so none is made (or loaded) here."""
+
+    def generate(self, prompts, num_samples=None, seed=None):
+        raise RuntimeError("the eval job ended without writing all its chunks")
 
 
 def make_runner(recipe, config: Path, backend=None, scorer=None) -> StageRunner:

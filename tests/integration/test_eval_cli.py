@@ -1,6 +1,7 @@
 """`mpo eval` through the console script, run from the repository root with relative paths: --score-only on
 the benchmarks' own files gives their published counts; generation with the tiny policy writes predictions
-and scores that agree with each other, and a rerun reuses the finished work without loading the model."""
+and scores that agree with each other, and a rerun reuses the finished work without loading the model;
+with launch.mode=distributed two torchrun ranks on CPU make the responses and the files are the same bytes."""
 
 from __future__ import annotations
 
@@ -120,3 +121,18 @@ def test_rerun_reuses_finished_work_and_mathvista_rows_are_scored(evaluated):
     assert scores["average"]["total"] == 4
     assert scores["average"]["correct"] == sum(row["true_false"] for row in predictions)
     assert sum(group["total"] for group in scores["question_type"].values()) == 4
+
+
+@pytest.mark.slow
+def test_distributed_generation_gives_the_inline_bytes(evaluated, tmp_path):
+    root, runs = evaluated
+    first, _, _, work = runs["answers"]
+    folder = tmp_path / "distributed"
+    result = mpo("eval", root / "recipe.yaml", "launch.mode=distributed", "launch.nproc_per_node=2", "--benchmark",
+                 "answers", "--data", GEOMETRY, "--max-tokens", "6", "--chunk-size", "4", "--work-dir", folder)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for name in ("rollouts.jsonl", "predictions.jsonl", "scores.json"):
+        assert (folder / name).read_bytes() == (work / name).read_bytes(), name
+    assert len(list((folder / "logs").rglob("stderr.log"))) == 2  # one launch of two ranks
+    assert "eval: launching" in result.stdout and "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[-2] == first.stdout.splitlines()[-2]  # the same overall line

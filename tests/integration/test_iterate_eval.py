@@ -2,7 +2,8 @@
 accuracy of the initial policy and of every round's trained policy in the manifests, `summary.json`,
 the table and the plots; a finished run started again changes no file; a run killed with SIGKILL
 in the middle of an eval, started again, gives the same predictions and numbers (one round: round 0 is the
-same in a one-round and a two-round run, every key leaves iterate.rounds out)."""
+same in a one-round and a two-round run, every key leaves iterate.rounds out). With launch.mode=distributed
+on two "nodes" of this machine each eval is a job of its own that node 1 joins too: the same files."""
 
 import json
 import os
@@ -85,3 +86,41 @@ def test_killed_eval_resumes_to_the_same_numbers(eval_run, tmp_path, tiny_policy
             assert (run_dir / folder / name).read_bytes() == (reference_dir / folder / name).read_bytes(), folder
     for name in ("rollouts.jsonl", "pairs.jsonl", "train/policy/model.safetensors"):  # the round's own records
         assert (run_dir / "round_000" / name).read_bytes() == (reference_dir / "round_000" / name).read_bytes()
+
+
+def test_distributed_eval_on_two_nodes_gives_the_inline_bytes(eval_run, tmp_path, tiny_policy_dir, tiny_reward_dir):
+    """One round with launch.mode=distributed, nnodes=2 (one driver per "node", one rank each; node 1
+    joins each eval job in follow_rounds): the initial policy's eval is the inline run's bytes, the
+    trained policy's (two training ranks: not the inline weights) what `mpo eval` makes of it in one process."""
+    import socket
+
+    reference_dir, _ = eval_run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tmp_path / "run"
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, rounds=1) + [
+        "launch.mode=distributed", "launch.nnodes=2", "launch.nproc_per_node=1", "train.per_device_batch_size=2",
+        f"launch.master_port={port}"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**_env(), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"}) for rank in (0, 1)]
+    results = [node.communicate(timeout=1200) for node in nodes]
+    for node, (out, err) in zip(nodes, results):
+        assert node.returncode == 0, out[-2000:] + err[-3000:]
+    assert "node 1: every round finished" in results[1][0]
+    before, after = run_dir / "round_000" / "eval_before", run_dir / "round_000" / "eval"
+    for name in ("predictions.jsonl", "scores.json"):
+        assert (before / name).read_bytes() == (reference_dir / "round_000" / "eval_before" / name).read_bytes()
+    assert {p.name for p in (run_dir / "round_000" / "logs").iterdir()} >= {"eval_before", "eval"}
+    check = tmp_path / "check"
+    inline = subprocess.run([sys.executable, "-m", "mpo", "eval", str(REPO / "recipes" / "tiny" / "iterate.yaml"),
+                             f"model.reward_model={tiny_reward_dir}", "--policy", str(run_dir / "round_000" / "train" /
+                                                                                      "policy"),
+                             "--benchmark", "answers", "--data", str(HELD_OUT), "--max-tokens", "8", "--chunk-size",
+                             "2", "--work-dir", str(check)], capture_output=True, text=True, env=_env(), timeout=900)
+    assert inline.returncode == 0, inline.stdout[-2000:] + inline.stderr[-3000:]
+    for name in ("predictions.jsonl", "scores.json"):
+        assert (after / name).read_bytes() == (check / name).read_bytes(), name
+    manifest = json.loads((run_dir / "round_000" / "manifest.json").read_text())
+    scores = json.loads((after / "scores.json").read_text())["overall"]
+    assert manifest["metrics"][ACCURACY] == scores["correct"] / scores["total"]

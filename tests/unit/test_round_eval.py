@@ -1,5 +1,6 @@
 """iterate.eval (issue 20 item 4): the recipe section, when rounds are evaluated, keys untouched
-without it, the live engine's settings kept, and the report's table, plot and summary keys."""
+without it, the live engine's settings kept, the report's table, plot and summary keys, and a
+distributed eval's driver side (key, ranks' chunks joined, scored as inline)."""
 
 from pathlib import Path
 
@@ -127,12 +128,55 @@ def test_sweep_points_ranked_by_held_out_accuracy_missing_last():
     assert ranked(rows[1:2], key) == rows[1:2] and ranked(rows, None) == rows  # nothing to rank by: grid order
 
 
-def test_distributed_runs_refuse_iterate_eval_in_one_line(tmp_path):
-    from mpo.errors import MpoError
-    from mpo.rounds.driver import run_iterate
+GEOMETRY = Path(__file__).resolve().parents[1] / "fixtures" / "geometry3k" / "prompts.jsonl"
 
+
+class Answering:
+    """A backend without a model: each prompt's answer is its id's length, made greedily or not at all."""
+
+    def __init__(self, config, policy_dir):
+        self.config, self.policy_dir, self.model_config = config, policy_dir, None
+
+    def generate(self, prompts, num_samples=None, seed=None):
+        from mpo.records import Rollout
+
+        assert self.config.temperature == 0.0 and num_samples == 1
+        return [Rollout(p.prompt_id, 0, f"The answer is {len(p.prompt_id)}.", 5, "stop", "x") for p in prompts]
+
+
+def test_distributed_eval_joins_its_ranks_chunks_and_scores_them_as_inline(tmp_path, monkeypatch):
+    """LaunchedRunner.evaluate: the key is written before the job starts, the ranks (here called in
+    turn, each with the spec they are handed as options) make their chunks, and the driver joins
+    and scores them: the inline eval's bytes. A finished eval launches nothing."""
+    from mpo.rounds import runners
+    from mpo.rounds.driver import load_eval_set
+    from mpo.rounds.evaluate import EvalSpec, iterate_spec
+
+    monkeypatch.setattr("mpo.rollout.base.check_policy_dir", Path)
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"weights")
     recipe = load_recipe(None, [f"run.output_dir={tmp_path / 'run'}", "launch.mode=distributed",
-                                "iterate.eval.data=x.jsonl"])
-    with pytest.raises(MpoError, match=r"^iterate.eval: held-out eval runs with launch.mode: inline only"):
-        run_iterate(recipe)
-    assert not (tmp_path / "run").exists()
+                                "launch.nproc_per_node=2", f"iterate.eval.data={GEOMETRY}", "iterate.rollout_chunk=3",
+                                "iterate.eval.max_tokens=7", f"model.policy={policy}"])
+    problems, launched = load_eval_set(recipe), []
+    model = Answering(recipe.rollout, policy)
+    model.model_config = recipe.model
+
+    def ranks(spec, log_dir=None):
+        assert (Path(spec.out_dir) / "rollouts.key.json").is_file()  # the driver's key, before the job
+        handed = EvalSpec.parse(spec.argv())
+        assert handed == spec and handed.chunk_size == 3 and handed.max_tokens == 7 and handed.seed == 0
+        for rank in (1, 0):
+            handed.responses(handed.problems(), model, share=(rank, 2))
+        launched.append(spec)
+
+    runner = runners.LaunchedRunner(recipe, tmp_path / "run" / "config.yaml")
+    monkeypatch.setattr(runner, "launch_eval", ranks)
+    out = tmp_path / "run" / "round_000" / "eval_before"
+    metrics = runner.evaluate(problems, policy, out)
+    inline = iterate_spec(recipe, policy, tmp_path / "inline").run(problems, model)
+    assert metrics == inline and len(launched) == 1 and len(problems) == 10
+    for name in ("predictions.jsonl", "scores.json", "rollouts.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "inline" / name).read_bytes(), name
+    assert runner.evaluate(problems, policy, out) == metrics and len(launched) == 1
