@@ -264,23 +264,8 @@ class MPOTrainer(Trainer):
             self.delta.update(reward_sum, n)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Full models: reload through ``from_pretrained``. transformers 5.23's Trainer loads
-        ``model.safetensors`` with a raw, non-strict ``load_state_dict``, but checkpoints are saved
-        in the legacy key layout (``model.layers.*``, ``visual.*`` for Qwen2.5-VL), so on resume it
-        silently matched no key and kept the initial weights."""
-        from transformers import PreTrainedModel
-
-        target = self.model if model is None else model
-        if (
-            find_peft_model(target) is not None
-            or self.is_fsdp_enabled
-            or not isinstance(target, PreTrainedModel)
-        ):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        dtype = next(target.parameters()).dtype
-        fresh = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
-        target.load_state_dict(fresh.state_dict(), strict=True)
-        return None
+        if not reload_full_model(self, resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # ---- metrics --------------------------------------------------------------------------------
 
@@ -336,6 +321,24 @@ class MPOTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def reload_full_model(trainer, checkpoint, model=None) -> bool:
+    """A full model's weights from ``checkpoint`` through ``from_pretrained`` (True), for a Trainer's
+    ``_load_from_checkpoint`` (this one's and :class:`mpo.grpo.trainer.MpoGRPOTrainer`'s); False for a
+    PEFT model, FSDP or a model that is not a ``PreTrainedModel``: the Trainer's own loading then.
+    transformers 5.23's Trainer loads ``model.safetensors`` with a raw, non-strict ``load_state_dict``,
+    but checkpoints are saved in the legacy key layout (``model.layers.*``, ``visual.*`` for
+    Qwen2.5-VL), so on resume it silently matched no key and kept the initial weights."""
+    from transformers import PreTrainedModel
+
+    target = trainer.model if model is None else model
+    if find_peft_model(target) is not None or trainer.is_fsdp_enabled or not isinstance(target, PreTrainedModel):
+        return False
+    dtype = next(target.parameters()).dtype
+    fresh = type(target).from_pretrained(checkpoint, dtype=dtype)
+    target.load_state_dict(fresh.state_dict(), strict=True)
+    return True
 
 
 def reference_context(model):
