@@ -52,9 +52,11 @@ TRAIN_SETTINGS = ("loss", "train", *MODEL_SETTINGS, "run.seed")
 REWARD_TRAIN_SETTINGS = ("reward_train", *MODEL_SETTINGS, "run.seed", "data")
 REF_LOGPS_SETTINGS = (*MODEL_SETTINGS, "train.max_length", "train.on_too_long")  # with the reference model
 EVAL_SETTINGS = ("rollout.backend", "rollout.max_model_len", "rollout.on_too_long", *MODEL_SETTINGS)  # + eval.*
+GRPO_SETTINGS = ("grpo", *MODEL_SETTINGS, "rollout.backend", "rollout.seed", "run.seed")  # mpo grpo's, + its inputs
 # Logging, saving, reporting and workers: they may change between runs of one folder.
 NOT_RESULTS = frozenset({"train.logging_steps", "train.save_steps", "reward_train.logging_steps",
                          "reward_train.save_steps", "reward_train.num_workers", "reward_train.summary_pairs",
+                         "grpo.logging_steps", "grpo.save_steps",
                          "run.output_dir", "run.report_to", "run.wandb_project", "run.wandb_group",
                          "data.special_tokens"})  # special_tokens: escape and error make the same model
 
@@ -76,8 +78,8 @@ def settings(recipe, names: Sequence[str], every: bool = False) -> dict[str, Any
 def finished(folder: str | os.PathLike, key: dict | None = None, legacy: Callable[[], dict] | None = None,
              earlier: Callable[[], dict] | None = None) -> bool:
     """The one test of "this training run is finished" (``mpo train``, a round's ``train/`` in ``mpo
-    iterate`` and ``mpo train --round N``, a distributed follower, ``mpo sweep``): ``policy/`` saved and
-    :data:`TRAINED_FILE` written after it; with ``key``, also made with it (its :data:`KEY_FILE`,
+    iterate`` and ``mpo train --round N``, a distributed follower, ``mpo sweep``, ``mpo grpo``): ``policy/``
+    saved and :data:`TRAINED_FILE` written after it; with ``key``, also made with it (its :data:`KEY_FILE`,
     :func:`key_matches`). Without, the caller checked the key (:func:`check_key`) or a run it starts will."""
     folder = Path(folder)
     done = (folder / "policy" / "config.json").is_file() and (folder / TRAINED_FILE).is_file()
@@ -196,7 +198,6 @@ def digest(value: Any) -> str:
 def _record_digest(record: Any) -> str:
     """A record's content, its ``images`` by their files' content (:func:`mpo.keys.file_digest`),
     not by path: the same prompt read from a copied folder is the same prompt."""
-
     fields = to_dict(record)
     if "images" in fields:
         fields["images"] = [file_digest(image) for image in fields["images"]]
@@ -224,7 +225,6 @@ def prompts_identity(prompts: Sequence[Any]) -> dict:
 
 def legacy_records_digest(records: Sequence[Any]) -> str:
     """:func:`records_digest` as keys of the earlier format held it (images by size and mtime)."""
-
     h = hashlib.sha256()
     for record in records:
         h.update(json.dumps(to_dict(record), sort_keys=True).encode())
@@ -291,7 +291,6 @@ def stamped(key: dict[str, Any]) -> dict[str, Any]:
 
 def write_key(path: Path, key: dict[str, Any]) -> None:
     """Write a stage key (and the run's digest cache: the stage is about to write anyway)."""
-
     write_json(path, stamped(key))
     save_digests()
 

@@ -186,6 +186,10 @@ from mpo.cli.eval import register as _register_eval  # noqa: E402  (import-light
 
 _register_eval(app)
 
+from mpo.cli.grpo import register as _register_grpo  # noqa: E402  (import-light: typer only)
+
+_register_grpo(app)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

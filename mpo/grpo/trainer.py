@@ -154,3 +154,6 @@ class MpoGRPOTrainer(GRPOTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not reload_full_model(self, resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def create_model_card(self, *args, **kwargs):
+        """No ``README.md`` model card in the run folder (TRL writes one with every checkpoint)."""

@@ -165,7 +165,8 @@ def precompute_reference(trainer, dataset, recipe, ref_cache=None) -> int:
 
 
 def save_outputs(trainer, processor, recipe) -> Path:
-    """``policy/`` (+ ``adapter/`` with LoRA), processor and final δ, written by the main process."""
+    """``policy/`` (+ ``adapter/`` with LoRA), processor and :data:`mpo.keys.TRAINED_FILE` (the final
+    step, and δ where the trainer has one: not ``mpo grpo``'s), written by the main process."""
     from mpo.keys import TRAINED_FILE
     from mpo.records import write_json
     from mpo.train.trainer import find_peft_model
@@ -181,10 +182,8 @@ def save_outputs(trainer, processor, recipe) -> Path:
             peft_model.merge_and_unload().save_pretrained(policy_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(policy_dir)
-        write_json(
-            out / TRAINED_FILE,
-            {"delta": trainer.delta.state_dict(), "global_step": trainer.state.global_step},
-        )
+        delta = {"delta": trainer.delta.state_dict()} if hasattr(trainer, "delta") else {}
+        write_json(out / TRAINED_FILE, {**delta, "global_step": trainer.state.global_step})
     return policy_dir
 
 

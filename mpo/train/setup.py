@@ -110,18 +110,18 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def base_arguments(run, output_dir, run_name: str, dtype: str, **settings):
-    """``TrainingArguments`` with what both trainers share; ``settings`` (schedule, batch, saving)
-    are the trainer's own. Autocast (bf16 / fp16) only where CUDA runs it: on a CPU the Trainer
-    refuses it, and the weights train in their own dtype there. The Trainer's progress bar (on
-    stderr) shows where stderr is a terminal."""
+def base_arguments(run, output_dir, run_name: str, dtype: str, arguments=None, **settings):
+    """``TrainingArguments`` (or its subclass ``arguments``: the GRPO run's ``GRPOConfig``) with what
+    every trainer shares; ``settings`` (schedule, batch, saving) are the trainer's own. Autocast (bf16 /
+    fp16) only where CUDA runs it: on a CPU the Trainer refuses it, and the weights train in their own
+    dtype there. The Trainer's progress bar (on stderr) shows where stderr is a terminal."""
     import sys
 
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    return (arguments or TrainingArguments)(
         output_dir=str(output_dir),
         run_name=run_name,
         seed=run.seed,

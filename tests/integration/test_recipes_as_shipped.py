@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
                  if "accelerate" not in p.parts and "sweeps" not in p.parts)
 # dependencies first: tiny models, then each reward stage before the one that starts from it
-ORDER = ["tiny/iterate.yaml", "tiny/mpo_offline.yaml", "tiny/reward_stage1.yaml", "tiny/reward_stage2.yaml",
-         "r1v_mpo.yaml", "qwen2_5_vl_7b_mpo.yaml", "internvl_mpo_offline.yaml", "reward_stage1.yaml",
+ORDER = ["tiny/iterate.yaml", "tiny/mpo_offline.yaml", "tiny/grpo.yaml", "tiny/reward_stage1.yaml",
+         "tiny/reward_stage2.yaml", "r1v_mpo.yaml", "qwen2_5_vl_7b_mpo.yaml", "internvl_mpo_offline.yaml", "reward_stage1.yaml",
          "reward_stage2.yaml"]
 
 
@@ -124,10 +124,11 @@ def test_recipe_runs_as_its_header_says(checkout, name):
         again = _run(command.split("&&")[-1], checkout)  # a finished run started again changes nothing
         assert again.returncode == 0, again.stderr[-2000:]
         assert _snapshot(out) == before
-    elif kind == "train":
+    elif kind in ("train", "grpo"):
         assert (out / "policy" / "model.safetensors").is_file()
-        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert steps and steps[0] == 1
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows and rows[0]["step"] == 1
+        assert kind == "train" or {"reward/rule", "reward/model", "reward/format", "ssb/buffer_size"} <= set(rows[0])
     else:
         assert (out / "final" / "value_head.safetensors").is_file()
         assert (out / "final" / "done.json").is_file()
