@@ -121,14 +121,17 @@ def grpo_arguments(recipe, reward_weights: list[float]):
 
 def prompt_dataset(prompts, processor):
     """TRL's dataset of the prompts: ``prompt`` (messages), ``images`` (opened and fitted to the recipe's
-    pixel budget, :func:`mpo.data.images.fit_image`), ``answer``, ``prompt_id``."""
+    pixel budget, :func:`mpo.data.images.fit_image`; no such column for a text-only set), ``answer``,
+    ``prompt_id``."""
     from datasets import Dataset
 
     from mpo.data.images import fit_image
 
-    return Dataset.from_list([{"prompt": p.messages, "images": [fit_image(i, processor.image_processor)
-                                                               for i in p.images],
-                               "answer": p.answer, "prompt_id": p.prompt_id} for p in prompts])
+    rows = [{"prompt": p.messages, "answer": p.answer, "prompt_id": p.prompt_id} for p in prompts]
+    if any(p.images for p in prompts):
+        for row, prompt in zip(rows, prompts):
+            row["images"] = [fit_image(image, processor.image_processor) for image in prompt.images]
+    return Dataset.from_list(rows)
 
 
 def filter_pass(recipe, prompts, parts, out: Path) -> list:
