@@ -91,7 +91,8 @@ class GrpoConfig(TrainingSection):
     max_tokens: int = Field(1024, ge=1)  # generated tokens per completion [max_completion_length]
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    # Tokens of a prompt (image tokens included) plus max_tokens; a longer prompt: on_too_long.
+    # A prompt whose tokens (image tokens included) plus max_tokens pass the policy's limit
+    # (rollout.max_model_len, else max_position_embeddings): an error naming it, or skip (counted).
     on_too_long: StopOrSkip = "error"
     rewards: GrpoRewardsConfig = Field(default_factory=GrpoRewardsConfig)
     ssb: SsbConfig = Field(default_factory=SsbConfig)

@@ -229,16 +229,16 @@ def _start(recipe, out: Path, key: dict, resume: bool) -> bool:
 
 def _grpo_locked(recipe, out: Path, resume: bool) -> Path:
     from mpo.config import save_resolved
-    from mpo.data import load_prompts
     from mpo.errors import writing_into
     from mpo.keys import last_complete_checkpoint
     from mpo.preempt import check, deferred
+    from mpo.rollout.prompt_set import load_prompt_set
     from mpo.train.run import _stop_if_preempted, load_policy, save_outputs
     from mpo.train.setup import METRICS_FILE, trim_metrics, wandb_scope
 
-    d = recipe.data
-    prompts = load_prompts(d.prompts, image_root=d.image_root, on_bad_image=d.on_bad_image,
-                           image_cache=out / "image_cache", split=d.split).records
+    prompts = load_prompt_set(recipe, on_too_long=recipe.grpo.on_too_long, setting="grpo.on_too_long",
+                              room=recipe.grpo.max_tokens, room_setting="grpo.max_tokens",
+                              image_cache=out / "image_cache")
     if not _start(recipe, out, grpo_key(recipe, prompts), resume):
         return out / "policy"
     print(f"resolved recipe: {save_resolved(recipe, out)}")

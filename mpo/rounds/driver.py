@@ -48,61 +48,11 @@ from mpo.rounds.layout import (
 
 def load_round_prompts(recipe: Recipe, quiet: bool = False) -> list[Prompt]:
     """The recipe's prompts, checked before any model loads: ids, images and token lengths against
-    the policy's limit, with ``rollout.on_too_long``."""
-    from mpo.data import load_prompts
+    the policy's limit, with ``rollout.on_too_long`` (:func:`mpo.rollout.prompt_set.load_prompt_set`)."""
+    from mpo.rollout.prompt_set import load_prompt_set
 
-    if not recipe.data.prompts:
-        raise MpoError("data.prompts: a prompt set (jsonl, parquet or dataset folder) is required")
-    loaded = load_prompts(recipe.data.prompts, image_root=recipe.data.image_root,
-                          on_bad_image=recipe.data.on_bad_image,
-                          image_cache=Path(recipe.run.output_dir) / "image_cache", split=recipe.data.split)
-    if loaded.skipped and not quiet:
-        for message in loaded.skipped:
-            print(f"skipped (bad image): {message}")
-        print(f"{len(loaded.skipped)} prompt(s) skipped for bad images, {len(loaded.records)} kept")
-    prompts, sources = loaded.records, loaded.sources
-    if prompts:
-        prompts = drop_too_long(recipe, prompts, sources, quiet)
-    if not prompts:
-        raise MpoError(f"{recipe.data.prompts}: no usable prompts")
-    return prompts
-
-
-def drop_too_long(recipe: Recipe, prompts: list[Prompt], sources: list[str], quiet: bool = False) -> list[Prompt]:
-    """Prompts whose tokens (image tokens included) leave no room to generate under the policy's
-    limit: an error naming the first, or with ``rollout.on_too_long=skip`` left out and counted.
-    With ``data.special_tokens=error`` a prompt holding a control token's text is refused here too."""
-    from mpo import control_tokens as control
-    from mpo.chat import ChatEncoder
-    from mpo.data.images import ImageError
-    from mpo.models import max_positions, model_folder, recipe_processor, stop_ids
-
-    folder = model_folder(recipe.model.policy or "", "model.policy")
-    limit = recipe.rollout.max_model_len or max_positions(folder)
-    encoder = ChatEncoder(recipe_processor(folder, recipe.model), stop_ids(folder))
-    kept, skipped = [], []
-    escape = recipe.data.special_tokens == "escape"
-    for prompt, where in zip(prompts, sources):
-        if not escape:  # data.special_tokens=error: a prompt holding a control token's text is refused
-            control.check_rows(encoder.literals, [(where, prompt.messages, {})])
-        try:
-            length = encoder.prompt_length(prompt.messages, prompt.images)
-        except ImageError as err:  # an image the resize refuses (aspect ratio)
-            raise MpoError(f"{where}: field 'images': {err}") from None
-        if length < limit:
-            kept.append(prompt)
-            continue
-        message = (f"{where}: the prompt is {length} tokens (image tokens included); the policy takes at most "
-                   f"{limit} (rollout.max_model_len, else the model's max_position_embeddings)")
-        if recipe.rollout.on_too_long == "error":
-            raise MpoError(f"{message}: shorten it, lower model.max_pixels, or skip such prompts "
-                           "(rollout.on_too_long=skip)")
-        skipped.append(message)
-    if skipped and not quiet:
-        for message in skipped[:10]:
-            print(f"skipped (too long): {message}")
-        print(f"{len(skipped)} prompt(s) skipped as too long for the policy, {len(kept)} kept")
-    return kept
+    return load_prompt_set(recipe, on_too_long=recipe.rollout.on_too_long, setting="rollout.on_too_long",
+                           quiet=quiet)
 
 
 def stage_rollout(layout: RoundLayout, n: int, prompts: list[Prompt], runner) -> list[Rollout]:
@@ -287,14 +237,17 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
 
     With ``launch.mode: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`), the
     ``iterate.eval`` stages too (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`); on a node other
-    than 0 this only joins those jobs (:func:`follow_rounds`)."""
+    than 0 this only joins those jobs (:func:`follow_rounds`). With ``iterate.then: grpo`` the GRPO stage
+    follows the rounds (:func:`mpo.rounds.then_grpo.then_grpo`), its entry in ``summary.json``."""
     from mpo.config import save_resolved
     from mpo.keys import kept_beside
     from mpo.rounds.report import RunReport
     from mpo.rounds.runners import make_runner
+    from mpo.rounds.then_grpo import check_then, then_grpo
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
+    check_then(recipe)
     if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
 
@@ -323,7 +276,8 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
                     report.round_done(manifest, layout.file(n, SCORED_FILE), prompts)
         finally:
             runner.close()
-        report.finish(manifests)
+        grpo = then_grpo(recipe, manifests, problems) if recipe.iterate.then == "grpo" else None
+        report.finish(manifests, grpo)
     return manifests
 
 

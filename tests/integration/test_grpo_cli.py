@@ -87,6 +87,16 @@ def test_user_errors_are_one_line(tmp_path, tiny_policy_dir):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "model.policy" in missing.stderr and "nowhere" in missing.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # prompts + grpo.max_tokens past the tiny policy's 4096 positions: one line naming the prompt and the setting
+    no_model = ("grpo.rewards.weights.model=0", "grpo.max_tokens=4090")
+    long = mpo(*_command(tmp_path / "c", tiny_policy_dir, "null", *no_model)[1:])
+    assert long.returncode == 2 and len(long.stderr.strip().splitlines()) == 1, long.stderr
+    assert "mpo/assets/demo/prompts.jsonl:1: the prompt is" in long.stderr and "+ 4090 to generate" in long.stderr
+    assert "(grpo.on_too_long=skip)" in long.stderr
+    skip = mpo(*_command(tmp_path / "d", tiny_policy_dir, "null", *no_model, "grpo.on_too_long=skip")[1:])
+    assert skip.returncode == 2 and "16 prompt(s) skipped as too long for the policy, 0 kept" in skip.stdout
+    (line,) = skip.stderr.strip().splitlines()
+    assert line.startswith("error: ") and line.endswith("mpo/assets/demo/prompts.jsonl: no usable prompts")
 
 
 @pytest.mark.slow
