@@ -181,6 +181,9 @@ class IterateConfig(Section):
     score_chunk: int = Field(64, ge=1)
     # held-out evaluation every `eval.every` rounds (EvalConfig); None: none (results in round_NNN/eval/)
     eval: EvalConfig | None = None
+    # After the last round: grpo, R1V2's second stage (the grpo section) from the last round's policy
+    # into RUN/grpo/ (mpo.rounds.then_grpo; launch.mode inline only). None: the rounds only.
+    then: Literal["grpo"] | None = None
 
 
 class LaunchConfig(Section):

@@ -276,7 +276,7 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
                     report.round_done(manifest, layout.file(n, SCORED_FILE), prompts)
         finally:
             runner.close()
-        grpo = then_grpo(recipe, manifests, problems) if recipe.iterate.then == "grpo" else None
+        grpo = then_grpo(recipe, problems) if recipe.iterate.then == "grpo" else None
         report.finish(manifests, grpo)
     return manifests
 

@@ -87,17 +87,21 @@ class RunReport:
                         if isinstance(v, (int, float))})
         self.wandb.log({"round": metrics["round"], "round/rollouts": _rollout_table(self.wandb, scored_path, prompts)})
 
-    def finish(self, manifests: list[dict]) -> Path:
+    def finish(self, manifests: list[dict], grpo: dict | None = None) -> Path:
+        """``summary.json`` (``rounds``; ``grpo``: the GRPO stage's entry with ``iterate.then: grpo``),
+        the plots and the table (the GRPO stage its last row)."""
         rows = [m["metrics"] for m in manifests]
         path = self.run_dir / "summary.json"
-        summary = json.loads(json.dumps({"rounds": rows}))
+        summary = json.loads(json.dumps({"rounds": rows, **({"grpo": grpo} if grpo else {})}))
         same = path.is_file() and json.loads(path.read_text(encoding="utf-8")) == summary
         if not same:
             write_json(path, summary)
         plots = [self.run_dir / "plots" / f"{name}.png" for name in plot_names(rows)]
         if not same or not all(plot.is_file() for plot in plots):
             plots = write_plots(self.run_dir, rows)
-        print(format_round_table(rows))
+        print(format_round_table(rows + ([{"round": "grpo", **grpo}] if grpo else [])))
+        if grpo:
+            print(f"GRPO stage: {grpo['output_dir']} (policy: {grpo['policy_out']})")
         print(f"summary: {self.run_dir / 'summary.json'}; plots: {', '.join(str(p) for p in plots)}")
         if self.wandb is not None:
             for plot in plots:

@@ -29,7 +29,8 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
                  if "accelerate" not in p.parts and "sweeps" not in p.parts)
 # dependencies first: tiny models, then each reward stage before the one that starts from it
 ORDER = ["tiny/iterate.yaml", "tiny/mpo_offline.yaml", "tiny/grpo.yaml", "tiny/reward_stage1.yaml",
-         "tiny/reward_stage2.yaml", "r1v_mpo.yaml", "qwen2_5_vl_7b_mpo.yaml", "internvl_mpo_offline.yaml", "reward_stage1.yaml",
+         "tiny/reward_stage2.yaml", "r1v_mpo.yaml", "r1v2_hybrid.yaml",
+         "qwen2_5_vl_7b_mpo.yaml", "internvl_mpo_offline.yaml", "reward_stage1.yaml",
          "reward_stage2.yaml"]
 
 
@@ -120,6 +121,9 @@ def test_recipe_runs_as_its_header_says(checkout, name):
         assert manifest["trained"], manifest["metrics"]
         assert (Path(manifest["policy_out"]) / "model.safetensors").is_file()
         assert (out / "summary.json").is_file()
+        if yaml.safe_load(printed.stdout)["iterate"]["then"] == "grpo":  # then GRPO from the round's policy
+            assert (out / "grpo" / "policy" / "model.safetensors").is_file()
+            assert json.loads((out / "summary.json").read_text())["grpo"]["steps"] >= 1
         before = _snapshot(out)
         again = _run(command.split("&&")[-1], checkout)  # a finished run started again changes nothing
         assert again.returncode == 0, again.stderr[-2000:]
