@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
-# the last command of the first line: `mpo train|iterate|reward train RECIPE`, possibly after
+# the last command of the first line: `mpo train|iterate|grpo|reward train RECIPE`, possibly after
 # `mpo tiny ... &&` or an `accelerate launch ... -m` prefix
-COMMAND = re.compile(r"\bmpo (train|iterate|reward train) (\S+\.yaml)")
+COMMAND = re.compile(r"\bmpo (train|iterate|grpo|reward train) (\S+\.yaml)")
 
 
 def _load(path: Path):
@@ -45,7 +45,7 @@ def command_of(path: Path) -> str:
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("#"), f"{_id(path)}: the first line must be a comment with the command"
     found = COMMAND.findall(first)
-    assert found, f"{_id(path)}: first line names no `mpo train|iterate|reward train RECIPE`: {first!r}"
+    assert found, f"{_id(path)}: first line names no `mpo train|iterate|grpo|reward train RECIPE`: {first!r}"
     command, named = found[-1]
     assert named == str(path.relative_to(REPO)), f"{_id(path)}: first line runs {named}, not this file"
     return command
@@ -53,7 +53,7 @@ def command_of(path: Path) -> str:
 
 def test_the_recipes_are_found():
     assert len(RUNNABLE) >= 9 and len(ACCELERATE) >= 5 and SWEEPS
-    assert {command_of(p) for p in RUNNABLE} == {"train", "iterate", "reward train"}
+    assert {command_of(p) for p in RUNNABLE} == {"train", "iterate", "grpo", "reward train"}
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=_id)
@@ -64,6 +64,7 @@ def test_recipe_resolves_as_shipped(path):
         "train": {"model.policy": recipe.model.policy, "data.preferences": recipe.data.preferences},
         "iterate": {"model.policy": recipe.model.policy, "model.reward_model": recipe.model.reward_model,
                     "data.prompts": recipe.data.prompts},
+        "grpo": {"model.policy": recipe.model.policy, "data.prompts": recipe.data.prompts},
         "reward train": {"reward_train.stages": recipe.reward_train.stages},
     }[command_of(path)]
     assert all(needs.values()), f"{_id(path)}: unset: {[key for key, value in needs.items() if not value]}"
