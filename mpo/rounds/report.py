@@ -98,7 +98,7 @@ class RunReport:
             write_json(path, summary)
         plots = [self.run_dir / "plots" / f"{name}.png" for name in plot_names(rows)]
         if not same or not all(plot.is_file() for plot in plots):
-            plots = write_plots(self.run_dir, rows)
+            plots = write_plots(self.run_dir, rows, grpo)
         print(format_round_table(rows + ([{"round": "grpo", **grpo}] if grpo else [])))
         if grpo:
             print(f"GRPO stage: {grpo['output_dir']} (policy: {grpo['policy_out']})")
@@ -146,8 +146,9 @@ def _rollout_table(wandb, scored_path: Path, prompts):
     return table
 
 
-def write_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
-    """Reward distribution by round, pair margins, loss parts and δ, as PNGs under ``plots/``."""
+def write_plots(run_dir: Path, rows: list[dict], grpo: dict | None = None) -> list[Path]:
+    """Reward distribution by round, pair margins, loss parts and δ, as PNGs under ``plots/``; with
+    ``iterate.eval`` held-out accuracy (the GRPO stage's, ``grpo``, as a last point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,15 +200,21 @@ def write_plots(run_dir: Path, rows: list[dict]) -> list[Path]:
 
     if held_out_points(rows):
         fig, ax = plt.subplots(figsize=(6, 4))
-        _held_out_panel(ax, rows)
+        _held_out_panel(ax, rows, grpo)
         save(fig, HELD_OUT_PLOT)
     return written
 
 
-def _held_out_panel(ax, rows: list[dict]) -> None:
-    """``iterate.eval``'s accuracy against rounds trained (:func:`held_out_points`)."""
+def _held_out_panel(ax, rows: list[dict], grpo: dict | None = None) -> None:
+    """``iterate.eval``'s accuracy against rounds trained (:func:`held_out_points`); the GRPO stage's
+    (``iterate.then: grpo``) one step further, marked."""
     for key, points in held_out_points(rows).items():
-        ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=key.split("/")[1])
+        line, = ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=key.split("/")[1])
+        if grpo and key in grpo:
+            x, y = len(rows) + 1, grpo[key]
+            ax.plot([points[-1][0], x], [points[-1][1], y], "--", color=line.get_color())
+            ax.plot([x], [y], "*", markersize=12, color=line.get_color())
+            ax.annotate("GRPO", (x, y), textcoords="offset points", xytext=(4, 6))
     ax.set(xlabel="rounds trained (0: before training)", ylabel="held-out accuracy", ylim=(-0.02, 1.02),
            title="Held-out accuracy (iterate.eval, greedy)")
     ax.legend()

@@ -170,6 +170,8 @@ class InlineRunner(StageRunner):
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
+        if self._scorer is not None:  # off the accelerator: a GRPO stage (iterate.then) may follow
+            self._scorer.offload()
 
 
 class LaunchedRunner(StageRunner):
