@@ -45,7 +45,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
-import json
 import os
 import re
 import shlex
@@ -294,20 +293,14 @@ def _run_in_process(sweep: Sweep, point: Point) -> None:
 def final_metrics(metrics_file: Path, tail: int) -> tuple[dict[str, float], int, int]:
     """Means over the last ``tail`` logged training steps -> ``(means, last step, rows averaged)``.
     Steps logged twice (a run resumed from an earlier checkpoint) count once, the later entry."""
-    if not metrics_file.is_file():
-        return {}, 0, 0
+    from mpo.train.setup import metric_means, read_metrics
+
     by_step: dict[int, dict] = {}
-    for line in metrics_file.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in read_metrics(metrics_file):
         if "loss/preference" in row:  # a training log row (not the end-of-training summary)
             by_step[row["step"]] = row
     rows = [by_step[s] for s in sorted(by_step)][-tail:]
-    means = {}
-    for key in METRICS:
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        if values:
-            means[key] = sum(values) / len(values)
-    return means, (rows[-1]["step"] if rows else 0), len(rows)
+    return metric_means(rows, METRICS), (rows[-1]["step"] if rows else 0), len(rows)
 
 
 def summarize(sweep: Sweep, tail: int = 5) -> list[dict]:

@@ -26,6 +26,7 @@ from mpo.data.images import ImageError, check_image
 from mpo.data.row_shapes import DataError, build
 from mpo.records import Prompt, iter_jsonl, read_text
 
+PROMPT_FIELDS = frozenset(f.name for f in fields(Prompt))  # a field scan(keep=...) leaves for the shape to read
 
 @dataclass
 class Loaded:
@@ -152,8 +153,8 @@ def scan(path, kind: str, image_root=None, image_cache=None, split=None, keep: t
     first_seen: dict[str, str] = {}
     for where, row, default_root in _rows(path, split):
         extra = {k: row[k] for k in keep if row.get(k) is not None} if isinstance(row, dict) else {}
-        if extra:  # a field a prompt record has (its answer) stays for the shape to read
-            row = {k: v for k, v in row.items() if k not in extra or k in {f.name for f in fields(Prompt)}}
+        if extra:  # a field a prompt record has (its answer) stays on the row
+            row = {k: v for k, v in row.items() if k not in extra or k in PROMPT_FIELDS}
         try:
             shape, record = build(row, kind, where, cache)
         except DataError as err:

@@ -174,18 +174,11 @@ def rollout_metrics(scored: list[ScoredRollout]) -> dict:
 
 def train_metrics(train_dir: Path) -> dict:
     """Means over the round of the trainer's logged losses, rewards and δ (metrics.jsonl)."""
-    from mpo.train.setup import METRICS_FILE
+    from mpo.train.setup import METRICS_FILE, metric_means, read_metrics
 
-    path = train_dir / METRICS_FILE
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_metrics(train_dir / METRICS_FILE)
     keys = [k for k in rows[0] if k.startswith(("loss", "rewards/", "delta"))] if rows else []
-    out = {}
-    for key in keys:
-        values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
-        if values:
-            out[f"train/{key}"] = sum(values) / len(values)
+    out = {f"train/{key}": mean for key, mean in metric_means(rows, keys).items()}
     if rows and isinstance(rows[-1].get("delta"), (int, float)):
         out["train/delta_final"] = rows[-1]["delta"]
     return out

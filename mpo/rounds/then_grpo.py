@@ -19,7 +19,6 @@ the driver's process: ``launch.mode: distributed`` is refused for it (:func:`che
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mpo.config import ConfigError, Recipe
@@ -47,19 +46,11 @@ def grpo_recipe(recipe: Recipe, policy: Path) -> Recipe:
 
 def grpo_means(out: Path) -> dict:
     """``train/<key>`` means over the GRPO run's logged steps (:data:`MEANS` and every ``reward/*``)."""
-    from mpo.train.setup import METRICS_FILE
+    from mpo.train.setup import METRICS_FILE, metric_means, read_metrics
 
-    path = out / METRICS_FILE
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.is_file() else []
-    rows = [row for row in rows if "loss" in row]
+    rows = [row for row in read_metrics(out / METRICS_FILE) if "loss" in row]
     keys = sorted({k for row in rows for k in row if k in MEANS or k.startswith("reward/")})
-    means = {}
-    for key in keys:
-        values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
-        if values:
-            means[f"train/{key}"] = sum(values) / len(values)
-    return {"steps": len(rows), **means}
+    return {"steps": len(rows), **{f"train/{key}": mean for key, mean in metric_means(rows, keys).items()}}
 
 
 def then_grpo(recipe: Recipe, problems: list | None) -> dict:

@@ -187,6 +187,25 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (:class:`MetricsFile`'s); none where the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def metric_means(rows: list[dict], keys) -> dict[str, float]:
+    """Each of ``keys`` -> the mean of its numeric values over ``rows`` (keys no row has a number for
+    are left out)."""
+    means = {}
+    for key in keys:
+        values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the metrics rows of steps up to ``step`` (a resumed checkpoint's); a line cut short by a
     kill is dropped, and so is an end-of-training row (``train_runtime``), which the resumed
