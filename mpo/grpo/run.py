@@ -27,7 +27,6 @@ removes the checkpoints of the run it replaces and starts afresh.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from mpo.config import ConfigError
@@ -208,7 +207,8 @@ def run_grpo(recipe, resume: bool = True) -> Path:
 
 def _start(recipe, out: Path, key: dict, resume: bool) -> bool:
     """Check the folder's key (resume) or start afresh; False when the run finished earlier."""
-    from mpo.keys import KEY_FILE, TRAINED_FILE, check_key, finished, write_key
+    from mpo.keys import KEY_FILE, check_key, finished
+    from mpo.train.setup import start_afresh
 
     if finished(out, key):
         print(f"{out}: trained earlier with the same prompts and settings; nothing to do (policy: {out / 'policy'})")
@@ -216,14 +216,7 @@ def _start(recipe, out: Path, key: dict, resume: bool) -> bool:
     if resume and (out / KEY_FILE).is_file():
         check_key(out, key, f"{out} (or run mpo grpo with --fresh)", key_file=out / KEY_FILE)
         return True
-    stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-    for folder in stale:
-        shutil.rmtree(folder)
-    if stale:
-        print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
-    for name in (TRAINED_FILE, FILTER_FILE):
-        (out / name).unlink(missing_ok=True)
-    write_key(out / KEY_FILE, key)
+    start_afresh(out, key, also=(FILTER_FILE,))
     return True
 
 

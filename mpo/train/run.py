@@ -259,14 +259,12 @@ def run_training(recipe, resume: bool = False, ref_cache=None, quiet: bool = Fal
 
 
 def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: dict | None) -> Path:
-    import shutil
-
     from mpo.config import save_resolved
     from mpo.errors import writing_into
-    from mpo.keys import KEY_FILE, TRAINED_FILE, check_key, finished, last_complete_checkpoint, write_key
+    from mpo.keys import KEY_FILE, check_key, finished, last_complete_checkpoint
     from mpo.preempt import check, deferred
     from mpo.records import write_json
-    from mpo.train.setup import METRICS_FILE, trim_metrics, wandb_scope
+    from mpo.train.setup import METRICS_FILE, start_afresh, trim_metrics, wandb_scope
 
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     loaded = _load_pairs(recipe, out, rounds)
@@ -280,13 +278,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     if resume:
         check_key(out, key, str(out), key_file=key_file, legacy=legacy, earlier=earlier)
     else:
-        stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-        for folder in stale:
-            shutil.rmtree(folder)
-        if stale:
-            print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
-        (out / TRAINED_FILE).unlink(missing_ok=True)
-        write_key(key_file, key)
+        start_afresh(out, key)
     print(f"resolved recipe: {save_resolved(recipe, out)}")
     model, processor = load_policy(recipe)
     trainer, dataset = build_trainer(recipe, loaded.records, loaded.sources, model, processor, resume)

@@ -187,6 +187,23 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def start_afresh(out: Path, key: dict, also: tuple[str, ...] = ()) -> None:
+    """A run folder cleared of an earlier run's checkpoints (said in one line), its finished marker and
+    the files ``also`` names, then ``key`` written: what a training run does when it does not resume."""
+    import shutil
+
+    from mpo.keys import KEY_FILE, TRAINED_FILE, write_key
+
+    stale = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        print(f"{out}: starting afresh; removed {len(stale)} checkpoint(s) of the earlier run")
+    for name in (TRAINED_FILE, *also):
+        (out / name).unlink(missing_ok=True)
+    write_key(out / KEY_FILE, key)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a ``metrics.jsonl`` (:class:`MetricsFile`'s); none where the file is missing."""
     path = Path(path)
