@@ -175,10 +175,15 @@ def filter_pass(recipe, prompts, parts, out: Path) -> list:
 
 def build_grpo_trainer(recipe, prompts, model, processor, parts):
     """The policy's parts frozen or a LoRA adapter added (``grpo.freeze``, ``grpo.lora``), and
-    :class:`mpo.grpo.trainer.MpoGRPOTrainer` on the prompts."""
+    :class:`mpo.grpo.trainer.MpoGRPOTrainer` on the prompts, encoding them with the
+    :class:`mpo.chat.ChatEncoder` rollout uses: a control token's text in a prompt is plain text
+    (``data.special_tokens: escape``; ``error`` refused such prompts in
+    :func:`mpo.rollout.prompt_set.load_prompt_set`, before any weights loaded)."""
+    from mpo.chat import ChatEncoder
     from mpo.grpo.ssb import Identity
     from mpo.grpo.trainer import MpoGRPOTrainer
     from mpo.keys import records_digest
+    from mpo.models import model_folder, stop_ids
     from mpo.train.setup import add_lora, freeze_parts, frozen_summary
 
     g = recipe.grpo
@@ -189,7 +194,8 @@ def build_grpo_trainer(recipe, prompts, model, processor, parts):
         model = add_lora(model, g.lora, g.freeze)
     return MpoGRPOTrainer(model=model, args=grpo_arguments(recipe, [c.weight for c in parts]),
                           train_dataset=prompt_dataset(prompts, processor), processing_class=processor,
-                          components=parts, ssb=g.ssb, identity=identity)
+                          components=parts, ssb=g.ssb, identity=identity,
+                          encoder=ChatEncoder(processor, stop_ids(model_folder(recipe.model.policy, "model.policy"))))
 
 
 def run_grpo(recipe, resume: bool = True) -> Path:

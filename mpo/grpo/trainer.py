@@ -27,6 +27,14 @@ DDP / DeepSpeed, checkpoints and resume. What :class:`MpoGRPOTrainer` adds:
   writes the checkpoint's ``trainer_state.json`` (the file that marks it complete,
   :func:`mpo.keys.last_complete_checkpoint`) and read back on resume, so a resumed run draws what an
   uninterrupted one would.
+- Prompts' ids from :meth:`mpo.chat.ChatEncoder.encode_prompts` (:meth:`MpoGRPOTrainer._tokenize_prompts`),
+  the one encoding of a prompt that rollout, scoring and training share: a control token's text in a
+  prompt (``<|im_end|>``, ``<|image_pad|>``...) is tokenized as plain text, as ``data.special_tokens:
+  escape`` says (``error`` refuses such prompts before the trainer is built), where TRL's own rendering
+  would make it the control token or stop on an image-token count. Ordinary prompts get TRL's ids and
+  multimodal fields exactly. TRL's forward pass re-runs the processor on the rendered prompts for the
+  per-image tensors; while :meth:`MpoGRPOTrainer._generate_and_score_completions` runs, that call is
+  answered from the same encodings (:class:`_EncodedPrompts`), left-padded as TRL pads ``prompt_ids``.
 - ``metrics.jsonl`` (:class:`mpo.train.setup.MetricsFile`), a preemption signal ending training with a
   checkpoint (:class:`mpo.train.setup.StopOnSignal`), full models resumed through ``from_pretrained``
   (:func:`mpo.train.trainer.reload_full_model`).
@@ -35,11 +43,13 @@ DDP / DeepSpeed, checkpoints and resume. What :class:`MpoGRPOTrainer` adds:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from trl import GRPOTrainer
 
+from mpo.chat import PER_TOKEN, ChatEncoder
 from mpo.errors import MpoError
 from mpo.grpo.advantages import zero_signal
 from mpo.grpo.rows import join_rows, split_rows
@@ -54,14 +64,58 @@ def _on_cpu(row: dict) -> dict:
     return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in row.items()}
 
 
+def prompt_fields(encoded, per_token=()) -> dict:
+    """TRL's ``multimodal_fields`` of a batch of :class:`mpo.chat.PromptEncoding`: each per-image output
+    joined over the batch's images, each per-token list one per prompt (the keys in ``per_token`` for
+    every prompt, 0s where the encoder gave none: the processor returns them for text-only prompts too)."""
+    fields = {key: torch.cat([e.vision[key] for e in encoded if key in e.vision])
+              for key in dict.fromkeys(k for e in encoded for k in e.vision)}
+    for key in dict.fromkeys([*per_token, *(k for e in encoded for k in e.token_types)]):
+        fields[key] = [e.token_types.get(key, [0] * len(e.input_ids)) for e in encoded]
+    return fields
+
+
+class _EncodedPrompts:
+    """The processor TRL's ``_generate_and_score_completions`` sees while :class:`MpoGRPOTrainer` runs it:
+    the real one in every attribute, except that its call on the batch's rendered prompts with their
+    images (the forward pass's per-image tensors and per-token types) is answered from the encodings
+    :meth:`MpoGRPOTrainer._tokenize_prompts` made, per-token lists left-padded as TRL pads
+    ``prompt_ids``: they line up with the ids TRL trains on, control-token text escaped or not."""
+
+    def __init__(self, processor, trainer: MpoGRPOTrainer):
+        self._processor, self._trainer = processor, trainer
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def __call__(self, *args, **kwargs):
+        from transformers import BatchFeature
+        from trl.trainer.utils import pad
+
+        encoded, self._trainer._encoded = self._trainer._encoded, None
+        text = kwargs.get("text")
+        if encoded is None or args or kwargs.get("images") is None or not isinstance(text, list) \
+                or len(text) != len(encoded):
+            return self._processor(*args, **kwargs)
+        fields = prompt_fields(encoded)
+        for key in [k for k, v in fields.items() if isinstance(v, list)]:
+            fields[key] = pad([torch.tensor(v) for v in fields[key]], padding_value=0, padding_side="left")
+        return BatchFeature(fields)
+
+
 class MpoGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with the components of :mod:`mpo.grpo.rewards` as its reward functions (pass their
     weights as ``GRPOConfig.reward_weights``), ``ssb`` a :class:`mpo.config.grpo.SsbConfig` (None or
-    disabled: no buffer) and ``identity`` what buffered samples are valid for
-    (:class:`mpo.grpo.ssb.Identity`; default: the policy's ``model_type`` and no prompt set)."""
+    disabled: no buffer), ``identity`` what buffered samples are valid for
+    (:class:`mpo.grpo.ssb.Identity`; default: the policy's ``model_type`` and no prompt set) and
+    ``encoder`` the :class:`mpo.chat.ChatEncoder` prompts are encoded with (default: one on the processor
+    and TRL's stop ids)."""
 
-    def __init__(self, *args, components, ssb=None, identity: Identity | None = None, **kwargs):
+    def __init__(self, *args, components, ssb=None, identity: Identity | None = None,
+                 encoder: ChatEncoder | None = None, **kwargs):
         super().__init__(*args, reward_funcs=list(components), **kwargs)
+        self.encoder = encoder or ChatEncoder(self.processing_class, self.eos_token_ids)
+        self._encoded = None  # the batch's prompt encodings, between _tokenize_prompts and the forward pass
         self.components = list(components)
         model_type = getattr(getattr(self.model, "config", None), "model_type", "")
         self.identity = identity or Identity(str(model_type), "")
@@ -72,6 +126,38 @@ class MpoGRPOTrainer(GRPOTrainer):
         self.add_callback(MetricsFile(Path(self.args.output_dir) / METRICS_FILE))
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+
+    # ---- prompts' ids ----------------------------------------------------------------------------
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's ``(prompt_ids, images, multimodal_fields)`` from :meth:`mpo.chat.ChatEncoder.encode_prompts`
+        (a control token's text in a prompt as plain text; any other prompt's ids and fields are TRL's);
+        the encodings are kept for the forward pass (:class:`_EncodedPrompts`). Tools, environments or a
+        chat template given to TRL itself: TRL's own tokenization."""
+        from trl.data_utils import is_conversational, prepare_multimodal_messages
+
+        if self.tools or self.environment_factories is not None or self.chat_template is not None \
+                or self.chat_template_kwargs or not is_conversational({"prompt": prompts[0]}):
+            return super()._tokenize_prompts(prompts)
+        if self._is_vlm:
+            prompts = [prepare_multimodal_messages(prompt) for prompt in prompts]
+        images = [[part["image"] for message in prompt if isinstance(message["content"], list)
+                   for part in message["content"] if part["type"] == "image"] for prompt in prompts]
+        self._encoded = self.encoder.encode_prompts(prompts, images)
+        names = getattr(self.processing_class, "model_input_names", ()) if self._is_vlm else ()
+        fields = prompt_fields(self._encoded, [k for k in PER_TOKEN if k in names])
+        images = [found or None for found in images] if any(images) else None
+        return [e.input_ids for e in self._encoded], images, fields
+
+    @contextmanager
+    def _encoded_forward(self):
+        """While TRL generates and scores a batch: its processor is :class:`_EncodedPrompts`."""
+        processor = self.processing_class
+        self.processing_class = _EncodedPrompts(processor, self)
+        try:
+            yield
+        finally:
+            self.processing_class, self._encoded = processor, None
 
     # ---- rewards ---------------------------------------------------------------------------------
 
@@ -101,7 +187,8 @@ class MpoGRPOTrainer(GRPOTrainer):
     # ---- the Selective Sample Buffer ----------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+        with self._encoded_forward():
+            out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
         metrics = self._metrics["train"]

@@ -129,6 +129,63 @@ def test_string_contents_several_texts_and_batches(family, picture):
     assert [b.input_ids for b in batch] == [prompt.input_ids, encoder.encode_prompt(_user("plain"), [picture]).input_ids]
 
 
+def _grpo_view(processor):
+    """What MpoGRPOTrainer._tokenize_prompts and TRL's own read off a trainer (no model needed)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tools=None, environment_factories=None, chat_template=None, chat_template_kwargs={},
+                           _is_vlm=True, processing_class=processor, encoder=ChatEncoder(processor), _encoded=None)
+
+
+def _same_fields(ours: dict, theirs: dict) -> bool:
+    """Equal multimodal fields; TRL keeps some families' pixel_values as a list of per-image tensors."""
+    import torch
+
+    def tensor(value):
+        return torch.stack(value) if isinstance(value, list) and torch.is_tensor(value[0]) else value
+
+    return ours.keys() == theirs.keys() and all(
+        torch.equal(tensor(ours[k]), tensor(theirs[k])) if torch.is_tensor(ours[k]) else ours[k] == theirs[k]
+        for k in ours)
+
+
+def test_grpo_prompts_are_trls_until_a_literal_then_plain_text(family, picture):
+    """mpo grpo's prompt ids (mpo.grpo.trainer.MpoGRPOTrainer._tokenize_prompts, through the encoder): for
+    prompts without a literal exactly TRL's GRPOTrainer._tokenize_prompts' ids, images and multimodal
+    fields (a batch mixing images, two images, a system turn and text only; a text-only batch); a literal
+    in a GRPO prompt is plain text, where TRL's own makes it the control token."""
+    import copy
+
+    from trl import GRPOTrainer
+
+    from mpo.data.images import fit_image
+    from mpo.grpo.trainer import MpoGRPOTrainer
+
+    name, processor, _ = family
+    view = _grpo_view(processor)
+    image = fit_image(picture, processor.image_processor)
+    square = fit_image(Image.new("RGB", (64, 64), "blue"), processor.image_processor)
+
+    def user(text, *images):
+        return {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                            {"type": "text", "text": text}]}
+
+    batch = [[user("What colour is it?", image)],
+             [{"role": "system", "content": "Be brief."}, user("Same colour? Say it in a sentence.", square, image)],
+             [{"role": "user", "content": "Say a colour."}]]
+    for prompts in (batch, batch[2:]):
+        ours = MpoGRPOTrainer._tokenize_prompts(view, copy.deepcopy(prompts))
+        theirs = GRPOTrainer._tokenize_prompts(view, copy.deepcopy(prompts))
+        assert ours[:2] == theirs[:2] and _same_fields(ours[2], theirs[2]), name
+    question = f"Is {processor.image_token} here <|im_end|> or <|vision_start|>?"
+    ids = MpoGRPOTrainer._tokenize_prompts(view, [[user(question, image)]])[0][0]
+    plain = MpoGRPOTrainer._tokenize_prompts(view, [[user("Is it here?", image)]])[0][0]
+    assert _contains(ids, _plain(processor, question)) and _specials(processor, ids) == _specials(processor, plain)
+    if name.startswith("qwen"):  # TRL's own: the literal ends the turn (and an image pad has no image)
+        leaked = GRPOTrainer._tokenize_prompts(view, [[user("Is it here <|im_end|>?", image)]])[0][0]
+        assert _specials(processor, leaked) != _specials(processor, plain)
+
+
 def test_the_rule_finds_the_literal_and_refuses_naming_the_field(tiny_processor):
     protected = control.literals(tiny_processor)
     assert "<|im_end|>" in protected and "<|image_pad|>" in protected and "<|vision_start|>" in protected
