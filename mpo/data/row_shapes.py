@@ -202,8 +202,8 @@ def _check_messages(messages: Any, where: str, name: str) -> None:
 
 def _text_of(value: Any, where: str, name: str) -> str:
     """An id or answer as text; NaN and infinities (JSON's ``NaN``, a parquet float column) and
-    lists or objects (which ``str`` would silently turn into their Python repr) refused."""
-    if not isinstance(value, (str, int, float)):
+    lists, objects and booleans (which ``str`` would silently turn into their Python repr) refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{where}: field {name!r}: expected a string or a number, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise DataError(f"{where}: field {name!r}: {json.dumps(value)} is not a usable {name.replace('_', ' ')}; "

@@ -300,3 +300,14 @@ def test_ids_and_answers_that_are_not_text_or_numbers(tmp_path, row, field, kind
 def test_numbers_stay_valid_ids_and_answers(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", {"id": 7, "question": "hi", "answer": 2.5}, {"id": 8, "question": "ho", "answer": 3})
     assert [(r.prompt_id, r.answer) for r in load_prompts(path).records] == [("7", "2.5"), ("8", "3")]
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"prompt_id": True, "messages": [{"role": "user", "content": "hi"}]}, "prompt_id"),
+    ({"question": "Is it red?", "answer": False}, "answer"),
+])
+def test_booleans_refused_in_ids_and_answers(tmp_path, row, field):
+    """``str(True)`` would silently make the id or answer "True"."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert _error(load_prompts, path) == f"{path}:1: field {field!r}: expected a string or a number, got bool"
