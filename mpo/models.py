@@ -56,7 +56,10 @@ def absolute(value: str, cwd: str | os.PathLike | None = None) -> str:
 
 
 def classify(value: str, cwd: str | os.PathLike | None = None) -> str:
-    """A recipe's model reference as it is stored: an absolute path, or a Hub id unchanged."""
+    """A recipe's model reference as it is stored: an absolute path, or a Hub id unchanged (an empty one
+    stays empty: not set, not the working directory)."""
+    if not value.strip():
+        return ""
     local = absolute(value, cwd)
     if Path(local).is_dir() or value.startswith(LOCAL_PREFIXES) or os.path.isabs(value):
         return local
@@ -73,6 +76,9 @@ def model_folder(value: str | os.PathLike, key: str, reward: bool = False, **che
     """The checked folder a model reference names (a Hub id is fetched, or found in the cache);
     ``check``: more of :func:`check_model_folder`'s options."""
     value = str(value)
+    if not value.strip():
+        raise ModelFolderError(f"{key}: not set; give a model folder or a Hugging Face Hub id (in the recipe, or "
+                               f"as the override {key}=...)")
     if is_hub_id(value):
         folder = _fetch(value, key)
     else:

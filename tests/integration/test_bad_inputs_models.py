@@ -81,6 +81,13 @@ def test_a_policy_folder_that_cannot_be_a_policy(user, folder, pattern):
     assert not (user / "runs" / folder).exists(), "the run folder was touched before the policy was checked"
 
 
+def test_an_empty_policy_is_not_the_working_folder(user):
+    """``model.policy=`` (empty) is "not set", not the folder the command runs in."""
+    result = mpo(user, "iterate", "iterate.yaml", "model.policy=", "run.output_dir=runs/empty")
+    assert_one_line(result, r"^error: model\.policy: not set; give a model folder or a Hugging Face Hub id")
+    assert not (user / "runs" / "empty").exists()
+
+
 def test_a_reward_model_without_its_processor_and_one_of_another_family(user):
     assert_one_line(mpo(user, "reward", "score", "--model", "no_processor", "--input", "items.jsonl",
                         "--output", "out.jsonl"),
