@@ -26,6 +26,9 @@ def grpo_command(
     filter_prompts: Annotated[bool, typer.Option("--filter-prompts", help="Before training, drop the prompts whose "
                                                  "sampled rewards never differ (grpo.ssb.filter_prompts=true).")]
     = False,
+    after_rounds: Annotated[bool, typer.Option("--after-rounds", hidden=True, help="Launched by mpo iterate "
+                                               "(iterate.then: grpo, launch.mode: distributed): RECIPE is the "
+                                               "run's; GRPO from its last round's policy into RUN/grpo.")] = False,
 ):
     """GRPO with hybrid rewards (rule, reward model, format) and the Selective Sample Buffer."""
     from mpo.cli_common import check_output_folder
@@ -34,6 +37,11 @@ def grpo_command(
 
     loaded = load_recipe(recipe, [*(overrides or []), *(["grpo.ssb.filter_prompts=true"] if filter_prompts else [])])
     check_output_folder(loaded.run.output_dir, "run.output_dir")
+    if after_rounds:
+        from mpo.rounds.then_grpo import grpo_rank
+
+        grpo_rank(loaded)
+        return
     run_grpo(loaded, resume=not fresh)
 
 

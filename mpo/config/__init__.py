@@ -182,7 +182,7 @@ class IterateConfig(Section):
     # held-out evaluation every `eval.every` rounds (EvalConfig); None: none (results in round_NNN/eval/)
     eval: EvalConfig | None = None
     # After the last round: grpo, R1V2's second stage (the grpo section) from the last round's policy
-    # into RUN/grpo/ (mpo.rounds.then_grpo; launch.mode inline only). None: the rounds only.
+    # into RUN/grpo/ (mpo.rounds.then_grpo; distributed: a job like training). None: the rounds only.
     then: Literal["grpo"] | None = None
 
 
@@ -191,15 +191,15 @@ class LaunchConfig(Section):
 
     # inline: one process runs every stage (CPU, one GPU, the demo). distributed: each stage of each
     # round is its own launch (torchrun for rollout replicas, scoring ranks and held-out eval replicas,
-    # accelerate launch for training) that owns whole GPUs and exits when done; ranks share the
-    # stage's chunks. mpo eval: its greedy responses made the same way (one node).
+    # accelerate launch for training and iterate.then's GRPO stage) that owns whole GPUs and exits when
+    # done; ranks share the stage's chunks. mpo eval: its greedy responses made the same way (one node).
     mode: Literal["inline", "distributed"] = "inline"
     nproc_per_node: int | None = Field(None, ge=1)  # default: the visible GPUs (required on CPU)
     nnodes: int = Field(1, ge=1)
     node_rank: int | None = Field(None, ge=0)  # default: $NODE_RANK, $SLURM_NODEID, else 0
     master_addr: str | None = None  # default: $MASTER_ADDR, else 127.0.0.1
     master_port: int = Field(29511, ge=1, le=65535)
-    # the accelerate / DeepSpeed config training launches with (recipes/accelerate/*.yaml); None:
+    # the accelerate / DeepSpeed config training and GRPO launch with (recipes/accelerate/*.yaml); None:
     # plain data parallel over nproc_per_node x nnodes processes
     accelerate_config: LocalPath | None = None
 

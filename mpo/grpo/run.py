@@ -19,6 +19,10 @@ Run folder (``run.output_dir``)::
     policy/             at the end: the trained policy and processor (LoRA merged in), as mpo train saves it
     mpo_state.json      written last: the run finished
 
+Under ``accelerate launch`` (by hand, or ``mpo iterate``'s distributed GRPO stage:
+:mod:`mpo.rounds.then_grpo`) the main process alone starts afresh, writes the key, ``config.yaml`` and
+the prompt filter's outcome; the other ranks wait for it, then read them.
+
 Rerunning the same command resumes from the newest complete checkpoint (the buffer's state and the
 random generators' with it) and ends at the weights an uninterrupted run ends at; ``resume=False``
 removes the checkpoints of the run it replaces and starts afresh.
@@ -211,8 +215,29 @@ def run_grpo(recipe, resume: bool = True) -> Path:
         return _grpo_locked(recipe, out, resume)
 
 
-def _start(recipe, out: Path, key: dict, resume: bool) -> bool:
-    """Check the folder's key (resume) or start afresh; False when the run finished earlier."""
+def grpo_prompts(recipe, out: Path, quiet: bool = False) -> list:
+    """The run's prompts (``data.prompts``), checked with ``grpo.on_too_long`` against ``grpo.max_tokens``."""
+    from mpo.rollout.prompt_set import load_prompt_set
+
+    return load_prompt_set(recipe, on_too_long=recipe.grpo.on_too_long, setting="grpo.on_too_long",
+                           room=recipe.grpo.max_tokens, room_setting="grpo.max_tokens",
+                           image_cache=out / "image_cache", quiet=quiet)
+
+
+def is_finished(recipe) -> bool:
+    """The GRPO run in ``run.output_dir`` finished with this recipe's prompts and settings
+    (:func:`mpo.keys.finished` with :func:`grpo_key`): what each node of a distributed ``mpo iterate``
+    asks before it launches the GRPO stage (:mod:`mpo.rounds.then_grpo`)."""
+    from mpo.keys import finished
+
+    out = Path(recipe.run.output_dir)
+    return finished(out) and finished(out, grpo_key(recipe, grpo_prompts(recipe, out, quiet=True)))
+
+
+def _start(recipe, out: Path, key: dict, resume: bool, main: bool) -> bool:
+    """Check the folder's key (resume) or start afresh; False when the run finished earlier. Under a
+    launcher the main process (``main``) runs this first and alone starts afresh (removes the checkpoints
+    and the prompt filter's outcome, writes the key); the others then find its key."""
     from mpo.keys import KEY_FILE, check_key, finished
     from mpo.train.setup import start_afresh
 
@@ -222,28 +247,32 @@ def _start(recipe, out: Path, key: dict, resume: bool) -> bool:
     if resume and (out / KEY_FILE).is_file():
         check_key(out, key, f"{out} (or run mpo grpo with --fresh)", key_file=out / KEY_FILE)
         return True
-    start_afresh(out, key, also=(FILTER_FILE,))
+    if main:
+        start_afresh(out, key, also=(FILTER_FILE,))
     return True
 
 
 def _grpo_locked(recipe, out: Path, resume: bool) -> Path:
+    from accelerate import PartialState
+
     from mpo.config import save_resolved
     from mpo.errors import writing_into
     from mpo.keys import last_complete_checkpoint
     from mpo.preempt import check, deferred
-    from mpo.rollout.prompt_set import load_prompt_set
     from mpo.train.run import _stop_if_preempted, load_policy, save_outputs
     from mpo.train.setup import METRICS_FILE, trim_metrics, wandb_scope
 
-    prompts = load_prompt_set(recipe, on_too_long=recipe.grpo.on_too_long, setting="grpo.on_too_long",
-                              room=recipe.grpo.max_tokens, room_setting="grpo.max_tokens",
-                              image_cache=out / "image_cache")
-    if not _start(recipe, out, grpo_key(recipe, prompts), resume):
-        return out / "policy"
-    print(f"resolved recipe: {save_resolved(recipe, out)}")
+    prompts = grpo_prompts(recipe, out)
+    state = PartialState()  # under accelerate launch: the main process writes, the others read what it wrote
+    with state.main_process_first():
+        if not _start(recipe, out, grpo_key(recipe, prompts), resume, state.is_main_process):
+            return out / "policy"
+    if state.is_main_process:
+        print(f"resolved recipe: {save_resolved(recipe, out)}")
     parts = reward_components(recipe)
     if recipe.grpo.ssb.filter_prompts:
-        prompts = filter_pass(recipe, prompts, parts, out)
+        with state.main_process_first():  # the others read its outcome (FILTER_FILE)
+            prompts = filter_pass(recipe, prompts, parts, out)
     model, processor = load_policy(recipe)
     trainer = build_grpo_trainer(recipe, prompts, model, processor, parts)
     checkpoint = last_complete_checkpoint(out)

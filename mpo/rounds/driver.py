@@ -231,16 +231,16 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     With ``launch.mode: distributed`` each stage runs as its own job (:mod:`mpo.rounds.runners`), the
     ``iterate.eval`` stages too (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`); on a node other
     than 0 this only joins those jobs (:func:`follow_rounds`). With ``iterate.then: grpo`` the GRPO stage
-    follows the rounds (:func:`mpo.rounds.then_grpo.then_grpo`), its entry in ``summary.json``."""
+    follows the rounds (:func:`mpo.rounds.then_grpo.then_grpo`; distributed, a job too), its entry in
+    ``summary.json``."""
     from mpo.config import save_resolved
     from mpo.keys import kept_beside
     from mpo.rounds.report import RunReport
     from mpo.rounds.runners import make_runner
-    from mpo.rounds.then_grpo import check_then, then_grpo
+    from mpo.rounds.then_grpo import then_grpo
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
-    check_then(recipe)
     if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
 
@@ -269,7 +269,8 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
                     report.round_done(manifest, layout.file(n, SCORED_FILE), prompts)
         finally:
             runner.close()
-        grpo = then_grpo(recipe, problems) if recipe.iterate.then == "grpo" else None
+        launched = runner if recipe.launch.mode == "distributed" else None  # the GRPO stage a job too
+        grpo = then_grpo(recipe, problems, launched) if recipe.iterate.then == "grpo" else None
         report.finish(manifests, grpo)
     return manifests
 
@@ -304,6 +305,12 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
             follow_eval(layout, runner, policy, layout.file(n, EVAL_DIR))
         wait_for(layout.file(n, MANIFEST_FILE), "the round's manifest")
     print(f"node {runner.topology.node_rank}: every round finished")
+    if layout.recipe.iterate.then == "grpo":
+        from mpo.rounds.then_grpo import follow_grpo
+
+        policy = follow_grpo(layout.recipe, runner)
+        if held_out:
+            follow_eval(layout, runner, policy, policy.parent / EVAL_DIR)
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 
 

@@ -1,20 +1,20 @@
 """Each stage of a round as its own distributed job (``launch.mode: distributed``), on launchers
 that exist: ``torchrun`` for rollout replicas, scoring ranks and held-out eval replicas
-(:mod:`mpo.rounds.rank`), ``accelerate
-launch`` for training (``-m mpo train CONFIG --round N``, with the recipe's accelerate / DeepSpeed
-config). Each job owns whole GPUs and exits when its stage is done, so no vLLM engine, reward model
-and trainer are ever resident together.
+(:mod:`mpo.rounds.rank`), ``accelerate launch`` for training (``-m mpo train CONFIG --round N``, with
+the recipe's accelerate / DeepSpeed config) and for ``iterate.then: grpo``'s GRPO stage (``-m mpo grpo
+CONFIG --after-rounds``: :mod:`mpo.rounds.then_grpo`). Each job owns whole GPUs and exits when its
+stage is done, so no vLLM engine, reward model and trainer are ever resident together.
 
 - **Placement.** Per node, a rollout job runs ``nproc_per_node / rollout.tensor_parallel_size``
   replicas (each rank its own ``vllm.LLM`` on its own GPU slice, ``CUDA_VISIBLE_DEVICES`` set by the
   rank itself; vLLM's ``VLLM_DP_*`` offline data parallelism is not used), and so does an eval job;
-  scoring runs
-  ``nproc_per_node`` ranks, one reward model per GPU; training ``nproc_per_node x nnodes`` processes.
+  scoring runs ``nproc_per_node`` ranks, one reward model per GPU; training and GRPO
+  ``nproc_per_node x nnodes`` processes.
 - **Nodes.** Every node runs the same ``mpo iterate`` command (``scripts/slurm_iterate.sh``, or by
   hand with ``launch.node_rank`` / ``$NODE_RANK``); each stage job rendezvous at ``master_addr``
-  (``$MASTER_ADDR``) on ``master_port`` (+1 scoring, +2 training, +3 eval), and the run folder is on a shared
-  file system. Node 0 joins each stage's parts, writes the round's files and holds the run lock; the
-  other nodes wait for those files.
+  (``$MASTER_ADDR``) on ``master_port`` (+1 scoring, +2 training, +3 eval, +4 GRPO), and the run folder
+  is on a shared file system. Node 0 joins each stage's parts, writes the round's files and holds the
+  run lock; the other nodes wait for those files.
 - **Faults.** A rank that fails ends its job (torchrun stops the other ranks; the stage ranks share
   no collective, so none can hang on one): the driver stops with one line naming the round, the
   stage, the rank, its last ``error:`` line and its log. Finished chunks stay, whoever wrote them, and
@@ -38,7 +38,8 @@ from pathlib import Path
 
 from mpo.errors import MpoError
 
-PORT_OFFSETS = {"rollout": 0, "score": 1, "train": 2, "eval": 3}
+PORT_OFFSETS = {"rollout": 0, "score": 1, "train": 2, "eval": 3, "grpo": 4}
+ACCELERATED = ("train", "grpo")  # stages launched with accelerate (``-m mpo <stage> CONFIG ...``)
 
 
 class StageFailed(MpoError):
@@ -110,11 +111,12 @@ def _torchrun(topo: Topology, procs: int, port: int, log_dir: Path) -> list[str]
 def stage_command(stage: str, config: Path, n: int | None, recipe, topo: Topology, log_dir: Path,
                   rank_args: list[str] | None = None) -> list[str]:
     """The launch of one stage of round ``n``; ``config`` is the run's resolved recipe. ``rank_args``: what
-    the ranks get after it (default ``--round n``; an eval's :meth:`mpo.rounds.evaluate.EvalSpec.argv`)."""
+    the ranks get after it (default ``--round n``, and ``--stage-only`` for training; an eval's
+    :meth:`mpo.rounds.evaluate.EvalSpec.argv`; the GRPO stage's ``--after-rounds``)."""
     port = topo.master_port + PORT_OFFSETS[stage] if topo.nnodes > 1 else _free_port()
-    if stage == "train":
-        return _accelerate(recipe, topo, port, log_dir) + ["-m", "mpo", "train", str(config), "--round", str(n),
-                                                         "--stage-only"]
+    if stage in ACCELERATED:
+        rank_args = ["--round", str(n), "--stage-only"] if rank_args is None else rank_args
+        return _accelerate(recipe, topo, port, log_dir) + ["-m", "mpo", stage, str(config), *rank_args]
     procs = replicas_per_node(recipe, topo) if stage in ("rollout", "eval") else topo.nproc_per_node
     rank_args = ["--round", str(n)] if rank_args is None else rank_args
     return _torchrun(topo, procs, port, log_dir) + ["-m", "mpo.rounds.rank", stage, str(config), *rank_args]

@@ -235,6 +235,11 @@ class LaunchedRunner(StageRunner):
         self.launch(layout, n, "train")
         return Path(round_recipe.run.output_dir) / "policy"
 
+    def grpo(self, out: Path) -> None:
+        """``iterate.then: grpo``'s GRPO stage into ``out`` (``RUN/grpo``) as a job launched like training
+        (each rank :func:`mpo.rounds.then_grpo.grpo_rank`); its logs in ``out/logs/grpo``."""
+        self._job("grpo", None, out / "logs" / "grpo", ["--after-rounds"])
+
     def close(self) -> None:
         pass  # each job gave back its own
 

@@ -13,27 +13,27 @@ section are the run's. With ``iterate.eval`` the GRPO stage's policy is evaluate
     RUN/summary.json    "grpo": where the stage is, its per-step means and its held-out metrics
 
 Resuming is each part's own: the rounds' (:mod:`mpo.rounds.driver`), GRPO's from its newest complete
-checkpoint (a finished GRPO run under the same key trains nothing), the eval's by chunks. GRPO runs in
-the driver's process: ``launch.mode: distributed`` is refused for it (:func:`check_then`).
+checkpoint (a finished GRPO run under the same key trains nothing), the eval's by chunks.
+
+Where it runs (``launch.mode``): inline, in the driver's process; distributed, as a job like a round's
+training (:meth:`mpo.rounds.runners.LaunchedRunner.grpo`: ``accelerate launch ... -m mpo grpo
+RUN/config.yaml --after-rounds`` on every node, ``nproc_per_node x nnodes`` ranks, logs in
+``RUN/grpo/logs/grpo/``), each rank :func:`grpo_rank`: under the run's lock (its driver's token, as the
+training ranks; :mod:`mpo.run_lock`), :func:`mpo.grpo.run.run_grpo` on :func:`stage_recipe`. Every node
+launches it unless the stage finished with the same prompts and settings
+(:func:`mpo.grpo.run.is_finished`); a node other than 0 then waits for the finished marker
+(:func:`follow_grpo`). Its eval is a job too (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mpo.config import ConfigError, Recipe
+from mpo.config import Recipe
 from mpo.rounds.layout import EVAL_DIR, RoundLayout
 
 GRPO_DIR = "grpo"  # the GRPO stage's run folder, inside the rounds' run folder
 MEANS = ("loss", "reward", "kl", "ssb/effective_fraction")  # metrics.jsonl keys (and reward/*) summarised
-
-
-def check_then(recipe: Recipe) -> None:
-    """``iterate.then`` checked before the run folder is touched: one line where it cannot run."""
-    if recipe.iterate.then == "grpo" and recipe.launch.mode == "distributed":
-        raise ConfigError("iterate.then: grpo runs in the driver's process, not as distributed jobs: use "
-                          "launch.mode=inline, or run mpo grpo (accelerate launch -m mpo grpo ...) on the last "
-                          "round's policy")
 
 
 def grpo_recipe(recipe: Recipe, policy: Path) -> Recipe:
@@ -42,6 +42,40 @@ def grpo_recipe(recipe: Recipe, policy: Path) -> Recipe:
     derived.model.policy = str(policy)
     derived.run.output_dir = str(Path(recipe.run.output_dir) / GRPO_DIR)
     return derived
+
+
+def stage_recipe(recipe: Recipe) -> Recipe:
+    """:func:`grpo_recipe` from the last round's policy (in this run folder: a moved run stays whole)."""
+    return grpo_recipe(recipe, RoundLayout(recipe).policy(recipe.iterate.rounds))
+
+
+def grpo_rank(recipe: Recipe) -> Path:
+    """One rank of the distributed GRPO stage (``mpo grpo RUN/config.yaml --after-rounds``; ``recipe``: the
+    run's): :func:`mpo.grpo.run.run_grpo` on :func:`stage_recipe` under the run's lock, which its driver
+    holds (node 0: the token it was handed; other nodes: once node 0's driver holds it)."""
+    from mpo.grpo.run import run_grpo
+    from mpo.keys import kept_beside
+    from mpo.run_lock import run_lock
+
+    run_dir = Path(recipe.run.output_dir)
+    with run_lock(run_dir), kept_beside(run_dir):
+        return run_grpo(stage_recipe(recipe))
+
+
+def follow_grpo(recipe: Recipe, runner) -> Path:
+    """A node other than 0 of a distributed run: join the GRPO job node 0 starts (both launch it unless
+    the stage finished with the same prompts and settings) and wait for its finished marker; the policy."""
+    from mpo.grpo.run import is_finished
+    from mpo.keys import TRAINED_FILE
+    from mpo.rounds.launch import wait_for
+
+    stage = stage_recipe(recipe)
+    out = Path(stage.run.output_dir)
+    if not is_finished(stage):
+        runner.grpo(out)
+    wait_for(out / TRAINED_FILE, "the GRPO stage's finished marker")
+    print(f"node {runner.topology.node_rank}: the GRPO stage finished")
+    return out / "policy"
 
 
 def grpo_means(out: Path) -> dict:
@@ -53,33 +87,42 @@ def grpo_means(out: Path) -> dict:
     return {"steps": len(rows), **{f"train/{key}": mean for key, mean in metric_means(rows, keys).items()}}
 
 
-def then_grpo(recipe: Recipe, problems: list | None) -> dict:
-    """The GRPO stage from the last round's policy (in this run folder: a moved run stays whole), then
-    its held-out eval with ``iterate.eval`` (``problems``: its problems, None to load them); the stage's
-    summary entry."""
-    from mpo.grpo.run import run_grpo
+def then_grpo(recipe: Recipe, problems: list | None, runner=None) -> dict:
+    """The GRPO stage from the last round's policy (:func:`stage_recipe`), then its held-out eval with
+    ``iterate.eval`` (``problems``: its problems, None to load them); the stage's summary entry.
+    ``runner``: the rounds' :class:`mpo.rounds.runners.LaunchedRunner` (``launch.mode: distributed``: both
+    are jobs), or None (both in this process)."""
+    from mpo.grpo.run import is_finished, run_grpo
 
-    policy_in = RoundLayout(recipe).policy(recipe.iterate.rounds)
-    stage = grpo_recipe(recipe, policy_in)
-    out = Path(stage.run.output_dir)
+    stage = stage_recipe(recipe)
+    policy_in, out = Path(stage.model.policy), Path(stage.run.output_dir)
     print(f"GRPO from the last round's policy ({policy_in}) -> {out}")
-    policy_out = run_grpo(stage)
+    if runner is None:
+        policy_out = run_grpo(stage)
+    else:
+        if not is_finished(stage):
+            runner.grpo(out)
+        policy_out = out / "policy"
     summary = {"output_dir": str(out), "policy_in": str(policy_in), "policy_out": str(policy_out),
                **grpo_means(out)}
     if recipe.iterate.eval is not None:
-        summary.update(grpo_eval(recipe, problems, policy_out, out / EVAL_DIR))
+        summary.update(grpo_eval(recipe, problems, policy_out, out / EVAL_DIR, runner))
     return summary
 
 
-def grpo_eval(recipe: Recipe, problems: list | None, policy: Path, out_dir: Path) -> dict:
+def grpo_eval(recipe: Recipe, problems: list | None, policy: Path, out_dir: Path, runner=None) -> dict:
     """``iterate.eval`` of the GRPO stage's ``policy`` into ``out_dir`` (a finished eval is read back and
-    loads no model); its flat metrics."""
+    loads no model), in this process or as ``runner``'s job (:meth:`mpo.rounds.runners.LaunchedRunner.
+    evaluate_spec`); its flat metrics."""
     from mpo.rounds.evaluate import LazyBackend, iterate_spec
 
     spec = iterate_spec(recipe, policy, out_dir)
     problems = spec.problems() if problems is None else problems
-    with LazyBackend(recipe.rollout, recipe.model, policy) as backend:
-        metrics = spec.run(problems, backend, quiet=True)
+    if runner is not None:
+        metrics = runner.evaluate_spec(spec, problems)
+    else:
+        with LazyBackend(recipe.rollout, recipe.model, policy) as backend:
+            metrics = spec.run(problems, backend, quiet=True)
     benchmark = recipe.iterate.eval.benchmark
     print(f"GRPO: held-out {benchmark} accuracy {metrics[f'eval/{benchmark}/accuracy']:.1%} "
           f"({len(problems)} problems) -> {out_dir}")

@@ -135,7 +135,9 @@ def test_a_killed_rank_fails_the_stage_and_the_run_resumes(runs, tmp_path, tiny_
 
 def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_dir):
     """The multi-node form (`iterate.nnodes=2`, one driver per node with its NODE_RANK, rendezvous at
-    MASTER_ADDR) with both "nodes" on this machine, one process each: the inline bytes again."""
+    MASTER_ADDR) with both "nodes" on this machine, one process each: the inline bytes again. Then
+    `iterate.then=grpo` (folded into this run, not a run of its own): the GRPO stage an accelerate job
+    with a rank on each node, node 1 waiting for its finished marker."""
     import socket
 
     with socket.socket() as sock:
@@ -143,7 +145,9 @@ def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_d
         port = sock.getsockname()[1]
     run_dir = tmp_path / "run"
     command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, "iterate.launch=distributed", "iterate.nnodes=2",
-                       "iterate.nproc_per_node=1", "train.per_device_batch_size=2", f"iterate.master_port={port}")
+                       "iterate.nproc_per_node=1", "train.per_device_batch_size=2", f"iterate.master_port={port}",
+                       "iterate.then=grpo", "grpo.max_steps=2", "grpo.num_generations=2", "grpo.per_device_batch_size=2",
+                       "grpo.max_tokens=8", "grpo.logging_steps=1", "grpo.save_steps=1")
     nodes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**_env(), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"})
              for rank in (0, 1)]
@@ -157,6 +161,17 @@ def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_d
                 (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
     one, two = _steps(runs / "inline", 1), _steps(run_dir, 1)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+    grpo = run_dir / "grpo"
+    assert "node 1: the GRPO stage finished" in results[1][0] and "grpo: launching" in results[0][0]
+    assert json.loads((grpo / "mpo_state.json").read_text()) == {"global_step": 2}
+    assert (grpo / "policy" / "model.safetensors").is_file() and (grpo / "logs" / "grpo").is_dir()
+    assert f"policy: {run_dir / 'round_001' / 'train' / 'policy'}\n" in (grpo / "config.yaml").read_text()
+    steps = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]  # one row a step: the main process logs
+    assert all({"reward/rule", "reward/model", "reward/format", "ssb/effective_fraction"} <= set(r) for r in steps)
+    entry = json.loads((run_dir / "summary.json").read_text())["grpo"]
+    assert entry["policy_out"] == str(grpo / "policy") and entry["steps"] == 2
+    assert not list(run_dir.rglob(".mpo.lock"))
 
 
 def _marked(mark: str) -> list[int]:

@@ -77,14 +77,6 @@ def test_rounds_then_grpo_then_its_eval(hybrid_run, tiny_policy_dir, tiny_reward
     assert _snapshot(out) == before
 
 
-def test_distributed_is_refused_in_one_line(tmp_path, tiny_policy_dir, tiny_reward_dir):
-    out = tmp_path / "run"
-    result = _run([*_command(out, tiny_policy_dir, tiny_reward_dir), "launch.mode=distributed"])
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
-    assert "iterate.then: grpo" in result.stderr and "launch.mode=inline" in result.stderr
-    assert not out.exists()
-
-
 @pytest.mark.slow
 def test_kill_during_grpo_resumes_to_the_same_policy(hybrid_run, tmp_path, monkeypatch, tiny_policy_dir,
                                                     tiny_reward_dir):

@@ -74,3 +74,32 @@ def test_last_complete_checkpoint_passes_over_a_cut_short_one(tmp_path):
     (tmp_path / "checkpoint-x").mkdir()
     # 8 has no trainer_state.json yet, 6 was killed mid-write: 4 is the newest complete one
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+
+
+def test_distributed_grpo_stage_is_launched_like_training(tmp_path, monkeypatch):
+    """``iterate.then: grpo`` with ``launch.mode: distributed`` (refused before issue 21's GRPO job): the
+    stage is an accelerate launch of ``mpo grpo RUN/config.yaml --after-rounds`` with this node's rank in
+    the nodes' rendezvous (master_port + 4), the training stage's launch code, logs in RUN/grpo/logs/grpo."""
+    from mpo.config import load_recipe
+    from mpo.rounds import launch
+    from mpo.rounds.runners import LaunchedRunner
+    from mpo.rounds.then_grpo import stage_recipe
+
+    recipe = load_recipe(None, [f"run.output_dir={tmp_path}", "iterate.rounds=2", "iterate.then=grpo",
+                                "launch.mode=distributed", "launch.nnodes=2", "launch.node_rank=1",
+                                "launch.nproc_per_node=2", "launch.master_addr=10.0.0.7", "launch.master_port=29600"])
+    jobs = []
+    monkeypatch.setattr(launch, "run_stage_job", lambda *job: jobs.append(job) or 1.0)
+    (tmp_path / "round_001").mkdir()
+    (tmp_path / "round_001" / "manifest.json").write_text('{"round": 1, "trained": true}')
+    stage = stage_recipe(recipe)
+    assert stage.run.output_dir == str(tmp_path / "grpo")
+    assert stage.model.policy == str(tmp_path / "round_001" / "train" / "policy")
+    LaunchedRunner(recipe, tmp_path / "config.yaml").grpo(tmp_path / "grpo")
+    (name, n, command, topo, log_dir), = jobs
+    assert (name, n, log_dir, topo.node_rank) == ("grpo", None, tmp_path / "grpo" / "logs" / "grpo", 1)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    assert command[command.index("-m", 3):] == ["-m", "mpo", "grpo", str(tmp_path / "config.yaml"), "--after-rounds"]
+    flags = dict(zip(command[3::], command[4::]))
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("4", "2", "1")
+    assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("10.0.0.7", "29604")
