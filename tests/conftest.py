@@ -50,6 +50,16 @@ def tiny_reward_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def header_reward_dir(tmp_path_factory) -> Path:
+    """The reward model recipes/tiny/grpo.yaml's header builds (`mpo tiny reward`, seed 0; tiny_reward_dir
+    has seed 1): its scores are what the recipe's threshold splits (seed 1's tiny completions all score
+    above it: no group has signal)."""
+    from mpo.cli.tiny import save_reward_model
+
+    return save_reward_model(tmp_path_factory.mktemp("tiny") / "header_reward", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_processor(tiny_policy_dir):
     from transformers import AutoProcessor
 

@@ -2,9 +2,11 @@
 Buffer (Skywork R1V2, arXiv 2504.16656).
 
 What comes from ``GRPOTrainer`` unchanged: sampling a group of ``num_generations`` completions per
-prompt (transformers ``generate``, or vLLM), the reward functions' weighted sum and the group-normalised
-advantages, the loss (``loss_type``, clip ε, KL coefficient β), the optimizer, gradient accumulation,
-DDP / DeepSpeed, checkpoints and resume. What :class:`MpoGRPOTrainer` adds:
+prompt (vLLM; or transformers ``generate``, row by row with a seed per row of the global batch,
+:class:`mpo.grpo.sampling.RowSeededGeneration`, so 2 ranks sample what one process does), the reward
+functions' weighted sum and the group-normalised advantages, the loss (``loss_type``, clip ε, KL
+coefficient β), the optimizer, gradient accumulation, DDP / DeepSpeed, checkpoints and resume. What
+:class:`MpoGRPOTrainer` adds:
 
 - ``reward/<name>`` per step for each component of :mod:`mpo.grpo.rewards` (rule, model, format): its
   unweighted mean over the completions of the global batch that it scored, taken from the gathered
@@ -56,6 +58,7 @@ from mpo.grpo.rows import join_rows, split_rows
 from mpo.grpo.ssb import Group, Identity, SampleBuffer, effective_fraction
 from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal
 from mpo.train.trainer import reload_full_model
+from mpo.grpo.sampling import RowSeededGeneration
 
 SSB_STATE_FILE = "ssb_state.pt"  # the Selective Sample Buffer's state, inside each checkpoint-N/
 
@@ -103,7 +106,7 @@ class _EncodedPrompts:
         return BatchFeature(fields)
 
 
-class MpoGRPOTrainer(GRPOTrainer):
+class MpoGRPOTrainer(RowSeededGeneration, GRPOTrainer):
     """``GRPOTrainer`` with the components of :mod:`mpo.grpo.rewards` as its reward functions (pass their
     weights as ``GRPOConfig.reward_weights``), ``ssb`` a :class:`mpo.config.grpo.SsbConfig` (None or
     disabled: no buffer), ``identity`` what buffered samples are valid for

@@ -1,9 +1,12 @@
 """What every rollout engine provides (the interface :mod:`mpo.rollout.hf` and :mod:`mpo.rollout.vllm`
-implement), the error they raise and the label a rollout records for its policy."""
+implement), the error they raise and the label a rollout records for its policy; and the seeds that
+make sampling reproducible whatever the batching (:func:`chunk_seed`, :func:`seeded`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -16,6 +19,24 @@ if TYPE_CHECKING:
 
 class RolloutError(MpoError):
     """A rollout request that cannot be served (bad policy folder, too many images, bad count)."""
+
+
+def chunk_seed(base_seed: int, *keys: object) -> int:
+    """A stable 31-bit seed from a base seed and any keys (round, chunk index, a GRPO step and row, ...)."""
+    digest = hashlib.sha256(repr((base_seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: str = "cpu") -> Iterator[None]:
+    """torch's generators seeded with ``seed`` inside the block, and the CPU's and (``device`` a CUDA
+    one) the current CUDA device's restored after it: the caller's random stream is where it was."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def policy_label(policy_dir: str | Path) -> str:

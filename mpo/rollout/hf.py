@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mpo.records import Prompt, Rollout
-from mpo.rollout.base import Backend, RolloutError
+from mpo.rollout.base import Backend, RolloutError, seeded
 
 if TYPE_CHECKING:
     pass
@@ -72,15 +72,11 @@ class HFBackend(Backend):
         self.model = self.processor = self.encoder = None
 
     def generate(self, prompts, num_samples=None, seed=None) -> list[Rollout]:
-        import torch
-
         if self.closed:
             raise RolloutError("backend is closed")
         n, seed = self._resolve(num_samples, seed)
         out: list[Rollout] = []
-        devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, self.device):
             for start in range(0, len(prompts), self.batch_size):
                 out.extend(self._generate_batch(prompts[start:start + self.batch_size], n))
         return out

@@ -6,14 +6,14 @@ joined into the stage's output file, again atomically, and the parts folder is r
 killed at any moment leaves either finished chunks, which a restart reuses, or a stray temporary
 file, which is ignored: nothing finished is recomputed and nothing partial is trusted.
 
-Each chunk gets its own seed derived from (base seed, chunk index), so a resumed stage produces the
+Each chunk gets its own seed derived from (base seed, chunk index) by
+:func:`mpo.rollout.base.chunk_seed`, so a resumed stage produces the
 same records as an uninterrupted one. Whether the stage's output may be reused at all is
 :mod:`mpo.keys`'s question.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -22,15 +22,10 @@ from typing import TypeVar
 
 from mpo.errors import MpoError, RunFolderError
 from mpo.records import read_jsonl, write_json, write_jsonl
+from mpo.rollout.base import chunk_seed
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def chunk_seed(base_seed: int, *keys: object) -> int:
-    """A stable 31-bit seed from a base seed and any keys (round, chunk index, ...)."""
-    digest = hashlib.sha256(repr((base_seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def parts_dir(output: Path) -> Path:

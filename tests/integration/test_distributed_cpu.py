@@ -6,6 +6,9 @@
   *and no* ``--cpu`` flag: ``accelerate launch --cpu --num_processes 2`` starts a single process.
   (tests/model/test_trainer.py checks the same equality through ``torch.distributed.run``; this one
   goes through the launcher and config users run.)
+- ``mpo grpo`` under DDP: 2 ranks x 4 completions log the same losses, rewards, KL and buffer
+  statistics, and save the same weights, as 1 process x 8 (each row sampled under its own seed,
+  :mod:`mpo.grpo.sampling`; the buffer's draws are global).
 - DeepSpeed ZeRO-2 / ZeRO-3 (``recipes/accelerate/zero2.yaml``, ``zero3.yaml``): one process on
   DeepSpeed's CPU accelerator trains three steps and saves a full policy equal to the plain run's.
   One process only: accelerate gives no process group to DeepSpeed ranks without a GPU (each rank
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny" / "mpo_offline.yaml"
+GRPO_RECIPE = REPO / "recipes" / "tiny" / "grpo.yaml"
 PAIRS = REPO / "tests" / "fixtures" / "pairs" / "colour_pairs.jsonl"
 COMMON = ["train.max_steps=3", "train.gradient_accumulation_steps=2", "train.save_steps=100"]
 KEYS = ("loss", "loss/preference", "loss/quality", "loss/generation", "delta", "rewards/chosen",
@@ -47,11 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: str, processes: int, overrides: list[str], cpu_env: bool, timeout: int):
+def _launch(config: str, processes: int, overrides: list[str], cpu_env: bool, timeout: int,
+            stage: str = "train", recipe: Path = RECIPE):
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", config, "--num_processes", str(processes),
                "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-               "-m", "mpo", "train", str(RECIPE.relative_to(REPO)), *overrides]
+               "-m", "mpo", stage, str(recipe.relative_to(REPO)), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     if cpu_env:
@@ -110,3 +115,34 @@ def test_deepspeed_zero_on_cpu_trains_and_saves_the_same_policy(config, single, 
     assert "deepspeed" in output.lower() and "policy saved to" in done.stdout
     assert "DDP" not in output  # DeepSpeed's engine, not a DDP fallback
     _assert_same_run(out, single, 1e-4)
+
+
+GRPO_KEYS = ("loss", "reward", "reward_std", "reward/rule", "reward/model", "reward/format", "kl", "entropy",
+             "ssb/effective_fraction", "ssb/zero_signal_groups", "ssb/replayed_groups", "ssb/buffer_size",
+             "completions/mean_length")
+
+
+def _grpo_overrides(policy, reward, out, batch):
+    return [f"model.policy={policy}", f"model.reward_model={reward}", f"run.output_dir={out}",
+            f"grpo.per_device_batch_size={batch}", "grpo.max_steps=4", "grpo.max_tokens=6", "grpo.save_steps=100"]
+
+
+def test_grpo_two_cpu_ranks_match_one_process(tiny_policy_dir, header_reward_dir, tmp_path):
+    from mpo.grpo.run import run_grpo
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_grpo(load_recipe(GRPO_RECIPE, _grpo_overrides(tiny_policy_dir, header_reward_dir, single, 8)))
+    _launch("recipes/accelerate/ddp.yaml", 2, _grpo_overrides(tiny_policy_dir, header_reward_dir, ddp, 4),
+            cpu_env=True, timeout=300, stage="grpo", recipe=GRPO_RECIPE)
+    a, b = ([r for r in _rows(out) if "loss" in r] for out in (single, ddp))
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
+    for key in GRPO_KEYS:
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-4), key
+    # not vacuous: on-policy GRPO's loss is ~0 (ratio 1) but for replayed rows, and the KL grows
+    assert any(r["ssb/replayed_groups"] > 0 and abs(r["loss"]) > 1e-3 for r in a) and a[-1]["kl"] > 1e-3
+    wa, wb = _weights(single), _weights(ddp)
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-4
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -24,15 +24,6 @@ KEYS = ("loss", "reward", "reward/rule", "reward/model", "reward/format", "kl", 
         "ssb/zero_signal_groups", "ssb/replayed_groups", "ssb/buffer_size")
 
 
-@pytest.fixture(scope="module")
-def header_reward_dir(tmp_path_factory) -> Path:
-    """The reward model the recipe's header builds (`mpo tiny reward`, seed 0; the session's has seed 1):
-    its scores are what the recipe's threshold splits."""
-    from mpo.cli.tiny import save_reward_model
-
-    return save_reward_model(tmp_path_factory.mktemp("tiny") / "reward", seed=0)
-
-
 def _command(out: Path, policy: Path, reward: Path, *extra) -> list[str]:
     return [MPO, "grpo", str(RECIPE), f"run.output_dir={out}", f"model.policy={policy}",
             f"model.reward_model={reward}", *extra]

@@ -1,5 +1,6 @@
 """The GRPO trainer (mpo.grpo.trainer) against TRL's own GRPOTrainer on the tiny Qwen2.5-VL policy: with
-the buffer off both compute the same losses step by step and end at the same weights; with it on, a
+the buffer off and the same groups (TRL's trainer sampling row by row as ours does, mpo.grpo.sampling)
+both compute the same losses step by step and end at the same weights; with it on, a
 step whose zero-signal groups were replaced trains on TRL's rows (the current batch's own and earlier
 batches' rows of non-zero advantage, drawn ones) joined into one batch, and its loss is TRL's loss of
 that batch."""
@@ -67,12 +68,16 @@ def _trainer(cls, policy_dir, out, steps: int, **kwargs):
 def test_losses_equal_trl_without_the_buffer(tiny_policy_dir, tmp_path):
     from trl import GRPOTrainer
 
+    from mpo.grpo.sampling import RowSeededGeneration
     from mpo.grpo.trainer import MpoGRPOTrainer
+
+    class TrlSampledPerRow(RowSeededGeneration, GRPOTrainer):
+        """TRL's trainer with our sampling only: the same groups; TRL's rewards, advantages and loss."""
 
     ours = _trainer(_recording(MpoGRPOTrainer), tiny_policy_dir, tmp_path / "ours", 3, components=[length_if_red],
                     ssb=SsbConfig(enabled=False))
     ours.train()
-    trl = _trainer(_recording(GRPOTrainer), tiny_policy_dir, tmp_path / "trl", 3, reward_funcs=[length_if_red])
+    trl = _trainer(_recording(TrlSampledPerRow), tiny_policy_dir, tmp_path / "trl", 3, reward_funcs=[length_if_red])
     trl.train()
     # on-policy GRPO: a group's advantages cancel in the loss's value (ratio 1), the KL term does not
     assert len(ours.losses) == 3 and ours.losses[0] == 0 and any(abs(x) > 1e-5 for x in ours.losses)
