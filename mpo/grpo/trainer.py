@@ -55,10 +55,10 @@ from mpo.chat import PER_TOKEN, ChatEncoder
 from mpo.errors import MpoError
 from mpo.grpo.advantages import zero_signal
 from mpo.grpo.rows import join_rows, split_rows
+from mpo.grpo.sampling import RowSeededGeneration
 from mpo.grpo.ssb import Group, Identity, SampleBuffer, effective_fraction
 from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal
 from mpo.train.trainer import reload_full_model
-from mpo.grpo.sampling import RowSeededGeneration
 
 SSB_STATE_FILE = "ssb_state.pt"  # the Selective Sample Buffer's state, inside each checkpoint-N/
 
