@@ -9,6 +9,7 @@ given and, for choices and unknown keys, what is valid. Keys that moved (``itera
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -159,17 +160,26 @@ class TrainConfig(TrainingSection):
     reference_model: ModelRef | None = None
 
 
-class EvalConfig(Section):
-    """``iterate.eval``: held-out evaluation of the policy before round 0 and after rounds' training
-    (:func:`mpo.rounds.evaluate.run_eval`: greedy, one response per problem, the benchmark's rules)."""
+class EvalSetConfig(Section):
+    """An eval set: problems and the rules that judge them (:func:`mpo.rounds.evaluate.run_eval`: greedy,
+    one response per problem); ``iterate.monitors``' entries, and :class:`EvalConfig`'s first part."""
 
     # the held-out problems: answers: a prompt file or folder whose rows carry `answer`; mathvista:
     # testmini.json / its parquet or datasets form; mmmu: validation rows. Never the training prompts.
     data: LocalPath
     benchmark: Literal["mathvista", "mmmu", "answers"] = "answers"  # whose rules judge the answers
-    every: int = Field(1, ge=1)  # evaluate after every `every`-th round's training (and the last round)
     max_tokens: int = Field(256, ge=1)  # greedy response length limit
     split: str | None = None  # the split of a datasets folder / parquet set (default: the only one)
+
+
+class EvalConfig(EvalSetConfig):
+    """``iterate.eval``: held-out evaluation of the policy before round 0, after rounds' training and,
+    with ``iterate.then: grpo``, during and after GRPO."""
+
+    every: int = Field(1, ge=1)  # evaluate after every `every`-th round's training (and the last round)
+    # iterate.then: grpo: also the GRPO policy in training every `grpo_every` steps (in the GRPO process,
+    # RUN/grpo/evals/step-NNNNNN/). None: the GRPO stage's final policy only.
+    grpo_every: int | None = Field(None, ge=1)
 
 
 class IterateConfig(Section):
@@ -181,9 +191,21 @@ class IterateConfig(Section):
     score_chunk: int = Field(64, ge=1)
     # held-out evaluation every `eval.every` rounds (EvalConfig); None: none (results in round_NNN/eval/)
     eval: EvalConfig | None = None
+    # more eval sets by name (a hallucination set, ...), each evaluated wherever iterate.eval is (metrics
+    # monitor/<name>/...; needs iterate.eval); the GRPO stage's plot shows them beside the reward
+    monitors: dict[str, EvalSetConfig] = {}
     # After the last round: grpo, R1V2's second stage (the grpo section) from the last round's policy
     # into RUN/grpo/ (mpo.rounds.then_grpo; distributed: a job like training). None: the rounds only.
     then: Literal["grpo"] | None = None
+
+    @model_validator(mode="after")
+    def _monitors(self):
+        bad = [name for name in self.monitors if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)]
+        if bad:
+            raise ValueError(f"monitors: {bad[0]!r} is not a folder-safe name (letters, digits, _ . -)")
+        if self.monitors and self.eval is None:
+            raise ValueError("monitors: evaluated where iterate.eval is; set iterate.eval too")
+        return self
 
 
 class LaunchConfig(Section):

@@ -177,11 +177,11 @@ def filter_pass(recipe, prompts, parts, out: Path) -> list:
     return [p for p in prompts if p.prompt_id in kept]
 
 
-def build_grpo_trainer(recipe, prompts, model, processor, parts):
+def build_grpo_trainer(recipe, prompts, model, processor, parts, callbacks=None):
     """The policy's parts frozen or a LoRA adapter added (``grpo.freeze``, ``grpo.lora``), and
-    :class:`mpo.grpo.trainer.MpoGRPOTrainer` on the prompts, encoding them with the
-    :class:`mpo.chat.ChatEncoder` rollout uses: a control token's text in a prompt is plain text
-    (``data.special_tokens: escape``; ``error`` refused such prompts in
+    :class:`mpo.grpo.trainer.MpoGRPOTrainer` on the prompts (``callbacks``: more ``TrainerCallback``s),
+    encoding them with the :class:`mpo.chat.ChatEncoder` rollout uses: a control token's text in a prompt
+    is plain text (``data.special_tokens: escape``; ``error`` refused such prompts in
     :func:`mpo.rollout.prompt_set.load_prompt_set`, before any weights loaded)."""
     from mpo.chat import ChatEncoder
     from mpo.grpo.ssb import Identity
@@ -198,21 +198,22 @@ def build_grpo_trainer(recipe, prompts, model, processor, parts):
         model = add_lora(model, g.lora, g.freeze)
     return MpoGRPOTrainer(model=model, args=grpo_arguments(recipe, [c.weight for c in parts]),
                           train_dataset=prompt_dataset(prompts, processor), processing_class=processor,
-                          components=parts, ssb=g.ssb, identity=identity,
+                          components=parts, ssb=g.ssb, identity=identity, callbacks=callbacks,
                           encoder=ChatEncoder(processor, stop_ids(model_folder(recipe.model.policy, "model.policy"))))
 
 
-def run_grpo(recipe, resume: bool = True) -> Path:
+def run_grpo(recipe, resume: bool = True, callbacks=None) -> Path:
     """``mpo grpo``: GRPO of ``model.policy`` on ``data.prompts``; returns the saved policy folder. The
     run folder is locked while it trains; see the module docstring for what it holds and how a rerun
-    resumes."""
+    resumes. ``callbacks``: more ``TrainerCallback``s for the trainer (``mpo iterate``'s evals in
+    training, :mod:`mpo.rounds.grpo_eval`)."""
     from mpo.keys import kept_beside
     from mpo.run_lock import run_lock
 
     check_recipe(recipe)
     out = Path(recipe.run.output_dir)
     with run_lock(out), kept_beside(out):
-        return _grpo_locked(recipe, out, resume)
+        return _grpo_locked(recipe, out, resume, callbacks)
 
 
 def grpo_prompts(recipe, out: Path, quiet: bool = False) -> list:
@@ -252,7 +253,7 @@ def _start(recipe, out: Path, key: dict, resume: bool, main: bool) -> bool:
     return True
 
 
-def _grpo_locked(recipe, out: Path, resume: bool) -> Path:
+def _grpo_locked(recipe, out: Path, resume: bool, callbacks=None) -> Path:
     from accelerate import PartialState
 
     from mpo.config import save_resolved
@@ -274,7 +275,7 @@ def _grpo_locked(recipe, out: Path, resume: bool) -> Path:
         with state.main_process_first():  # the others read its outcome (FILTER_FILE)
             prompts = filter_pass(recipe, prompts, parts, out)
     model, processor = load_policy(recipe)
-    trainer = build_grpo_trainer(recipe, prompts, model, processor, parts)
+    trainer = build_grpo_trainer(recipe, prompts, model, processor, parts, callbacks)
     checkpoint = last_complete_checkpoint(out)
     if checkpoint:
         print(f"resuming from {checkpoint}")

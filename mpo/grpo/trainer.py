@@ -37,6 +37,8 @@ coefficient β), the optimizer, gradient accumulation, DDP / DeepSpeed, checkpoi
   multimodal fields exactly. TRL's forward pass re-runs the processor on the rendered prompts for the
   per-image tensors; while :meth:`MpoGRPOTrainer._generate_and_score_completions` runs, that call is
   answered from the same encodings (:class:`_EncodedPrompts`), left-padded as TRL pads ``prompt_ids``.
+- Metrics of other callbacks in the step's log row (:class:`LoggedCallback`: the evals in training of
+  :mod:`mpo.rounds.grpo_eval`).
 - ``metrics.jsonl`` (:class:`mpo.train.setup.MetricsFile`), a preemption signal ending training with a
   checkpoint (:class:`mpo.train.setup.StopOnSignal`), full models resumed through ``from_pretrained``
   (:func:`mpo.train.trainer.reload_full_model`).
@@ -49,6 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from mpo.chat import PER_TOKEN, ChatEncoder
@@ -61,6 +64,14 @@ from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal
 from mpo.train.trainer import reload_full_model
 
 SSB_STATE_FILE = "ssb_state.pt"  # the Selective Sample Buffer's state, inside each checkpoint-N/
+
+
+class LoggedCallback(TrainerCallback):
+    """A callback whose :attr:`pending` metrics join the trainer's next log row (``metrics.jsonl``, W&B);
+    to log them at the step that made them, set ``control.should_log`` there."""
+
+    def __init__(self):
+        self.pending: dict[str, float] = {}
 
 
 def _on_cpu(row: dict) -> dict:
@@ -217,6 +228,13 @@ class MpoGRPOTrainer(RowSeededGeneration, GRPOTrainer):
         counted = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
         batch["num_items_in_batch"] = self.accelerator.gather(counted.sum()).sum()
         return batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LoggedCallback):
+                logs.update(callback.pending)
+                callback.pending = {}
+        super().log(logs, start_time)
 
     # ---- checkpoints ------------------------------------------------------------------------------
 

@@ -35,15 +35,21 @@ class HFBackend(Backend):
         import torch
         from transformers import AutoModelForImageTextToText
 
-        from mpo.chat import ChatEncoder
         from mpo.models import recipe_processor
 
         mc = self.model_config
-        self.processor = recipe_processor(policy_dir, mc)
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        processor = recipe_processor(policy_dir, mc)
+        model = AutoModelForImageTextToText.from_pretrained(
             policy_dir, dtype=getattr(torch, mc.dtype), attn_implementation=mc.attn_implementation,
             trust_remote_code=mc.trust_remote_code, use_safetensors=True,
         ).to(self.device).eval()
+        self._use(model, processor)
+
+    def _use(self, model, processor) -> None:
+        """Generate with ``model`` (on :attr:`device`, in eval mode) and ``processor`` from now on."""
+        from mpo.chat import ChatEncoder
+
+        self.model, self.processor = model, processor
         self.eos_ids = _eos_ids(self.model.generation_config, getattr(self.processor, "tokenizer", self.processor))
         self.encoder = ChatEncoder(self.processor, self.eos_ids)
         tokenizer = self.encoder.tokenizer

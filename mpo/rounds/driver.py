@@ -38,6 +38,8 @@ from mpo.rounds.layout import (
     EVAL_BEFORE_DIR,
     EVAL_DIR,
     MANIFEST_FILE,
+    MONITOR_BEFORE_DIR,
+    MONITOR_DIR,
     PAIR_STATS_FILE,
     PAIRS_FILE,
     ROLLOUTS_FILE,
@@ -115,16 +117,23 @@ def eval_due(recipe: Recipe, n: int) -> bool:
 
 
 def stage_eval(layout: RoundLayout, n: int, problems: list, runner, policy: Path, before: bool = False) -> dict:
-    """``policy`` evaluated on the held-out ``problems`` into round ``n``'s ``eval/`` (``before``: round
-    0's ``eval_before/``, metrics named ``eval_before/...``); a finished eval is read back."""
+    """``policy`` evaluated on the held-out ``problems`` into round ``n``'s ``eval/`` and on each of
+    ``iterate.monitors`` into ``monitor/<name>/`` (:func:`mpo.rounds.monitors.evaluate_point`; ``before``:
+    round 0's ``eval_before/`` and ``monitor_before/``, metrics named ``eval_before/...``,
+    ``monitor_before/...``); a finished eval is read back."""
+    from mpo.rounds.monitors import evaluate_point, monitor_lines
+
     out = layout.file(n, EVAL_BEFORE_DIR if before else EVAL_DIR)
-    metrics = runner.evaluate(problems, policy, out)
+    metrics = evaluate_point(layout.recipe, lambda monitor, given, folder: runner.evaluate(given, policy, folder, monitor),
+                             out, layout.file(n, MONITOR_BEFORE_DIR if before else MONITOR_DIR), problems)
     benchmark = layout.recipe.iterate.eval.benchmark
     accuracy = metrics[f"eval/{benchmark}/accuracy"]
     which = "initial" if before else "trained"
     print(f"round {n}: held-out {benchmark} accuracy {accuracy:.1%} ({which} policy, {len(problems)} problems) -> {out}")
+    for line in monitor_lines(layout.recipe, metrics, f"round {n}"):
+        print(line)
     if before:
-        return {f"eval_before/{k.removeprefix('eval/')}": v for k, v in metrics.items()}
+        return {f"{k.split('/', 1)[0]}_before/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
     return metrics
 
 
@@ -237,10 +246,11 @@ def run_iterate(recipe: Recipe, extra_metrics=None, backend=None, scorer=None) -
     from mpo.keys import kept_beside
     from mpo.rounds.report import RunReport
     from mpo.rounds.runners import make_runner
-    from mpo.rounds.then_grpo import then_grpo
+    from mpo.rounds.then_grpo import check_step_evals, then_grpo
     from mpo.run_lock import run_lock
 
     layout = RoundLayout(recipe)
+    check_step_evals(recipe)
     if recipe.launch.mode == "distributed":
         from mpo.rounds.launch import topology
 
@@ -290,7 +300,8 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
         if layout.manifest(n) is not None:
             continue
         if held_out and n == 0:
-            follow_eval(layout, runner, layout.policy(0), layout.file(0, EVAL_BEFORE_DIR))
+            follow_eval(layout, runner, layout.policy(0), layout.file(0, EVAL_BEFORE_DIR),
+                        layout.file(0, MONITOR_BEFORE_DIR))
         for stage, name in (("rollout", ROLLOUTS_FILE), ("score", SCORED_FILE)):
             if not layout.file(n, name).exists():
                 runner.launch(layout, n, stage)
@@ -302,7 +313,7 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
             runner.launch(layout, n, "train")
         if held_out and eval_due(layout.recipe, n):  # the policy stage_train gave node 0
             policy = layout.file(n, "train") / "policy" if pairs_kept else layout.policy(n)
-            follow_eval(layout, runner, policy, layout.file(n, EVAL_DIR))
+            follow_eval(layout, runner, policy, layout.file(n, EVAL_DIR), layout.file(n, MONITOR_DIR))
         wait_for(layout.file(n, MANIFEST_FILE), "the round's manifest")
     print(f"node {runner.topology.node_rank}: every round finished")
     if layout.recipe.iterate.then == "grpo":
@@ -310,20 +321,23 @@ def follow_rounds(layout: RoundLayout) -> list[dict]:
 
         policy = follow_grpo(layout.recipe, runner)
         if held_out:
-            follow_eval(layout, runner, policy, policy.parent / EVAL_DIR)
+            follow_eval(layout, runner, policy, policy.parent / EVAL_DIR, policy.parent / MONITOR_DIR)
     return [layout.manifest(n) for n in range(layout.recipe.iterate.rounds)]
 
 
-def follow_eval(layout: RoundLayout, runner, policy: Path, out_dir: Path) -> None:
-    """A node other than 0: join the eval job of ``policy`` into ``out_dir`` that node 0 starts (it does
-    while the responses are not joined: :meth:`mpo.rounds.runners.LaunchedRunner.evaluate_spec`), and
-    wait for node 0's scores."""
+def follow_eval(layout: RoundLayout, runner, policy: Path, out_dir: Path, monitor_dir: Path) -> None:
+    """A node other than 0: join the eval jobs of ``policy`` that node 0 starts (it does while the
+    responses are not joined: :meth:`mpo.rounds.runners.LaunchedRunner.evaluate_spec`), into ``out_dir``
+    and each monitor's into ``monitor_dir/<name>`` in node 0's order, and wait for node 0's scores."""
     from mpo.rounds.evaluate import SCORES_FILE, iterate_spec
     from mpo.rounds.launch import wait_for
+    from mpo.rounds.monitors import eval_sets
 
-    if not (out_dir / ROLLOUTS_FILE).exists():
-        runner.launch_eval(iterate_spec(layout.recipe, policy, out_dir))
-    wait_for(out_dir / SCORES_FILE, SCORES_FILE)
+    for monitor in eval_sets(layout.recipe):
+        folder = out_dir if monitor is None else monitor_dir / monitor
+        if not (folder / ROLLOUTS_FILE).exists():
+            runner.launch_eval(iterate_spec(layout.recipe, policy, folder, monitor))
+        wait_for(folder / SCORES_FILE, SCORES_FILE)
 
 
 def check_models(recipe: Recipe) -> None:

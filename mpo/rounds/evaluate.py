@@ -107,14 +107,16 @@ def greedy(backend, max_tokens: int):
 
 def eval_key(problems: list[EvalProblem], backend, benchmark: str, *, max_tokens: int, chunk_size: int,
              seed: int) -> dict:
-    """What an eval's results are made of: the policy's files, the problems (prompts by content and
-    images, scoring rows by content) and :data:`mpo.keys.EVAL_SETTINGS` with the eval's own settings."""
+    """What an eval's results are made of: the policy's files (or the backend's ``policy_identity``, a
+    model in training: :mod:`mpo.rounds.grpo_eval`), the problems (prompts by content and images,
+    scoring rows by content) and :data:`mpo.keys.EVAL_SETTINGS` with the eval's own settings."""
     from mpo.keys import EVAL_SETTINGS, digest, prompts_identity
     from mpo.models import folder_identity
 
     sections = {"rollout": backend.config, "model": backend.model_config}
     chosen = {name: getattr(sections[name.split(".")[0]], name.split(".")[1]) for name in EVAL_SETTINGS}
-    return {"benchmark": benchmark, "policy": folder_identity(backend.policy_dir),
+    policy = getattr(backend, "policy_identity", None) or folder_identity(backend.policy_dir)
+    return {"benchmark": benchmark, "policy": policy,
             "prompts": prompts_identity([p.prompt for p in problems]),
             "rows": digest([[p.id, p.row] for p in problems]),
             "eval.temperature": 0.0, "eval.max_tokens": int(max_tokens), "eval.chunk_size": int(chunk_size),
@@ -182,11 +184,13 @@ class EvalSpec:
         return run_eval(problems, backend, Path(self.out_dir), self.benchmark, quiet=quiet, **self._settings())
 
 
-def iterate_spec(recipe, policy: str | Path = "", out_dir: str | Path = "") -> EvalSpec:
-    """``iterate.eval`` of ``policy`` into ``out_dir`` as ``mpo iterate`` runs it, inline or distributed:
-    images cached in the run folder, ``iterate.rollout_chunk`` problems a chunk, seed 0 (``policy``
-    and ``out_dir`` left empty where only the problems are asked for)."""
-    settings = recipe.iterate.eval
+def iterate_spec(recipe, policy: str | Path = "", out_dir: str | Path = "", monitor: str | None = None
+                 ) -> EvalSpec:
+    """``iterate.eval`` (or the monitor ``iterate.monitors[monitor]``) of ``policy`` into ``out_dir`` as
+    ``mpo iterate`` runs it, inline or distributed: images cached in the run folder,
+    ``iterate.rollout_chunk`` problems a chunk, seed 0 (``policy`` and ``out_dir`` left empty where only
+    the problems are asked for)."""
+    settings = recipe.iterate.eval if monitor is None else recipe.iterate.monitors[monitor]
     return EvalSpec(benchmark=settings.benchmark, data=str(settings.data), split=settings.split,
                     image_cache=str(Path(recipe.run.output_dir) / "image_cache"), policy=str(policy),
                     out_dir=str(out_dir), max_tokens=settings.max_tokens, chunk_size=recipe.iterate.rollout_chunk,

@@ -13,6 +13,7 @@ Run folder (``run.output_dir``)::
     round_000/eval_before/       iterate.eval on the initial policy (before round 0's training)
     round_000/eval/              iterate.eval on the round's trained policy: predictions.jsonl, scores.json
                                  (chunked, resumable: rollouts.jsonl.parts/; every `every` rounds, the last)
+    round_000/monitor/<name>/    each of iterate.monitors, where eval/ is (monitor_before/<name>/ in round 0)
     round_000/manifest.json      written last: the round is finished
     summary.json, plots/*.png    per-round curves
     .mpo-digests.json            cached file digests for the keys (mpo.keys; only an accelerator)
@@ -51,6 +52,8 @@ PAIR_STATS_FILE = "pair_stats.json"
 MANIFEST_FILE = "manifest.json"  # written last: the round is finished
 EVAL_DIR = "eval"  # a round's held-out eval of its trained policy (iterate.eval)
 EVAL_BEFORE_DIR = "eval_before"  # round 0's held-out eval of the initial policy
+MONITOR_DIR = "monitor"  # iterate.monitors' evals beside eval/, one folder per name (mpo.rounds.monitors)
+MONITOR_BEFORE_DIR = "monitor_before"  # round 0's monitors of the initial policy
 STAGES = (ROLLOUTS_FILE, SCORED_FILE, PAIRS_FILE, "train", MANIFEST_FILE)
 
 

@@ -24,24 +24,39 @@ SAMPLE_PROMPTS = 4  # prompts per round shown in the W&B rollout table
 PLOTS = ("reward_by_round", "pair_margins", "loss_parts", "delta")
 HELD_OUT_PLOT = "held_out_accuracy"  # with iterate.eval: held-out accuracy against rounds trained
 BEFORE = "eval_before/"  # round 0's metrics of the initial policy's held-out eval (``eval/`` otherwise)
+MONITOR_BEFORE = "monitor_before/"  # round 0's of its iterate.monitors (``monitor/`` otherwise)
+GRPO_PLOT = "grpo_progress"  # iterate.then: grpo: reward per GRPO step, held-out and monitor accuracy beside it
+
+
+def _before(key: str) -> str | None:
+    """The after-training name of a round-0 metric of the initial policy (``eval_before/...``,
+    ``monitor_before/...``), or None."""
+    for prefix, name in ((BEFORE, "eval/"), (MONITOR_BEFORE, "monitor/")):
+        if key.startswith(prefix):
+            return name + key.removeprefix(prefix)
+    return None
 
 
 def held_out_points(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """``{"eval/<benchmark>/accuracy": [(rounds trained, accuracy), ...]}`` of ``iterate.eval``: 0 is
-    the initial policy (round 0's ``eval_before/...``), ``n + 1`` round ``n``'s trained policy."""
+    """``{"eval/<benchmark>/accuracy": [(rounds trained, accuracy), ...]}`` of ``iterate.eval`` (and
+    ``monitor/<name>/accuracy`` of ``iterate.monitors``): 0 is the initial policy (round 0's
+    ``eval_before/...``), ``n + 1`` round ``n``'s trained policy."""
     points: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         for key, value in row.items():
-            if key.startswith(BEFORE) and key.endswith("/accuracy"):
-                points.setdefault(f"eval/{key.removeprefix(BEFORE)}", []).insert(0, (row["round"], value))
-            elif key.startswith("eval/") and key.endswith("/accuracy"):
+            if not key.endswith("/accuracy"):
+                continue
+            if _before(key):
+                points.setdefault(_before(key), []).insert(0, (row["round"], value))
+            elif key.startswith(("eval/", "monitor/")):
                 points.setdefault(key, []).append((row["round"] + 1, value))
     return points
 
 
-def plot_names(rows: list[dict]) -> list[str]:
-    """The run's plots: :data:`PLOTS`, and :data:`HELD_OUT_PLOT` with ``iterate.eval``."""
-    return [*PLOTS, *([HELD_OUT_PLOT] if held_out_points(rows) else [])]
+def plot_names(rows: list[dict], grpo: dict | None = None) -> list[str]:
+    """The run's plots: :data:`PLOTS`, :data:`HELD_OUT_PLOT` with ``iterate.eval`` and :data:`GRPO_PLOT`
+    with ``iterate.then: grpo``."""
+    return [*PLOTS, *([HELD_OUT_PLOT] if held_out_points(rows) else []), *([GRPO_PLOT] if grpo else [])]
 
 
 def format_round_table(rows: list[dict]) -> str:
@@ -50,8 +65,8 @@ def format_round_table(rows: list[dict]) -> str:
     row ``before`` holds the initial policy's held-out accuracy (round 0's ``eval_before/...``)."""
     extra = sorted({k for row in rows for k in row
                     if k.startswith("eval/") and (k.count("/") == 1 or k.endswith("/accuracy"))})
-    before = {f"eval/{k.removeprefix(BEFORE)}": v for k, v in (rows[0] if rows else {}).items()
-              if k.startswith(BEFORE)}
+    extra += sorted({k for row in rows for k in row if k.startswith("monitor/") and k.endswith("/accuracy")})
+    before = {_before(k): v for k, v in (rows[0] if rows else {}).items() if _before(k)}
     rows = [{"round": "before", **before}, *rows] if before else rows
     columns = list(TABLE_COLUMNS) + [(name, "{:>14.3f}") for name in extra]
     widths = [max(len(name), 9) for name, _ in columns]
@@ -96,7 +111,7 @@ class RunReport:
         same = path.is_file() and json.loads(path.read_text(encoding="utf-8")) == summary
         if not same:
             write_json(path, summary)
-        plots = [self.run_dir / "plots" / f"{name}.png" for name in plot_names(rows)]
+        plots = [self.run_dir / "plots" / f"{name}.png" for name in plot_names(rows, grpo)]
         if not same or not all(plot.is_file() for plot in plots):
             plots = write_plots(self.run_dir, rows, grpo)
         print(format_round_table(rows + ([{"round": "grpo", **grpo}] if grpo else [])))
@@ -148,7 +163,8 @@ def _rollout_table(wandb, scored_path: Path, prompts):
 
 def write_plots(run_dir: Path, rows: list[dict], grpo: dict | None = None) -> list[Path]:
     """Reward distribution by round, pair margins, loss parts and δ, as PNGs under ``plots/``; with
-    ``iterate.eval`` held-out accuracy (the GRPO stage's, ``grpo``, as a last point)."""
+    ``iterate.eval`` held-out accuracy (the GRPO stage's, ``grpo``, as a last point); with ``grpo`` its
+    progress (:func:`progress_panel`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,18 +214,24 @@ def write_plots(run_dir: Path, rows: list[dict], grpo: dict | None = None) -> li
     ax.set(xlabel="round", ylabel="δ at end of round", title="BCO shift δ")
     save(fig, "delta")
 
-    if held_out_points(rows):
+    more = [(HELD_OUT_PLOT, _held_out_panel)] if held_out_points(rows) else []
+    for name, panel in more + ([(GRPO_PLOT, progress_panel)] if grpo else []):
         fig, ax = plt.subplots(figsize=(6, 4))
-        _held_out_panel(ax, rows, grpo)
-        save(fig, HELD_OUT_PLOT)
+        panel(ax, rows, grpo)
+        save(fig, name)
     return written
+
+
+def _curve_label(key: str) -> str:
+    """An accuracy curve's legend: the benchmark of ``eval/<benchmark>/accuracy``, ``monitor <name>``."""
+    return key.split("/")[1] if key.startswith("eval/") else f"monitor {key.split('/')[1]}"
 
 
 def _held_out_panel(ax, rows: list[dict], grpo: dict | None = None) -> None:
     """``iterate.eval``'s accuracy against rounds trained (:func:`held_out_points`); the GRPO stage's
     (``iterate.then: grpo``) one step further, marked."""
     for key, points in held_out_points(rows).items():
-        line, = ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=key.split("/")[1])
+        line, = ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=_curve_label(key))
         if grpo and key in grpo:
             x, y = len(rows) + 1, grpo[key]
             ax.plot([points[-1][0], x], [points[-1][1], y], "--", color=line.get_color())
@@ -218,6 +240,29 @@ def _held_out_panel(ax, rows: list[dict], grpo: dict | None = None) -> None:
     ax.set(xlabel="rounds trained (0: before training)", ylabel="held-out accuracy", ylim=(-0.02, 1.02),
            title="Held-out accuracy (iterate.eval, greedy)")
     ax.legend()
+
+
+def progress_panel(ax, rows: list[dict], grpo: dict) -> None:
+    """The GRPO stage against its steps: the reward (``metrics.jsonl``'s ``reward``, left axis) and, on
+    the right axis, each held-out and monitor accuracy: step 0 the last round's eval (GRPO's starting
+    policy), then ``grpo["step_evals"]`` and the final policy's at ``grpo["final_step"]``."""
+    from mpo.train.setup import METRICS_FILE, read_metrics
+
+    logged = [row for row in read_metrics(Path(grpo["output_dir"]) / METRICS_FILE) if "reward" in row]
+    ax.plot([row["step"] for row in logged], [row["reward"] for row in logged], "-", color="gray", label="reward")
+    ax.set(xlabel="GRPO step", ylabel="reward (mean of the step's completions)",
+           title="GRPO: reward, held-out and monitor accuracy")
+    right = ax.twinx()
+    start = rows[-1] if rows else {}
+    points = [{"step": 0, **start}, *grpo.get("step_evals", []), {"step": grpo.get("final_step"), **grpo}]
+    keys = sorted({k for p in points for k in p if k.startswith(("eval/", "monitor/")) and k.endswith("/accuracy")})
+    for key in keys:
+        shown = [(p["step"], p[key]) for p in points if key in p and p["step"] is not None]
+        right.plot([x for x, _ in shown], [y for _, y in shown], "o-", label=_curve_label(key))
+    right.set(ylabel="accuracy (greedy)", ylim=(-0.02, 1.02))
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="best")
 
 
 def load_summary(run_dir: Path) -> list[dict]:

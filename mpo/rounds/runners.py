@@ -91,9 +91,9 @@ class StageRunner(ABC):
         """MPO on round ``n``'s pairs (``round_recipe``: :func:`mpo.rounds.driver.round_recipe`); the trained policy."""
 
     @abstractmethod
-    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
-        """``iterate.eval`` on ``policy`` into ``out_dir`` (:func:`mpo.rounds.evaluate.iterate_spec`,
-        :func:`mpo.rounds.evaluate.run_eval`); flat metrics."""
+    def evaluate(self, problems, policy: Path, out_dir: Path, monitor: str | None = None) -> dict[str, float]:
+        """``iterate.eval`` (or the monitor ``iterate.monitors[monitor]``) on ``policy`` into ``out_dir``
+        (:func:`mpo.rounds.evaluate.iterate_spec`, :func:`mpo.rounds.evaluate.run_eval`); flat metrics."""
 
     @abstractmethod
     def close(self) -> None:
@@ -162,10 +162,10 @@ class InlineRunner(StageRunner):
             self._scorer.offload()
         return run_training(round_recipe, resume=resume, quiet=True, key=key)
 
-    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
+    def evaluate(self, problems, policy: Path, out_dir: Path, monitor: str | None = None) -> dict[str, float]:
         from mpo.rounds.evaluate import iterate_spec
 
-        return iterate_spec(self.recipe, policy, out_dir).run(problems, EngineView(self, policy))
+        return iterate_spec(self.recipe, policy, out_dir, monitor).run(problems, EngineView(self, policy))
 
     def close(self) -> None:
         if self._backend is not None:
@@ -210,10 +210,10 @@ class LaunchedRunner(StageRunner):
             self.launch_eval(spec, log_dir)
         return spec.run(problems, joined)
 
-    def evaluate(self, problems, policy: Path, out_dir: Path) -> dict[str, float]:
+    def evaluate(self, problems, policy: Path, out_dir: Path, monitor: str | None = None) -> dict[str, float]:
         from mpo.rounds.evaluate import iterate_spec
 
-        return self.evaluate_spec(iterate_spec(self.recipe, policy, out_dir), problems)
+        return self.evaluate_spec(iterate_spec(self.recipe, policy, out_dir, monitor), problems)
 
     def _joined(self, layout, n: int, stage: str, items):
         """The stage's job launched, then its parts joined (every chunk must be there)."""

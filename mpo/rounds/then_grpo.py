@@ -10,7 +10,12 @@ section are the run's. With ``iterate.eval`` the GRPO stage's policy is evaluate
     RUN/grpo/           mpo grpo's run folder (run_key.json, config.yaml, metrics.jsonl, checkpoint-N/,
                         policy/, mpo_state.json: :mod:`mpo.grpo.run`)
     RUN/grpo/eval/      iterate.eval of RUN/grpo/policy (predictions.jsonl, scores.json)
-    RUN/summary.json    "grpo": where the stage is, its per-step means and its held-out metrics
+    RUN/grpo/monitor/<name>/            each of iterate.monitors on RUN/grpo/policy
+    RUN/grpo/evals/step-NNNNNN/         iterate.eval.grpo_every: eval/ and monitor/<name>/ of the policy in
+                                        training at that step (:mod:`mpo.rounds.grpo_eval`)
+    RUN/summary.json    "grpo": where the stage is, its per-step means, its final policy's eval and monitor
+                        metrics, final_step and step_evals ([{"step": k, metrics}, ...])
+    RUN/plots/grpo_progress.png         reward per GRPO step, eval and monitor accuracy beside it
 
 Resuming is each part's own: the rounds' (:mod:`mpo.rounds.driver`), GRPO's from its newest complete
 checkpoint (a finished GRPO run under the same key trains nothing), the eval's by chunks.
@@ -29,11 +34,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpo.config import Recipe
-from mpo.rounds.layout import EVAL_DIR, RoundLayout
+from mpo.config import ConfigError, Recipe
+from mpo.rounds.layout import EVAL_DIR, MONITOR_DIR, RoundLayout
+from mpo.rounds.monitors import eval_sets, evaluate_point, monitor_lines, renamed
 
 GRPO_DIR = "grpo"  # the GRPO stage's run folder, inside the rounds' run folder
 MEANS = ("loss", "reward", "kl", "ssb/effective_fraction")  # metrics.jsonl keys (and reward/*) summarised
+
+
+def check_step_evals(recipe: Recipe) -> None:
+    """``iterate.eval.grpo_every`` checked before the run folder is touched: the evals in training run in
+    the GRPO stage's process (:mod:`mpo.rounds.grpo_eval`), so with ``launch.mode: inline`` only."""
+    settings = recipe.iterate.eval
+    if (recipe.iterate.then == "grpo" and settings is not None and settings.grpo_every is not None
+            and recipe.launch.mode == "distributed"):
+        raise ConfigError("iterate.eval.grpo_every: the evals during GRPO run in the driver's process "
+                          "(launch.mode=inline); with launch.mode=distributed set it to null (the final GRPO "
+                          "policy is still evaluated)")
 
 
 def grpo_recipe(recipe: Recipe, policy: Path) -> Recipe:
@@ -88,42 +105,73 @@ def grpo_means(out: Path) -> dict:
 
 
 def then_grpo(recipe: Recipe, problems: list | None, runner=None) -> dict:
-    """The GRPO stage from the last round's policy (:func:`stage_recipe`), then its held-out eval with
-    ``iterate.eval`` (``problems``: its problems, None to load them); the stage's summary entry.
-    ``runner``: the rounds' :class:`mpo.rounds.runners.LaunchedRunner` (``launch.mode: distributed``: both
-    are jobs), or None (both in this process)."""
+    """The GRPO stage from the last round's policy (:func:`stage_recipe`), with
+    ``iterate.eval.grpo_every`` its evals in training (:class:`mpo.rounds.grpo_eval.StepEvals`), then the
+    final policy's evals (:func:`final_evals`; ``problems``: the held-out set's, None to load it); the
+    stage's summary entry. ``runner``: the rounds' :class:`mpo.rounds.runners.LaunchedRunner`
+    (``launch.mode: distributed``: the stage and its final evals are jobs), or None (this process)."""
     from mpo.grpo.run import is_finished, run_grpo
+    from mpo.train.setup import METRICS_FILE, read_metrics
 
     stage = stage_recipe(recipe)
     policy_in, out = Path(stage.model.policy), Path(stage.run.output_dir)
     print(f"GRPO from the last round's policy ({policy_in}) -> {out}")
+    callbacks = None
+    if recipe.iterate.eval is not None and recipe.iterate.eval.grpo_every is not None:
+        from mpo.rounds.grpo_eval import StepEvals
+
+        callbacks = [StepEvals(recipe, out, policy_in)]
     if runner is None:
-        policy_out = run_grpo(stage)
-    else:
+        policy_out = run_grpo(stage, callbacks=callbacks)
+    else:  # no callbacks: check_step_evals refuses grpo_every here
         if not is_finished(stage):
             runner.grpo(out)
         policy_out = out / "policy"
     summary = {"output_dir": str(out), "policy_in": str(policy_in), "policy_out": str(policy_out),
                **grpo_means(out)}
     if recipe.iterate.eval is not None:
-        summary.update(grpo_eval(recipe, problems, policy_out, out / EVAL_DIR, runner))
+        steps = [row["step"] for row in read_metrics(out / METRICS_FILE) if "loss" in row]
+        summary.update(final_evals(recipe, problems, policy_out, out, runner), final_step=max(steps, default=0),
+                       step_evals=step_evals(recipe, out))
     return summary
 
 
-def grpo_eval(recipe: Recipe, problems: list | None, policy: Path, out_dir: Path, runner=None) -> dict:
-    """``iterate.eval`` of the GRPO stage's ``policy`` into ``out_dir`` (a finished eval is read back and
-    loads no model), in this process or as ``runner``'s job (:meth:`mpo.rounds.runners.LaunchedRunner.
-    evaluate_spec`); its flat metrics."""
+def step_evals(recipe, out: Path) -> list[dict]:
+    """``[{"step": k, "eval/<benchmark>/...": ..., "monitor/<name>/...": ...}, ...]``: the finished evals
+    under ``out``'s :data:`STEPS_DIR`, read back from their scores (a set not finished there left out)."""
+    from mpo.rounds.evaluate import finished_metrics, iterate_spec
+    from mpo.rounds.grpo_eval import STEPS_DIR
+
+    rows = []
+    for folder in sorted(Path(out, STEPS_DIR).glob("step-*")):
+        row: dict = {"step": int(folder.name.removeprefix("step-"))}
+        for monitor in eval_sets(recipe):
+            place = folder / EVAL_DIR if monitor is None else folder / MONITOR_DIR / monitor
+            metrics = finished_metrics(place, iterate_spec(recipe, monitor=monitor).benchmark)
+            row.update(renamed(monitor, metrics or {}))
+        rows.append(row)
+    return rows
+
+
+def final_evals(recipe, problems: list | None, policy: Path, out: Path, runner=None) -> dict[str, float]:
+    """``iterate.eval`` and the monitors of the GRPO stage's saved ``policy`` into ``out/eval`` and
+    ``out/monitor/<name>`` (``problems``: the held-out set's, None to load it; a finished eval is read
+    back and loads no model), in this process or as ``runner``'s jobs
+    (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`); their flat metrics."""
     from mpo.rounds.evaluate import LazyBackend, iterate_spec
 
-    spec = iterate_spec(recipe, policy, out_dir)
-    problems = spec.problems() if problems is None else problems
     if runner is not None:
-        metrics = runner.evaluate_spec(spec, problems)
+        def evaluate(monitor, given, folder):
+            return runner.evaluate(given, policy, folder, monitor)
+
+        metrics = evaluate_point(recipe, evaluate, out / EVAL_DIR, out / MONITOR_DIR, problems)
     else:
         with LazyBackend(recipe.rollout, recipe.model, policy) as backend:
-            metrics = spec.run(problems, backend, quiet=True)
+            def evaluate(monitor, given, folder):
+                return iterate_spec(recipe, policy, folder, monitor).run(given, backend, quiet=True)
+
+            metrics = evaluate_point(recipe, evaluate, out / EVAL_DIR, out / MONITOR_DIR, problems)
     benchmark = recipe.iterate.eval.benchmark
-    print(f"GRPO: held-out {benchmark} accuracy {metrics[f'eval/{benchmark}/accuracy']:.1%} "
-          f"({len(problems)} problems) -> {out_dir}")
+    print(f"GRPO: held-out {benchmark} accuracy {metrics[f'eval/{benchmark}/accuracy']:.1%} -> {out / EVAL_DIR}",
+          *monitor_lines(recipe, metrics, "GRPO"), sep="\n")
     return metrics
