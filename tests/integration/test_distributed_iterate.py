@@ -93,7 +93,7 @@ def _kill_one_rank(command, ready, timeout=600):
     while time.time() < deadline and process.poll() is None and killed is None:
         if ready():
             ranks = subprocess.run(["pgrep", "-f", "mpo.rounds.rank"], capture_output=True, text=True).stdout.split()
-            workers = [int(p) for p in ranks if _parent_is_torchrun(int(p))]
+            workers = [int(p) for p in ranks if _parent_is_torchrun(int(p)) and _descends(int(p), process.pid)]
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
@@ -102,35 +102,83 @@ def _kill_one_rank(command, ready, timeout=600):
     return killed, process.returncode, err
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1])
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    """``pid`` is a descendant of ``ancestor`` (not a rank of some other run on this machine)."""
+    try:
+        while pid > 1:
+            pid = _parent(pid)
+            if pid == ancestor:
+                return True
+    except (OSError, IndexError, ValueError):
+        pass
+    return False
+
+
 def _parent_is_torchrun(pid: int) -> bool:
     try:
-        parent = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1]
+        parent = _parent(pid)
         return "torch.distributed.run" in Path(f"/proc/{parent}/cmdline").read_bytes().decode(errors="replace")
     except (OSError, IndexError):
         return False
 
 
-@pytest.mark.parametrize("stage, parts", [("rollout", "rollouts.jsonl.parts"), ("score", "scored.jsonl.parts")])
-def test_a_killed_rank_fails_the_stage_and_the_run_resumes(runs, tmp_path, tiny_policy_dir, tiny_reward_dir,
-                                                            stage, parts):
-    run_dir = tmp_path / "run"
-    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED)
-    folder = run_dir / "round_000" / parts
-    killed, status, err = _kill_one_rank(command, lambda: len(list(folder.glob("0*.jsonl"))) >= 1)
-    assert killed is not None, "no rank to kill: the stage finished first"
+def _check_failed_stage(killed, status, err, stage):
+    assert killed is not None, f"no {stage} rank to kill: the stage finished first"
     assert status != 0 and "Traceback" not in err.splitlines()[-1]
     assert f"error: round 0 {stage} failed" in err and "rerun the same command to resume" in err
     # the ranks torchrun stopped after the kill say so in their logs; the driver names the cause, not them
     assert "stopped by SIG" not in [line for line in err.splitlines() if "failed (exit status" in line][-1]
-    finished = len(list(folder.glob("0*.jsonl")))
-    # resume with another world size: one rank does the rest; finished chunks are kept
-    resumed = _run(_command(run_dir, tiny_policy_dir, tiny_reward_dir, "iterate.launch=distributed",
-                            "iterate.nproc_per_node=1", "train.per_device_batch_size=4"))
-    assert finished >= 1 and "Traceback" not in resumed.stderr
+
+
+def test_killed_ranks_and_a_killed_driver_resume_to_the_uninterrupted_run(runs, tmp_path, tiny_policy_dir,
+                                                                         tiny_reward_dir):
+    """One run, three interruptions (one run's cost instead of three): a rank SIGKILLed mid-rollout
+    (2 ranks), then, resumed with another world size (1 rank), its rank SIGKILLed mid-scoring: each
+    fails its stage with a line naming it and keeps its finished chunks. Resumed on 2 ranks, the
+    driver's process group gets ``kill -9`` mid-training (the ranks run in sessions of their own):
+    within 10 s no process of the run is left (the ranks' parent-death signal and their watchdog on
+    the driver), so no lock is held, and the same command finishes with the uninterrupted
+    distributed run's records, weights and metrics."""
+    run_dir = tmp_path / "run"
+    one_rank = ("iterate.launch=distributed", "iterate.nproc_per_node=1", "train.per_device_batch_size=4")
+    for stage, parts, world in (("rollout", "rollouts.jsonl.parts", DISTRIBUTED), ("score", "scored.jsonl.parts",
+                                                                                    one_rank)):
+        folder = run_dir / "round_000" / parts
+        killed, status, err = _kill_one_rank(_command(run_dir, tiny_policy_dir, tiny_reward_dir, *world),
+                                             lambda folder=folder: len(list(folder.glob("0*.jsonl"))) >= 1)
+        _check_failed_stage(killed, status, err, stage)
+        assert len(list(folder.glob("0*.jsonl"))) >= 1  # finished chunks are kept
+
+    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED)
+    mark = f"MPO_TEST_RUN={os.getpid()}-{time.time_ns()}"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**_env(), mark.split("=")[0]: mark.split("=")[1]}, start_new_session=True)
+    metrics = run_dir / "round_000" / "train" / "metrics.jsonl"
+    deadline = time.time() + 900
+    while not metrics.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and metrics.exists(), "the run was not training when it was to be killed"
+    assert len(_marked(mark)) >= 3  # the driver, the launcher, the ranks
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = time.time()
+    while _marked(mark) and time.time() - killed < 10:
+        time.sleep(0.1)
+    assert not _marked(mark), f"left running 10 s after the driver's kill: {_marked(mark)}"
+    assert "Traceback" not in _run(command).stderr
     for n in range(2):
         for name in STAGE_FILES:
             assert (run_dir / f"round_{n:03d}" / name).read_bytes() == \
                 (runs / "inline" / f"round_{n:03d}" / name).read_bytes(), (n, name)
+        assert (run_dir / f"round_{n:03d}" / "train/policy/model.safetensors").read_bytes() == \
+            (runs / "distributed" / f"round_{n:03d}" / "train/policy/model.safetensors").read_bytes(), n
+        assert [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(run_dir, n)] == \
+            [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(runs / "distributed", n)]
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".mpo.lock"))
 
 
 def test_two_nodes_on_one_machine(runs, tmp_path, tiny_policy_dir, tiny_reward_dir):
@@ -184,34 +232,3 @@ def _marked(mark: str) -> list[int]:
         except (OSError, ValueError):
             continue
     return found
-
-
-def test_ranks_die_with_their_driver_and_the_rerun_finishes(runs, tmp_path, tiny_policy_dir, tiny_reward_dir):
-    """`kill -9` of the driver's process group mid-training (the ranks run in sessions of their own):
-    within 10 s no process of the run is left (the ranks' parent-death signal and their watchdog on
-    the driver), so no lock is held and the same command finishes with the uninterrupted run's files."""
-    run_dir = tmp_path / "run"
-    command = _command(run_dir, tiny_policy_dir, tiny_reward_dir, *DISTRIBUTED)
-    mark = f"MPO_TEST_RUN={os.getpid()}-{time.time_ns()}"
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**_env(), mark.split("=")[0]: mark.split("=")[1]}, start_new_session=True)
-    metrics = run_dir / "round_000" / "train" / "metrics.jsonl"
-    deadline = time.time() + 900
-    while not metrics.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None and metrics.exists(), "the run was not training when it was to be killed"
-    assert len(_marked(mark)) >= 3  # the driver, the launcher, the ranks
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    killed = time.time()
-    while _marked(mark) and time.time() - killed < 10:
-        time.sleep(0.1)
-    assert not _marked(mark), f"left running 10 s after the driver's kill: {_marked(mark)}"
-    _run(command)
-    for n in range(2):
-        for name in (*STAGE_FILES, "train/policy/model.safetensors"):
-            assert (run_dir / f"round_{n:03d}" / name).read_bytes() == \
-                (runs / "distributed" / f"round_{n:03d}" / name).read_bytes(), (n, name)
-        assert [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(run_dir, n)] == \
-            [{k: v for k, v in r.items() if k != "tokens/s"} for r in _steps(runs / "distributed", n)]
-    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob(".mpo.lock"))
