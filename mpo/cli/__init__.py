@@ -164,6 +164,9 @@ def data_check(
 def demo(
     out_dir: Annotated[Path, typer.Option(help="Run folder for the demo.")] = Path("runs/demo"),
     seed: Seed = 0,
+    grpo: Annotated[bool, typer.Option("--grpo", help="Then GRPO from the last round's policy, with and without "
+                                       "the Selective Sample Buffer (same seed): held-out accuracy and "
+                                       "ssb/effective_fraction.")] = False,
 ):
     """The whole loop on CPU on tiny models it builds itself."""
     from mpo.cli.demo import run_demo
@@ -171,7 +174,7 @@ def demo(
 
     check_output_folder(out_dir, "--out-dir")
 
-    run_demo(out_dir, seed)
+    run_demo(out_dir, seed, grpo=grpo)
 
 
 from mpo.cli.rounds import register as _register_round_commands  # noqa: E402

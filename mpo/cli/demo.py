@@ -14,6 +14,13 @@
    images' style under ``--out-dir``), answered greedily before round 0 and after the last round
    (``iterate.eval``, ``--benchmark answers`` rules): the "held-out right colour" line.
 
+7. ``--grpo`` (:func:`grpo_phase`): R1V2's second stage after the rounds. GRPO (``mpo grpo``'s code,
+   :func:`mpo.grpo.run.run_grpo`, on ``grpo.yaml``: rule reward only, groups of 8) from the last round's
+   policy on the same prompts, run twice with the same seed, the Selective Sample Buffer on and off;
+   per run the held-out right colour after it (``iterate.eval``) and the mean ``ssb/effective_fraction``
+   over the second half of its steps, where the policy's own samples are mostly right (so most groups
+   have no signal); and the ratio of the two means.
+
 Rising reward is real learning here only because the second curve rises with it. Everything lands
 under ``--out-dir``; a rerun reuses whatever finished.
 """
@@ -34,6 +41,8 @@ DEMO_PROMPTS = DEMO / "prompts.jsonl"
 COLOURS = ("red", "green", "blue", "yellow")
 RGB = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40)}  # the assets'
 HELD_OUT_PER_COLOUR = 3
+# --grpo: (label, run folder under --out-dir, grpo.ssb.enabled); the same policy and seed for both
+GRPO_RUNS = (("with buffer", "grpo_ssb_on", True), ("without buffer", "grpo_ssb_off", False))
 
 
 def colour_metrics(prompts, scored) -> dict:
@@ -119,11 +128,41 @@ def warm_up_policy(out: Path, policy_dir: Path, seed: int) -> Path:
     return run_training(recipe)
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> list[dict]:
+def grpo_phase(out: Path, settings: dict, policy: Path, before: float) -> dict:
+    """:data:`GRPO_RUNS` from ``policy`` (``grpo.yaml`` with ``settings``: seeds, prompts, held-out set),
+    each then evaluated on the held-out set (``before``: ``policy``'s accuracy there). Per run: the
+    accuracy after it, and the means of ``ssb/effective_fraction`` and ``reward/rule`` over the second
+    half of its steps ("late": the policy mostly right); ``ratio``: the effective fractions' quotient."""
+    from mpo.grpo.run import run_grpo
+    from mpo.rounds.then_grpo import final_evals
+    from mpo.train.setup import METRICS_FILE, metric_means, read_metrics
+
+    start, runs = time.perf_counter(), {}
+    for label, folder, enabled in GRPO_RUNS:
+        recipe = _recipe("grpo.yaml", {**settings, "model.policy": str(policy),
+                                       "run.output_dir": str(out / folder), "grpo.ssb.enabled": enabled})
+        after = final_evals(recipe, None, run_grpo(recipe), out / folder)["eval/answers/accuracy"]
+        steps = [row for row in read_metrics(out / folder / METRICS_FILE) if "loss" in row]
+        late = metric_means(steps[len(steps) // 2:], ("ssb/effective_fraction", "reward/rule"))
+        runs[label] = {"after": after, "late_steps": (len(steps) // 2 + 1, len(steps)), **late}
+    on, off = (runs[label]["ssb/effective_fraction"] for label, _, _ in GRPO_RUNS)
+    ratio = on / off if off else float("inf")
+    first, last = runs[GRPO_RUNS[0][0]]["late_steps"]
+    print(f"== GRPO from the last round's policy ({time.perf_counter() - start:.0f}s), rule reward, with and "
+          f"without the Selective Sample Buffer (same seed); late = steps {first}-{last}")
+    for label, run in runs.items():
+        print(f"GRPO {label:<14}: held-out right colour {before:.0%} -> {run['after']:.0%}; late: right colour "
+              f"{run['reward/rule']:.0%}, effective fraction {run['ssb/effective_fraction']:.3f}")
+    print(f"SSB effect, late steps: effective fraction {on:.3f} with the buffer / {off:.3f} without = {ratio:.1f}x")
+    return {"before": before, "runs": runs, "ratio": ratio}
+
+
+def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None, grpo: bool = False) -> list[dict]:
     import torch
 
     from mpo.cli.tiny import save_policy, save_reward_model
     from mpo.rounds.driver import run_iterate
+    from mpo.rounds.layout import RoundLayout
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     start = time.perf_counter()
@@ -139,13 +178,14 @@ def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> l
     warm_policy = warm_up_policy(out, policy_dir, seed)
 
     print("== 3/3 MPO rounds: rollout -> score -> pairs -> MPO")
-    settings = {"run.output_dir": str(out / "rounds"), "run.seed": seed, "rollout.seed": seed,
-                "model.policy": str(warm_policy), "model.reward_model": str(reward_dir),
-                "data.prompts": str(DEMO_PROMPTS), "iterate.eval.data": str(held_out_set(out / "held_out")),
-                "iterate.eval.max_tokens": 8, "iterate.eval.every": 1000}  # every: before and after the last
+    shared = {"run.seed": seed, "rollout.seed": seed, "data.prompts": str(DEMO_PROMPTS),
+              "iterate.eval.data": str(held_out_set(out / "held_out")), "iterate.eval.max_tokens": 8}
+    settings = {**shared, "run.output_dir": str(out / "rounds"), "model.policy": str(warm_policy),
+                "model.reward_model": str(reward_dir), "iterate.eval.every": 1000}  # every: before and after the last
     if rounds is not None:
         settings["iterate.rounds"] = rounds
-    manifests = run_iterate(_recipe("iterate.yaml", settings), extra_metrics=colour_metrics)
+    recipe = _recipe("iterate.yaml", settings)
+    manifests = run_iterate(recipe, extra_metrics=colour_metrics)
     rows = [m["metrics"] for m in manifests]
     print(f"demo finished in {time.perf_counter() - start:.0f}s: mean reward "
           + " -> ".join(f"{r['reward/mean']:.3f}" for r in rows) + "; right colour "
@@ -153,4 +193,6 @@ def run_demo(out_dir: str | Path, seed: int = 0, rounds: int | None = None) -> l
     print(f"held-out right colour (greedy, {4 * HELD_OUT_PER_COLOUR} images never trained on): "
           f"{rows[0]['eval_before/answers/accuracy']:.0%} before -> {rows[-1]['eval/answers/accuracy']:.0%} after "
           f"{len(rows)} rounds")
+    if grpo:
+        grpo_phase(out, shared, RoundLayout(recipe).policy(recipe.iterate.rounds), rows[-1]["eval/answers/accuracy"])
     return rows

@@ -1,14 +1,20 @@
 """`mpo demo` as a user runs it: the reward model learns, and over three MPO rounds both the mean
 reward and the fraction of rollouts naming the image's colour (a check the reward model never
-sees) rise, and so does the greedy right-colour rate on held-out images. A rerun reuses everything that
-finished."""
+sees) rise, and so does the greedy right-colour rate on held-out images. With ``--grpo`` (the same run:
+the MPO numbers are those of a plain ``mpo demo``), GRPO from the last round's policy raises the held-out
+rate, and over its late steps, where the policy is mostly right, the Selective Sample Buffer keeps the
+effective fraction at least 1.5x what it is without. A rerun reuses everything that finished."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+
+from mpo.cli.demo import GRPO_RUNS
+from mpo.train.setup import METRICS_FILE, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_demo_reward_and_right_colour_rise(tmp_path):
     # one thread: with other processes on the machine, OpenMP's spinning threads slow it many-fold
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mpo", "demo", "--out-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "mpo", "demo", "--grpo", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "rounds" / "summary.json").read_text())["rounds"]
@@ -34,6 +40,27 @@ def test_demo_reward_and_right_colour_rise(tmp_path):
     assert f"held-out right colour (greedy, 12 images never trained on): {held_out[0]:.0%} before" in result.stdout
     for plot in ("reward_by_round", "pair_margins", "loss_parts", "delta"):
         assert (tmp_path / "rounds" / "plots" / f"{plot}.png").exists()
+    grpo_lines = check_grpo(tmp_path, result.stdout, held_out[1])
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "finished earlier" in again.stdout
     assert json.loads((tmp_path / "rounds" / "summary.json").read_text())["rounds"] == rows
+    assert check_grpo(tmp_path, again.stdout, held_out[1]) == grpo_lines  # the GRPO runs and evals read back
+
+
+def check_grpo(out, stdout: str, start: float) -> list[str]:
+    """The --grpo lines (seed 0: held-out 50% -> 75% with the buffer, 100% without; late effective fraction
+    1.000 / 0.344 = 2.9x), checked against the runs' metrics.jsonl; returns them."""
+    for label, folder, _ in GRPO_RUNS:
+        line = re.search(rf"GRPO {label} *: held-out right colour (\d+)% -> (\d+)%; late: right colour (\d+)%, "
+                         r"effective fraction ([\d.]+)", stdout)
+        assert line, stdout[-3000:]
+        before, after, right, fraction = (float(g) for g in line.groups())
+        assert before == round(100 * start) and after > before, line.group(0)  # GRPO raised held-out accuracy
+        steps = [row for row in read_metrics(out / folder / METRICS_FILE) if "loss" in row]
+        late = steps[len(steps) // 2:]
+        assert len(steps) == 16 and right >= 75, line.group(0)  # late: the policy's own samples mostly right
+        assert fraction == pytest.approx(sum(r["ssb/effective_fraction"] for r in late) / len(late), abs=1e-3)
+    ratio = re.search(r"effective fraction ([\d.]+) with the buffer / ([\d.]+) without = ([\d.]+)x", stdout)
+    on, off = float(ratio.group(1)), float(ratio.group(2))
+    assert on >= 1.5 * off, ratio.group(0)
+    return [line for line in stdout.splitlines() if line.startswith(("GRPO with", "SSB effect"))]
