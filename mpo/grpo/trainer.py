@@ -163,6 +163,16 @@ class MpoGRPOTrainer(RowSeededGeneration, GRPOTrainer):
         images = [found or None for found in images] if any(images) else None
         return [e.input_ids for e in self._encoded], images, fields
 
+    def _row_inputs(self, prompt_ids, images, multimodal_fields, i):
+        """Row ``i``'s generation inputs from its own encoding (any image layout, InternVL's tiles too);
+        without encodings (TRL tokenized the batch): cut from the batch's
+        (:func:`mpo.grpo.sampling.row_inputs`)."""
+        if self._encoded is None or len(self._encoded) != len(prompt_ids):
+            return super()._row_inputs(prompt_ids, images, multimodal_fields, i)
+        per_token = [k for k in PER_TOKEN if k in multimodal_fields]
+        return [prompt_ids[i]], None if images is None else [images[i]], prompt_fields(self._encoded[i:i + 1],
+                                                                                        per_token)
+
     @contextmanager
     def _encoded_forward(self):
         """While TRL generates and scores a batch: its processor is :class:`_EncodedPrompts`."""

@@ -1,12 +1,13 @@
 """GRPO's per-row sampling inputs (mpo.grpo.sampling.row_inputs): a batch's prompt ids and multimodal
 fields cut per row equal what the processor gives for that row alone (a one-image, a text-only and a
 two-image prompt, on the tiny Qwen2.5-VL processor); a field that cannot be cut is a ValueError naming
-it; the per-row seed context leaves the caller's random stream where it was."""
+it, and the trainer takes such rows (InternVL's tiles) from their own encodings; the per-row seed context leaves the caller's random stream where it was."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,41 @@ def test_row_seeds_differ_and_leave_the_callers_stream_alone():
         again = torch.rand(3)
     assert torch.equal(inside, again) and not torch.equal(inside, plain)
     assert torch.equal(torch.rand(3), plain)  # the caller's stream continues where it was
+
+
+def test_rows_of_images_with_several_tiles_come_from_their_own_encodings():
+    """InternVL crops a wide image into several tiles (how many per image is not in the batch's fields,
+    so the batch cannot be cut): MpoGRPOTrainer takes each row's inputs from that row's own encoding,
+    equal to the processor's for the row alone."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    from mpo.chat import ChatEncoder
+    from mpo.cli.tiny_families import build_internvl
+    from mpo.grpo.trainer import MpoGRPOTrainer, prompt_fields
+    from mpo.models import eos_list
+
+    model, processor = build_internvl()
+    encoder = ChatEncoder(processor, eos_list(model.generation_config.eos_token_id))
+    wide, tall = Image.new("RGB", (168, 56), "red"), Image.new("RGB", (56, 112), "blue")
+    images = [[wide], [tall, wide], [wide]]
+    prompts = [prepare_multimodal_messages([{"role": "user", "content": [*[{"type": "image"}] * len(row),
+                                                                          {"type": "text", "text": "colour?"}]}],
+                                           images=row) for row in images]
+    encoded = encoder.encode_prompts(prompts, images)
+    ids, fields = [e.input_ids for e in encoded], prompt_fields(encoded)
+    tiles = fields["pixel_values"].shape[0]
+    assert tiles > 4  # several tiles per image: the batch alone cannot say whose they are
+    with pytest.raises(ValueError, match="'pixel_values'"):
+        row_inputs(ids, images, fields, 0)
+    trainer, cut = SimpleNamespace(_encoded=encoded), 0
+    for i in range(3):
+        got_ids, got_images, got = MpoGRPOTrainer._row_inputs(trainer, ids, images, fields, i)
+        want_ids, want = _tokenized(processor, prompts[i:i + 1])
+        assert got_ids == want_ids and got_images == [images[i]] and set(got) == set(want)
+        # TRL turns the processor's arrays into one tensor before generate (torch.tensor(np.array(v)))
+        assert torch.equal(got["pixel_values"], torch.tensor(np.array(want["pixel_values"]))), i
+        cut += got["pixel_values"].shape[0]
+    assert cut == tiles  # every tile in exactly one row
