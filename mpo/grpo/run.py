@@ -202,18 +202,19 @@ def build_grpo_trainer(recipe, prompts, model, processor, parts, callbacks=None)
                           encoder=ChatEncoder(processor, stop_ids(model_folder(recipe.model.policy, "model.policy"))))
 
 
-def run_grpo(recipe, resume: bool = True, callbacks=None) -> Path:
+def run_grpo(recipe, resume: bool = True, callbacks=None, quiet: bool = False) -> Path:
     """``mpo grpo``: GRPO of ``model.policy`` on ``data.prompts``; returns the saved policy folder. The
     run folder is locked while it trains; see the module docstring for what it holds and how a rerun
     resumes. ``callbacks``: more ``TrainerCallback``s for the trainer (``mpo iterate``'s evals in
-    training, :mod:`mpo.rounds.grpo_eval`)."""
+    training, :mod:`mpo.rounds.grpo_eval`); ``quiet``: no per-step log dicts printed (inside ``mpo iterate``
+    and ``mpo demo``)."""
     from mpo.keys import kept_beside
     from mpo.run_lock import run_lock
 
     check_recipe(recipe)
     out = Path(recipe.run.output_dir)
     with run_lock(out), kept_beside(out):
-        return _grpo_locked(recipe, out, resume, callbacks)
+        return _grpo_locked(recipe, out, resume, callbacks, quiet)
 
 
 def grpo_prompts(recipe, out: Path, quiet: bool = False) -> list:
@@ -253,7 +254,7 @@ def _start(recipe, out: Path, key: dict, resume: bool, main: bool) -> bool:
     return True
 
 
-def _grpo_locked(recipe, out: Path, resume: bool, callbacks=None) -> Path:
+def _grpo_locked(recipe, out: Path, resume: bool, callbacks=None, quiet: bool = False) -> Path:
     from accelerate import PartialState
 
     from mpo.config import save_resolved
@@ -261,7 +262,7 @@ def _grpo_locked(recipe, out: Path, resume: bool, callbacks=None) -> Path:
     from mpo.keys import last_complete_checkpoint
     from mpo.preempt import check, deferred
     from mpo.train.run import _stop_if_preempted, load_policy, save_outputs
-    from mpo.train.setup import METRICS_FILE, trim_metrics, wandb_scope
+    from mpo.train.setup import METRICS_FILE, hide_log_dicts, trim_metrics, wandb_scope
 
     prompts = grpo_prompts(recipe, out)
     state = PartialState()  # under accelerate launch: the main process writes, the others read what it wrote
@@ -276,6 +277,8 @@ def _grpo_locked(recipe, out: Path, resume: bool, callbacks=None) -> Path:
             prompts = filter_pass(recipe, prompts, parts, out)
     model, processor = load_policy(recipe)
     trainer = build_grpo_trainer(recipe, prompts, model, processor, parts, callbacks)
+    if quiet:
+        hide_log_dicts(trainer)
     checkpoint = last_complete_checkpoint(out)
     if checkpoint:
         print(f"resuming from {checkpoint}")

@@ -122,7 +122,7 @@ def then_grpo(recipe: Recipe, problems: list | None, runner=None) -> dict:
 
         callbacks = [StepEvals(recipe, out, policy_in)]
     if runner is None:
-        policy_out = run_grpo(stage, callbacks=callbacks)
+        policy_out = run_grpo(stage, callbacks=callbacks, quiet=True)
     else:  # no callbacks: check_step_evals refuses grpo_every here
         if not is_finished(stage):
             runner.grpo(out)

@@ -264,7 +264,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     from mpo.keys import KEY_FILE, check_key, finished, last_complete_checkpoint
     from mpo.preempt import check, deferred
     from mpo.records import write_json
-    from mpo.train.setup import METRICS_FILE, start_afresh, trim_metrics, wandb_scope
+    from mpo.train.setup import METRICS_FILE, hide_log_dicts, start_afresh, trim_metrics, wandb_scope
 
     rounds = key is not None  # mpo iterate / mpo train --round, which resume by themselves
     loaded = _load_pairs(recipe, out, rounds)
@@ -294,9 +294,7 @@ def _train_locked(recipe, out: Path, resume: bool, ref_cache, quiet: bool, key: 
     if trainer.is_world_process_zero():
         trim_metrics(out / METRICS_FILE, from_step)
     if quiet:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+        hide_log_dicts(trainer)
     with writing_into(out, "training"), wandb_scope(recipe.run, out), deferred():
         trainer.train(resume_from_checkpoint=checkpoint)
         _stop_if_preempted(trainer, out, rounds)

@@ -273,3 +273,11 @@ def wandb_scope(run, folder: str | os.PathLike, default_group: str | None = None
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def hide_log_dicts(trainer) -> None:
+    """No per-step log dict printed (transformers' ``PrinterCallback``, where its progress bar is off):
+    ``metrics.jsonl``, the progress bar and a summary line say it inside the toolkit's own stages."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
