@@ -141,7 +141,7 @@ def grpo_phase(out: Path, settings: dict, policy: Path, before: float) -> dict:
     for label, folder, enabled in GRPO_RUNS:
         recipe = _recipe("grpo.yaml", {**settings, "model.policy": str(policy),
                                        "run.output_dir": str(out / folder), "grpo.ssb.enabled": enabled})
-        after = final_evals(recipe, None, run_grpo(recipe), out / folder)["eval/answers/accuracy"]
+        after = final_evals(recipe, None, run_grpo(recipe, quiet=True), out / folder)["eval/answers/accuracy"]
         steps = [row for row in read_metrics(out / folder / METRICS_FILE) if "loss" in row]
         late = metric_means(steps[len(steps) // 2:], ("ssb/effective_fraction", "reward/rule"))
         runs[label] = {"after": after, "late_steps": (len(steps) // 2 + 1, len(steps)), **late}

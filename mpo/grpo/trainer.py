@@ -47,6 +47,7 @@ coefficient β), the optimizer, gradient accumulation, DDP / DeepSpeed, checkpoi
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,6 +63,9 @@ from mpo.grpo.sampling import RowSeededGeneration
 from mpo.grpo.ssb import Group, Identity, SampleBuffer, effective_fraction
 from mpo.train.setup import METRICS_FILE, MetricsFile, StopOnSignal
 from mpo.train.trainer import reload_full_model
+
+# TRL 1.16 asks transformers 5.2x's deprecated ``is_gradient_checkpointing`` at every generation: not the user's
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 SSB_STATE_FILE = "ssb_state.pt"  # the Selective Sample Buffer's state, inside each checkpoint-N/
 
