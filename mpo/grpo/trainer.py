@@ -19,10 +19,14 @@ coefficient β), the optimizer, gradient accumulation, DDP / DeepSpeed, checkpoi
   advantage. Every rank holds the same buffer (same seed, same gathered rows), so the draws do not
   depend on the number of ranks; each rank then takes its own slice of the global rows, joined at
   their widths (:func:`mpo.grpo.rows.join_rows`), and ``num_items_in_batch`` is counted again. A
-  replayed row carries its stored advantage and reference log-probs; with ``num_iterations`` 1 and a
-  generation per optimizer step TRL takes the current log-probs as the old ones (ratio 1), the
-  on-policy treatment of VL-Rethinker's replay. Where nothing is replaced, TRL's batch is returned as
-  it is. Logged per step: ``ssb/effective_fraction``, ``ssb/zero_signal_groups``,
+  replayed row carries its stored advantage, reference log-probs and the log-probs of the policy that
+  sampled it (``old_per_token_logps``, one no-grad pass per generation batch while the buffer is on,
+  :meth:`MpoGRPOTrainer._sampling_logps`), so TRL's clipped surrogate takes its ratio against the
+  policy that sampled it, as PPO does for any off-policy sample: a replayed completion stops being
+  pushed once the ratio leaves [1 - ε, 1 + ε]. (Taken as on-policy, ratio 1, a replayed wrong answer is
+  pushed down at every replay, and the KL term's exp(ref - logp) grew to 1e9 in ``mpo demo --grpo``.)
+  For the batch's own rows those log-probs are the current ones (ratio 1, as TRL has it). Where
+  nothing is replaced, TRL's batch is returned as it is. Logged per step: ``ssb/effective_fraction``, ``ssb/zero_signal_groups``,
   ``ssb/replayed_groups``, ``ssb/buffer_size``; with the buffer off ``ssb/effective_fraction`` and
   ``ssb/zero_signal_groups`` still (the with/without comparison).
 - The buffer in every checkpoint: ``checkpoint-N/`` :data:`SSB_STATE_FILE`, written before transformers
@@ -67,6 +71,9 @@ from mpo.train.trainer import reload_full_model
 # TRL 1.16 asks transformers 5.2x's deprecated ``is_gradient_checkpointing`` at every generation: not the user's
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
+# the inputs of a batch that TRL's forward pass takes besides ids and masks (as GRPOTrainer._compute_loss)
+FORWARD_FIELDS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 SSB_STATE_FILE = "ssb_state.pt"  # the Selective Sample Buffer's state, inside each checkpoint-N/
 
 
@@ -227,6 +234,8 @@ class MpoGRPOTrainer(RowSeededGeneration, GRPOTrainer):
             return out
         from accelerate.utils import gather_object
 
+        if out.get("old_per_token_logps") is None:
+            out["old_per_token_logps"] = self._sampling_logps(out)
         rows = gather_object([_on_cpu(row) for row in split_rows(out)])
         filled = self.buffer.fill(self._global_groups(out["advantages"], inputs, rows), self.state.global_step,
                                   self.identity)
@@ -242,6 +251,20 @@ class MpoGRPOTrainer(RowSeededGeneration, GRPOTrainer):
         counted = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
         batch["num_items_in_batch"] = self.accelerator.gather(counted.sum()).sum()
         return batch
+
+    def _sampling_logps(self, batch: dict) -> torch.Tensor:
+        """Per-token log-probs of ``batch``'s completions under the current policy, the one that sampled
+        them (no gradient; the forward pass of TRL's ``_compute_loss``)."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        fields = {key: batch.get(key) for key in FORWARD_FIELDS}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, ids, mask, batch["completion_ids"].size(1), self.args.per_device_train_batch_size,
+                **fields)
+        return logps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for callback in self.callback_handler.callbacks:

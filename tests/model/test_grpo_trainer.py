@@ -2,8 +2,8 @@
 the buffer off and the same groups (TRL's trainer sampling row by row as ours does, mpo.grpo.sampling)
 both compute the same losses step by step and end at the same weights; with it on, a
 step whose zero-signal groups were replaced trains on TRL's rows (the current batch's own and earlier
-batches' rows of non-zero advantage, drawn ones) joined into one batch, and its loss is TRL's loss of
-that batch."""
+batches' rows of non-zero advantage, drawn ones) joined into one batch, each with the log-probs of the
+policy that sampled it, and its loss is TRL's loss of that batch."""
 
 from __future__ import annotations
 
@@ -116,23 +116,52 @@ def test_replaced_groups_train_on_trl_rows_with_trl_loss(tiny_policy_dir, tmp_pa
     logged = [row for row in trainer.state.log_history if "loss" in row]
     step = next(i for i, row in enumerate(logged) if row["ssb/replayed_groups"] > 0)
     assert logged[step]["ssb/effective_fraction"] > 0 and logged[step]["ssb/buffer_size"] > 0
-    earlier = [row for batch in trainer.raw[:step] for row in split_rows(batch) if abs(row["advantages"]) > 1e-6]
+    earlier = [(sampled, row) for sampled, batch in enumerate(trainer.raw[:step]) for row in split_rows(batch)
+               if abs(row["advantages"]) > 1e-6]
     weights, batch = trainer.record[step]
     now = split_rows(batch)
-    expected = []
+    expected, replayed = [], []
     for i, (row, raw) in enumerate(zip(now, split_rows(trainer.raw[step]))):
         if torch.equal(row["advantages"], raw["advantages"]) and _key(row) == _key(raw):
             expected.append(raw)  # a row of this batch, kept
         else:  # a replayed row: one of an earlier batch with signal, carried as it was
-            match = [old for old in earlier if _key(old) == _key(row) and torch.equal(old["advantages"], row["advantages"])]
+            match = [(sampled, old) for sampled, old in earlier
+                     if _key(old) == _key(row) and torch.equal(old["advantages"], row["advantages"])]
             assert match, f"row {i} is neither this batch's nor an earlier one's"
-            expected.append(match[0])
-    assert any(e is not r for e, r in zip(expected, split_rows(trainer.raw[step])))
+            expected.append(match[0][1])
+            replayed.append(match[0])
+    assert replayed
     oracle = _trainer(GRPOTrainer, tiny_policy_dir, tmp_path / "oracle", 1, reward_funcs=[length_if_red])
+    pad = oracle.processing_class.tokenizer.pad_token_id
+    # every row carries the log-probs of the policy that sampled it (the weights of its own step), so
+    # TRL's clipped ratio of a replayed row is taken against that policy; this step's own rows: ratio 1
+    for sampled, row in replayed + [(step, row) for row in expected if not any(row is r for _, r in replayed)]:
+        oracle.model.load_state_dict(trainer.record[sampled][0])
+        assert torch.allclose(_logps(oracle, join_rows([row], pad))[0], _sampling(row), rtol=0, atol=1e-5)
     oracle.model.load_state_dict(weights)
-    joined = join_rows(expected, oracle.processing_class.tokenizer.pad_token_id)
+    assert any(not torch.allclose(_logps(oracle, join_rows([row], pad))[0], _sampling(row), rtol=0, atol=1e-4)
+               for _, row in replayed)  # the policy moved since: a replayed row's ratio is not 1
+    joined = join_rows(expected, pad)
     joined["num_items_in_batch"] = joined["completion_mask"].sum()
     with torch.no_grad():
         loss = oracle._compute_loss(oracle.model, joined).item()
     assert abs(loss) > 1e-3  # replayed rows' advantages do not cancel
     assert trainer.losses[step] == pytest.approx(loss, abs=1e-5)
+
+
+def _sampling(row: dict) -> torch.Tensor:
+    """A row's stored log-probs of the policy that sampled it, 0 past its completion's end."""
+    return row["old_per_token_logps"] * row["completion_mask"]
+
+
+def _logps(trainer, batch: dict) -> torch.Tensor:
+    """Per-token log-probs of ``batch``'s completions under ``trainer``'s model, masked to 0 past each
+    completion's end (TRL's forward pass)."""
+    from mpo.grpo.trainer import FORWARD_FIELDS
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, batch["completion_ids"].size(1),
+                                                           **{k: batch.get(k) for k in FORWARD_FIELDS})[0]
+    return logps * batch["completion_mask"]
