@@ -26,9 +26,9 @@ coefficient β), the optimizer, gradient accumulation, DDP / DeepSpeed, checkpoi
   pushed once the ratio leaves [1 - ε, 1 + ε]. (Taken as on-policy, ratio 1, a replayed wrong answer is
   pushed down at every replay, and the KL term's exp(ref - logp) grew to 1e9 in ``mpo demo --grpo``.)
   For the batch's own rows those log-probs are the current ones (ratio 1, as TRL has it). Where
-  nothing is replaced, TRL's batch is returned as it is. Logged per step: ``ssb/effective_fraction``, ``ssb/zero_signal_groups``,
-  ``ssb/replayed_groups``, ``ssb/buffer_size``; with the buffer off ``ssb/effective_fraction`` and
-  ``ssb/zero_signal_groups`` still (the with/without comparison).
+  nothing is replaced, TRL's batch is returned as it is. Logged per step: ``ssb/effective_fraction``,
+  ``ssb/zero_signal_groups``, ``ssb/replayed_groups``, ``ssb/buffer_size``; with the buffer off
+  ``ssb/effective_fraction`` and ``ssb/zero_signal_groups`` still (the with/without comparison).
 - The buffer in every checkpoint: ``checkpoint-N/`` :data:`SSB_STATE_FILE`, written before transformers
   writes the checkpoint's ``trainer_state.json`` (the file that marks it complete,
   :func:`mpo.keys.last_complete_checkpoint`) and read back on resume, so a resumed run draws what an
