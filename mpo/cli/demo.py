@@ -18,8 +18,8 @@
    :func:`mpo.grpo.run.run_grpo`, on ``grpo.yaml``: rule reward only, groups of 8) from the last round's
    policy on the same prompts, run twice with the same seed, the Selective Sample Buffer on and off;
    per run the held-out right colour after it (``iterate.eval``) and the mean ``ssb/effective_fraction``
-   over the second half of its steps, where the policy's own samples are mostly right (so most groups
-   have no signal); and the ratio of the two means.
+   over the second half of its steps, where many groups are all right or all wrong (so have no signal);
+   and the ratio of the two means.
 
 Rising reward is real learning here only because the second curve rises with it. Everything lands
 under ``--out-dir``; a rerun reuses whatever finished.
@@ -132,7 +132,7 @@ def grpo_phase(out: Path, settings: dict, policy: Path, before: float) -> dict:
     """:data:`GRPO_RUNS` from ``policy`` (``grpo.yaml`` with ``settings``: seeds, prompts, held-out set),
     each then evaluated on the held-out set (``before``: ``policy``'s accuracy there). Per run: the
     accuracy after it, and the means of ``ssb/effective_fraction`` and ``reward/rule`` over the second
-    half of its steps ("late": the policy mostly right); ``ratio``: the effective fractions' quotient."""
+    half of its steps ("late": many groups without signal); ``ratio``: the effective fractions' quotient."""
     from mpo.grpo.run import run_grpo
     from mpo.rounds.then_grpo import final_evals
     from mpo.train.setup import METRICS_FILE, metric_means, read_metrics

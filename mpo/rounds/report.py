@@ -46,8 +46,8 @@ def held_out_points(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
         for key, value in row.items():
             if not key.endswith("/accuracy"):
                 continue
-            if _before(key):
-                points.setdefault(_before(key), []).insert(0, (row["round"], value))
+            if after := _before(key):
+                points.setdefault(after, []).insert(0, (row["round"], value))
             elif key.startswith(("eval/", "monitor/")):
                 points.setdefault(key, []).append((row["round"] + 1, value))
     return points
@@ -66,7 +66,7 @@ def format_round_table(rows: list[dict]) -> str:
     extra = sorted({k for row in rows for k in row
                     if k.startswith("eval/") and (k.count("/") == 1 or k.endswith("/accuracy"))})
     extra += sorted({k for row in rows for k in row if k.startswith("monitor/") and k.endswith("/accuracy")})
-    before = {_before(k): v for k, v in (rows[0] if rows else {}).items() if _before(k)}
+    before = {after: v for k, v in (rows[0] if rows else {}).items() if (after := _before(k))}
     rows = [{"round": "before", **before}, *rows] if before else rows
     columns = list(TABLE_COLUMNS) + [(name, "{:>14.3f}") for name in extra]
     widths = [max(len(name), 9) for name, _ in columns]

@@ -158,19 +158,17 @@ def final_evals(recipe, problems: list | None, policy: Path, out: Path, runner=N
     ``out/monitor/<name>`` (``problems``: the held-out set's, None to load it; a finished eval is read
     back and loads no model), in this process or as ``runner``'s jobs
     (:meth:`mpo.rounds.runners.LaunchedRunner.evaluate`); their flat metrics."""
+    from contextlib import nullcontext
+
     from mpo.rounds.evaluate import LazyBackend, iterate_spec
 
-    if runner is not None:
+    with nullcontext() if runner is not None else LazyBackend(recipe.rollout, recipe.model, policy) as backend:
         def evaluate(monitor, given, folder):
-            return runner.evaluate(given, policy, folder, monitor)
+            if runner is not None:
+                return runner.evaluate(given, policy, folder, monitor)
+            return iterate_spec(recipe, policy, folder, monitor).run(given, backend, quiet=True)
 
         metrics = evaluate_point(recipe, evaluate, out / EVAL_DIR, out / MONITOR_DIR, problems)
-    else:
-        with LazyBackend(recipe.rollout, recipe.model, policy) as backend:
-            def evaluate(monitor, given, folder):
-                return iterate_spec(recipe, policy, folder, monitor).run(given, backend, quiet=True)
-
-            metrics = evaluate_point(recipe, evaluate, out / EVAL_DIR, out / MONITOR_DIR, problems)
     benchmark = recipe.iterate.eval.benchmark
     print(f"GRPO: held-out {benchmark} accuracy {metrics[f'eval/{benchmark}/accuracy']:.1%} -> {out / EVAL_DIR}",
           *monitor_lines(recipe, metrics, "GRPO"), sep="\n")
